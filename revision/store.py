@@ -390,7 +390,7 @@ class StoreWriter:
         bad = bad_rows(embeds)
         if len(bad):
             row = int(bad[0])
-            raise StoreError(f"{self.root}: id {ids[row]!r} has a {describe_bad_row(embeds[row])} embedding")
+            raise StoreError(f"{self.root}: id {ids[row]!r} has an unusable embedding ({describe_bad_row(embeds[row])})")
         self._ids.extend(ids)
         self._sources.extend(sources if sources is not None else [""] * len(ids))
         self._embeds.append(normalize_rows(embeds).astype(self.dtype))
