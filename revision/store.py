@@ -174,6 +174,17 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class _HashingFile:
+    """File wrapper that hashes what is written, so a pickle can stream to disk without a copy in memory."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+
 def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16") -> str:
     """Write a shard in our columnar layout atomically; returns the sha256 of the bytes written."""
     payload = {
@@ -183,9 +194,16 @@ def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16") -
         "embeds": np.ascontiguousarray(shard.embeds, dtype=dtype),
         SOURCE_KEY[shard.kind]: list(shard.sources) if shard.sources else [""] * len(shard.ids),
     }
-    data = pickle.dumps(payload, protocol=5)
-    _atomic_write_bytes(Path(path), data)
-    return hashlib.sha256(data).hexdigest()
+    # pickle.dump streams large arrays straight to the file: no second copy of the shard in memory
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        out = _HashingFile(f)
+        pickle.dump(payload, out, protocol=5)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return out.sha256.hexdigest()
 
 
 def write_reference_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16") -> None:
@@ -245,6 +263,7 @@ class EmbeddingStore:
             if not self.shard_paths:
                 raise StoreError(f"{self.root}: no manifest.json and no *.pkl shards")
             first = load_shard(self.shard_paths[0], kind)
+            self._first: Shard | None = first  # reused by the first iter_shards (the slow record layout)
             self.kind = kind or first.kind
             self.encoder = None
             self.dim = int(first.embeds.shape[1]) if first.embeds.size else 0
@@ -258,8 +277,10 @@ class EmbeddingStore:
     def iter_shards(self) -> Iterator[Shard]:
         """Yield shards one at a time (memory bounded by one shard), checking rows and dim against the manifest."""
         rows = {e["name"]: e["rows"] for e in self.manifest["shards"]} if self.manifest else {}
-        for path in self.shard_paths:
-            shard = load_shard(path, self.kind)
+        for index, path in enumerate(self.shard_paths):
+            first, self._first = getattr(self, "_first", None), None
+            shard = first if index == 0 and first is not None else load_shard(path, self.kind)
+            del first
             if shard.kind != self.kind:
                 raise StoreError(f"{path}: holds {shard.kind} rows in a {self.kind} store")
             if len(shard) and shard.embeds.shape[1] != self.dim:
@@ -356,7 +377,7 @@ class StoreWriter:
         self._adopt_orphans()
         self._ids: list[str] = []
         self._sources: list[str] = []
-        self._embeds: list[np.ndarray] = []
+        self._buffer: np.ndarray | None = None  # one shard, allocated on first add (rows copied in, no concatenation)
         self._buffered = 0
         _write_manifest(self.root, self.manifest)
 
@@ -391,27 +412,32 @@ class StoreWriter:
         if len(bad):
             row = int(bad[0])
             raise StoreError(f"{self.root}: id {ids[row]!r} has an unusable embedding ({describe_bad_row(embeds[row])})")
-        self._ids.extend(ids)
-        self._sources.extend(sources if sources is not None else [""] * len(ids))
-        self._embeds.append(normalize_rows(embeds).astype(self.dtype))
-        self._buffered += len(ids)
-        while self._buffered >= self.shard_size:
-            self._flush(self.shard_size)
+        sources = list(sources) if sources is not None else [""] * len(ids)
+        if self._buffer is None:
+            self._buffer = np.empty((self.shard_size, self.dim), self.dtype)
+        start = 0
+        while start < len(ids):
+            take = min(self.shard_size - self._buffered, len(ids) - start)
+            self._buffer[self._buffered : self._buffered + take] = normalize_rows(embeds[start : start + take])
+            self._ids.extend(ids[start : start + take])
+            self._sources.extend(sources[start : start + take])
+            self._buffered += take
+            start += take
+            if self._buffered == self.shard_size:
+                self._flush()
 
-    def _flush(self, rows: int) -> None:
-        embeds = np.concatenate(self._embeds) if len(self._embeds) > 1 else self._embeds[0]
-        shard = Shard(self.kind, self._ids[:rows], embeds[:rows], self._sources[:rows])
+    def _flush(self) -> None:
+        shard = Shard(self.kind, self._ids, self._buffer[: self._buffered], self._sources)
         name = self._shard_name(len(self.manifest["shards"]))
         digest = write_shard(self.root / name, shard, self.dtype)
         self._record(name, shard.ids, digest)
-        self._ids, self._sources = self._ids[rows:], self._sources[rows:]
-        self._embeds = [embeds[rows:]] if rows < len(embeds) else []
-        self._buffered -= rows
+        self._ids, self._sources, self._buffered = [], [], 0
 
     def close(self, **summary: Any) -> dict:
         """Write what is buffered, mark the store complete and return the manifest."""
         if self._buffered:
-            self._flush(self._buffered)
+            self._flush()
+        self._buffer = None
         self.manifest["complete"] = True
         self.manifest.update(summary)
         _write_manifest(self.root, self.manifest)

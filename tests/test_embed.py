@@ -1,0 +1,250 @@
+"""image_embed.py / revision.embed end to end on a tiny HF CLIP checkpoint: inputs, bad input, resume."""
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from revision.embed import BATCH_DELAY_ENV, InputError, load_image, main, read_data_json, read_images, read_texts
+from revision.encoders import load_encoder
+from revision.store import EmbeddingStore
+from revision.tiny.clip import build_tiny_clip
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = ["good/gray.png", "good/gray16.png", "good/palette.png", "good/rgb.jpg", "good/rgba.png", "good/sub/cmyk.jpg"]
+BAD = {"bad/corrupt.png": "OSError", "bad/notes.txt": "UnidentifiedImageError", "bad/random.jpg": "UnidentifiedImageError",
+       "bad/truncated.jpg": "truncated", "bad/zero.png": "empty file"}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def encoder(clip_dir):
+    return load_encoder(str(clip_dir), device="cpu")
+
+
+def _random_rgb(seed: int, size=(48, 36)) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Six decodable images in awkward modes and five files that are not usable images."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "good" / "sub").mkdir(parents=True)
+    (root / "bad").mkdir()
+    base = _random_rgb(0)
+    base.convert("L").save(root / "good/gray.png")
+    Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).save(root / "good/gray16.png")
+    base.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "good/palette.png")
+    base.save(root / "good/rgb.jpg")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "good/rgba.png")
+    base.convert("CMYK").save(root / "good/sub/cmyk.jpg")
+    png = _encoded(_random_rgb(1), "PNG")
+    (root / "bad/corrupt.png").write_bytes(png[: len(png) // 2] + bytes(len(png) - len(png) // 2))
+    (root / "bad/notes.txt").write_text("this is not an image\n")
+    (root / "bad/random.jpg").write_bytes(np.random.default_rng(2).bytes(3000))
+    jpg = _encoded(_random_rgb(3), "JPEG")
+    (root / "bad/truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (root / "bad/zero.png").write_bytes(b"")
+    (root / ".hidden.png").write_bytes(png)  # hidden files are not inputs
+    return root
+
+
+@pytest.fixture()
+def texts_file(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("a red circle\n\n   \na big blue star on the left\n\t\nsmall green cross\n")
+    return path
+
+
+def _args(clip_dir, out, *extra) -> list[str]:
+    return ["--encoder", str(clip_dir), "--out", str(out), "--batch_size", "4", "--num_workers", "0", *extra]
+
+
+def test_folder_and_txt_end_to_end(clip_dir, encoder, image_dir, texts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file), "--shard_size", "4")) == 0
+    printed = capsys.readouterr().out
+    assert "image: 11 inputs, 6 encoded, 0 already stored, 5 skipped, 6 in store" in printed
+    assert "text : 6 inputs, 3 encoded, 0 already stored, 3 skipped, 3 in store" in printed
+
+    images = EmbeddingStore(out / "image", kind="image")
+    images.verify()
+    shard = images.load_all()
+    assert shard.ids == GOOD and shard.image_paths == GOOD and images.dim == 16
+    assert [p.name for p in images.shard_paths] == ["image_embeds_00000.pkl", "image_embeds_00001.pkl"]
+    expected = encoder.encode_images([load_image(image_dir / p) for p in GOOD]).numpy()
+    np.testing.assert_allclose(shard.embeds.astype(np.float32), expected, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(shard.embeds.astype(np.float32), axis=1), 1, atol=2e-3)
+    assert images.manifest["summary"]["skipped"] == 5 and images.manifest["summary"]["items_per_s"] > 0
+    assert images.manifest["encoder"] == encoder.name and images.manifest["complete"]
+
+    skipped = {r["id"]: r["reason"] for r in map(json.loads, (out / "image/skipped.jsonl").read_text().splitlines())}
+    assert skipped.keys() == BAD.keys()
+    for name, why in BAD.items():
+        assert why in skipped[name], (name, skipped[name])
+
+    texts = EmbeddingStore(out / "text", kind="text").load_all()
+    assert texts.ids == ["1", "4", "6"]  # line numbers: stable ids
+    assert texts.captions == ["a red circle", "a big blue star on the left", "small green cross"]
+    np.testing.assert_allclose(texts.embeds.astype(np.float32), encoder.encode_texts(texts.captions).numpy(), atol=2e-3)
+    text_skips = [json.loads(r)["id"] for r in (out / "text/skipped.jsonl").read_text().splitlines()]
+    assert text_skips == ["2", "3", "5"]
+
+    # A second run over the same inputs finds everything stored and encodes nothing.
+    assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file))) == 0
+    assert "6 already stored" in capsys.readouterr().out
+    assert EmbeddingStore(out / "image").load_all().ids == GOOD
+
+
+def test_dataloader_workers_give_the_same_store(clip_dir, image_dir, tmp_path):
+    serial, parallel = tmp_path / "w0", tmp_path / "w2"
+    assert main(_args(clip_dir, serial, "--images", str(image_dir))) == 0
+    assert main(_args(clip_dir, parallel, "--images", str(image_dir), "--num_workers", "2")) == 0
+    a, b = EmbeddingStore(serial / "image").load_all(), EmbeddingStore(parallel / "image").load_all()
+    assert a.ids == b.ids == GOOD and np.array_equal(a.embeds, b.embeds)
+    assert (serial / "image/skipped.jsonl").read_text() == (parallel / "image/skipped.jsonl").read_text()
+
+
+def test_data_json_with_image_root_and_max_items(clip_dir, image_dir, tmp_path):
+    data = {
+        "images": [{"id": "img-a", "image": "good/rgb.jpg"}, {"id": "img-b", "image": "good/gray.png"},
+                   {"id": "img-c", "image": "bad/zero.png"}],
+        "texts": [{"id": "t1", "text": "a red circle"}, {"id": "t2", "text": "  "}, {"id": "t3", "text": "a star"}],
+    }
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--data_json", str(path), "--image_root", str(image_dir))) == 0
+    assert EmbeddingStore(out / "image").load_all().ids == ["img-a", "img-b"]
+    assert EmbeddingStore(out / "image").load_all().image_paths == ["good/rgb.jpg", "good/gray.png"]
+    assert EmbeddingStore(out / "text").load_all().ids == ["t1", "t3"]
+    assert EmbeddingStore(out / "text").manifest["summary"]["skipped"] == 1
+
+    limited = tmp_path / "limited"
+    assert main(_args(clip_dir, limited, "--data_json", str(path), "--image_root", str(image_dir), "--max_items", "1")) == 0
+    assert EmbeddingStore(limited / "image").load_all().ids == ["img-a"]
+    assert EmbeddingStore(limited / "text").load_all().ids == ["t1"]
+
+
+def test_list_file_forms(image_dir, tmp_path):
+    (tmp_path / "list.txt").write_text("good/rgb.jpg\n\ngood/gray.png\n")
+    items = read_images(tmp_path / "list.txt", image_root=image_dir)
+    assert [(i.id, i.path) for i in items] == [("good/rgb.jpg", image_dir / "good/rgb.jpg"), ("good/gray.png", image_dir / "good/gray.png")]
+    (image_dir / "list.jsonl").write_text('{"id": 7, "image": "good/rgb.jpg"}\n{"image": "good/gray.png"}\n')
+    try:
+        items = read_images(image_dir / "list.jsonl")  # relative to the list's own folder
+    finally:
+        (image_dir / "list.jsonl").unlink()
+    assert [(i.id, i.path) for i in items] == [("7", image_dir / "good/rgb.jpg"), ("good/gray.png", image_dir / "good/gray.png")]
+
+    (tmp_path / "t.jsonl").write_text('{"id": "a", "text": "x"}\n{"caption": "y"}\n')
+    assert [(t.id, t.text) for t in read_texts(tmp_path / "t.jsonl")] == [("a", "x"), ("2", "y")]
+    (tmp_path / "t.json").write_text(json.dumps(["x", "y"]))
+    assert [(t.id, t.text) for t in read_texts(tmp_path / "t.json")] == [("1", "x"), ("2", "y")]
+    (tmp_path / "d.json").write_text(json.dumps({"images": [{"id": "i", "image": "a.png"}], "texts": [{"id": "t", "text": "z"}]}))
+    images, texts = read_data_json(tmp_path / "d.json", image_root="/data")
+    assert images[0].path == Path("/data/a.png") and texts[0].text == "z"
+
+    (tmp_path / "broken.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": \n')
+    with pytest.raises(InputError, match=r"broken.jsonl: line 2 is not valid JSON"):
+        read_texts(tmp_path / "broken.jsonl")
+    (tmp_path / "noimage.json").write_text(json.dumps([{"id": "a", "img": "x.png"}]))
+    with pytest.raises(InputError, match=r"noimage.json: record 1 has no 'image' path"):
+        read_images(tmp_path / "noimage.json")
+
+
+def test_duplicate_ids_fail_before_encoding(clip_dir, tmp_path, capsys):
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--texts", str(path))) == 2
+    assert "duplicate id 'a' (row 2)" in capsys.readouterr().err
+    assert not out.exists()  # nothing was encoded or written
+
+
+def test_store_of_another_encoder_is_refused_unless_overwrite(clip_dir, texts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 0
+    before = (out / "text/text_embeds_00000.pkl").read_bytes()
+    siglip = build_tiny_clip(tmp_path / "siglip", siglip=True)  # another encoder, dim 32
+    assert main(_args(siglip, out, "--texts", str(texts_file))) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "encoder" in err and "dim 16 (asked for 32)" in err and "--overwrite" in err
+    assert (out / "text/text_embeds_00000.pkl").read_bytes() == before
+    assert main(_args(siglip, out, "--texts", str(texts_file), "--overwrite")) == 0
+    store = EmbeddingStore(out / "text")
+    assert store.dim == 32 and store.encoder == f"hf:{siglip.resolve()}" and len(store) == 3
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_with_code_payload_is_refused_never_run(clip_dir, texts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--texts", str(texts_file), "--shard_size", "2")) == 0
+    marker = tmp_path / "pwned"
+    (out / "text/text_embeds_00000.pkl").write_bytes(pickle.dumps([{"id": "1", "embed": _Payload(marker)}]))
+    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 2  # resuming loads the stored shards
+    err = capsys.readouterr().err
+    assert "refused to unpickle global" in err and "text_embeds_00000.pkl" in err
+    (tmp_path / "payload.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    assert main(_args(clip_dir, tmp_path / "o2", "--images", str(tmp_path / "payload.pkl"))) == 2
+    assert "expected a folder, a .txt list" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_kill_9_mid_run_then_resume(clip_dir, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(40):
+        _random_rgb(100 + i, size=(24, 24)).save(images / f"{i:03d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "image_embed.py"), *_args(clip_dir, out, "--images", str(images), "--shard_size", "8")]
+    env = {**os.environ, BATCH_DELAY_ENV: "0.25"}  # 10 batches of 4: ~2.5 s of encoding, time to kill it mid-way
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "image/manifest.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = json.loads(manifest.read_text())
+    assert not killed["complete"] and 2 <= len(killed["shards"]) < 5
+    first_shard = (out / "image/image_embeds_00000.pkl").read_bytes()
+
+    assert main(_args(clip_dir, out, "--images", str(images), "--shard_size", "8")) == 0
+    store = EmbeddingStore(out / "image")
+    store.verify()
+    ids = store.load_all().ids
+    assert sorted(ids) == sorted(f"{i:03d}.png" for i in range(40)) and len(ids) == len(set(ids)) == 40
+    assert store.manifest["complete"] and store.manifest["summary"]["resumed"] >= 16
+    assert store.manifest["summary"]["encoded"] == 40 - store.manifest["summary"]["resumed"]
+    assert (out / "image/image_embeds_00000.pkl").read_bytes() == first_shard  # kept, not recomputed

@@ -1,0 +1,120 @@
+"""Encoders on tiny HF CLIP / SigLIP checkpoints built from a config and saved like real ones (no mocks)."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from revision.encoders import load_encoder, resolve_dtype, to_rgb
+from revision.tiny.clip import build_tiny_clip
+
+TEXTS = ["a red circle on the left", "a big blue star", "purple", "a tiny green cross at the bottom in the middle"]
+
+
+def _images(n: int, seed: int = 0, size=(40, 30)) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def encoder(clip_dir):
+    return load_encoder(str(clip_dir), device="cpu", batch_size=3)
+
+
+def test_shapes_unit_norms_and_name(encoder, clip_dir):
+    images = encoder.encode_images(_images(7))
+    texts = encoder.encode_texts(TEXTS)
+    assert encoder.dim == 16 and images.shape == (7, 16) and texts.shape == (4, 16)
+    assert images.dtype == torch.float32 and texts.dtype == torch.float32
+    torch.testing.assert_close(images.norm(dim=1), torch.ones(7))
+    torch.testing.assert_close(texts.norm(dim=1), torch.ones(4))
+    assert encoder.name == f"hf:{clip_dir.resolve()}"
+    assert encoder.dtype == torch.float32  # 'auto' on CPU
+    assert encoder.encode_images([]).shape == (0, 16)
+    # Different inputs give different vectors (the model is not degenerate).
+    assert (images[0] - images[1]).abs().max() > 1e-3 and (texts[0] - texts[1]).abs().max() > 1e-3
+
+
+def test_alone_equals_inside_a_batch(encoder):
+    images = _images(5, seed=1)
+    batch = encoder.encode_images(images, batch_size=5)
+    for i in (0, 3):
+        alone = encoder.encode_images([images[i]])
+        assert (alone[0] - batch[i]).abs().max() < 1e-5
+    texts = encoder.encode_texts(TEXTS, batch_size=4)  # padded to the longest text in the batch
+    alone = encoder.encode_texts([TEXTS[2]])
+    assert (alone[0] - texts[2]).abs().max() < 1e-5
+
+
+def test_deterministic_across_builds_and_runs(encoder, clip_dir, tmp_path):
+    again = build_tiny_clip(tmp_path / "again", seed=0)
+    first, second = load_file(clip_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert (again / "tokenizer.json").read_text() == (clip_dir / "tokenizer.json").read_text()
+    other = load_encoder(f"hf:{again}", device="cpu")
+    images = _images(3, seed=2)
+    assert torch.equal(encoder.encode_images(images), other.encode_images(images))
+    assert torch.equal(encoder.encode_texts(TEXTS), encoder.encode_texts(TEXTS))
+    different = load_file(build_tiny_clip(tmp_path / "seed1", seed=1) / "model.safetensors")
+    assert not torch.equal(first["visual_projection.weight"], different["visual_projection.weight"])
+
+
+def test_pixel_path_matches_image_path_and_preprocess_pickles(encoder):
+    images = _images(4, seed=3)
+    preprocess = pickle.loads(pickle.dumps(encoder.preprocess))  # what a spawned DataLoader worker would get
+    pixels = torch.stack([preprocess(im) for im in images])
+    assert pixels.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(encoder.encode_pixels(pixels), encoder.encode_images(images), atol=1e-6, rtol=0)
+
+
+def test_every_pil_mode_becomes_rgb(encoder):
+    rgb = Image.new("RGB", (20, 20), (200, 30, 30))
+    gray16 = Image.fromarray(np.full((20, 20), 32768, np.uint16))  # mid-grey in 16 bits
+    assert gray16.mode == "I;16"
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    transparent = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    modes = [rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("CMYK"), palette, gray16, transparent, rgb.convert("1")]
+    converted = [to_rgb(im) for im in modes]
+    assert all(im.mode == "RGB" and im.size == (20, 20) for im in converted)
+    assert converted[4].getpixel((0, 0)) == (128, 128, 128)  # scaled, not clipped to white
+    assert converted[5].getpixel((0, 0)) == (255, 255, 255)  # transparency over white
+    assert converted[3].getpixel((0, 0)) == converted[1].getpixel((0, 0)) == (200, 30, 30)
+    embeds = encoder.encode_images(modes)
+    assert embeds.shape == (7, 16) and torch.isfinite(embeds).all()
+    torch.testing.assert_close(embeds[1], encoder.encode_images([rgb])[0])  # opaque RGBA == its RGB
+
+
+def test_siglip(tmp_path):
+    siglip = load_encoder(f"hf:{build_tiny_clip(tmp_path / 'siglip', siglip=True)}", device="cpu")
+    assert siglip.pad_to_max and siglip.dim == 32
+    texts = siglip.encode_texts(TEXTS)
+    images = siglip.encode_images(_images(2))
+    torch.testing.assert_close(texts.norm(dim=1), torch.ones(4))
+    assert images.shape == (2, 32)
+    assert (siglip.encode_texts([TEXTS[1]])[0] - texts[1]).abs().max() < 1e-5
+
+
+def test_specs_and_dtypes(tmp_path):
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("int8", torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_encoder(str(tmp_path / "missing" / "model"))
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"revision\[openclip\]"):
+            load_encoder("open_clip:ViT-B-32/laion2b_s34b_b79k")
+    try:
+        import llm2vec  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install llm2vec"):
+            load_encoder("llm2clip:microsoft/LLM2CLIP-Openai-L-14-336")
