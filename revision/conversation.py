@@ -1,0 +1,112 @@
+"""Conversation templates: turn a LLaVA-style conversation into text segments, each marked trained or not.
+
+- `plain` (pretraining): the image, then the caption. Nothing else; the caption is the only target.
+- `chat` (instruction tuning): the tokenizer's own chat template when it has one, else `vicuna`.
+  Assistant turns are the targets; everything the template adds around them is context.
+- `vicuna`: a built-in "USER: ... ASSISTANT: ..." template for tokenizers without a chat template.
+
+The `<image>` placeholder stays in the text; the data module turns it into the visual block.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from revision.model import IMAGE_TOKEN
+
+TEMPLATES = ("plain", "chat", "vicuna")
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+VICUNA_SYSTEM = "A chat between a user and an assistant that sees the picture."
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Segment:
+    text: str
+    train: bool  # whether its tokens are targets of the loss
+
+
+def normalise_turns(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns ({"from", "value"}) or chat messages ({"role", "content"}) as chat messages."""
+    turns = []
+    for i, turn in enumerate(conversations):
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        content = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if role not in ROLE_NAMES or not isinstance(content, str):
+            raise ValueError(f"turn {i} is not a {{'from': human|gpt|system, 'value': str}} dict: {turn!r:.120}")
+        turns.append({"role": ROLE_NAMES[role], "content": content})
+    return turns
+
+
+def count_images(turns: list[dict]) -> int:
+    return sum(t["content"].count(IMAGE_TOKEN) for t in turns)
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    """The template actually used: `chat` becomes `vicuna` when the tokenizer has no chat template."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template (--version) {template!r}; choose from {', '.join(TEMPLATES)}")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        logger.warning("tokenizer has no chat template; using the built-in 'vicuna' template")
+        return "vicuna"
+    return template
+
+
+def render(conversations: list[dict], template: str, tokenizer) -> list[Segment]:
+    """Segments of one training sample; concatenated they are the full text."""
+    turns = normalise_turns(conversations)
+    if count_images(turns) > 1:
+        raise ValueError(f"{count_images(turns)} {IMAGE_TOKEN} placeholders; a sample carries one image embedding")
+    template = resolve_template(template, tokenizer)
+    if template == "plain":
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+        if len(answers) != 1:
+            raise ValueError(f"the plain template takes one caption (one gpt turn), got {len(answers)}")
+        return [Segment((tokenizer.bos_token or "") + IMAGE_TOKEN, False),
+                Segment(answers[0].strip() + (tokenizer.eos_token or ""), True)]
+    if template == "vicuna":
+        return _render_vicuna(turns, tokenizer)
+    return _render_chat(turns, tokenizer)
+
+
+def _render_vicuna(turns: list[dict], tokenizer) -> list[Segment]:
+    system = next((t["content"] for t in turns if t["role"] == "system"), VICUNA_SYSTEM)
+    segments = [Segment((tokenizer.bos_token or "") + system, False)]
+    for turn in turns:
+        if turn["role"] == "user":
+            segments.append(Segment(f" USER: {turn['content']} ASSISTANT:", False))
+        elif turn["role"] == "assistant":
+            segments.append(Segment(f" {turn['content']}{tokenizer.eos_token or ''}", True))
+    return segments
+
+
+def _render_chat(turns: list[dict], tokenizer) -> list[Segment]:
+    """Render with the tokenizer's template; an assistant turn's text is what it adds after the generation prompt."""
+    def apply(messages: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    segments, done = [], ""
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant" or i == 0:
+            continue
+        prompt, full = apply(turns[:i], True), apply(turns[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; "
+                             "use --version vicuna")
+        segments += [Segment(prompt[len(done):], False), Segment(full[len(prompt):], True)]
+        done = full
+    if turns and turns[-1]["role"] != "assistant":
+        rest = apply(turns, False)
+        segments.append(Segment(rest[len(done):], False))
+    return segments
+
+
+def render_prompt(conversations: list[dict], template: str, tokenizer) -> str:
+    """The prompt text for generation: the conversation so far plus the cue for the assistant's answer."""
+    turns = normalise_turns(conversations)
+    template = resolve_template(template, tokenizer)
+    if template == "plain":
+        return (tokenizer.bos_token or "") + IMAGE_TOKEN
+    if template == "vicuna":
+        return "".join(s.text for s in _render_vicuna(turns, tokenizer))
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)

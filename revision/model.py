@@ -1,0 +1,266 @@
+"""The multimodal model: any HF causal LM plus a projector, by composition (DESIGN.md, "Model").
+
+Each sample carries one global embedding [D]. The projector maps it once to the LLM width d, and that
+one vector fills all `num_visual_tokens` positions marked IMAGE_TOKEN_INDEX in `input_ids`. Repeating
+a vector and projecting each copy gives the same numbers as projecting once, and costs
+`num_visual_tokens` times more: so we project once.
+
+A checkpoint is a folder: the LLM in HF format (or a LoRA adapter, or nothing when only the projector
+trained), projector.safetensors, revision_config.json and the tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_INDEX = -200  # marks visual positions in input_ids; never a vocabulary id, so no embedding resize
+IGNORE_INDEX = -100
+PROJECTOR_FILE = "projector.safetensors"
+CONFIG_FILE = "revision_config.json"
+
+
+@dataclass
+class RevisionConfig:
+    """What a checkpoint needs besides the LLM's own config (saved as revision_config.json)."""
+
+    embed_dim: int  # D: the encoder's embedding size
+    hidden_size: int  # d: the LLM's width
+    projector_type: str = "mlp2x_gelu"
+    num_visual_tokens: int = 576
+    template: str = "plain"
+    encoder: str | None = None
+    base_model: str | None = None  # the LLM the folder's weights start from (needed when they are not all here)
+    llm_weights: str = "full"  # full: HF weights in the folder; lora: an adapter; base: only base_model
+    alignment: str | None = None  # file in the folder holding the statistics of the image_map
+
+    def save(self, folder: str | os.PathLike) -> None:
+        Path(folder, CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "RevisionConfig":
+        path = Path(folder, CONFIG_FILE)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not a ReVision checkpoint (no {CONFIG_FILE})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in fields})
+
+
+def build_projector(projector_type: str, in_dim: int, out_dim: int) -> nn.Sequential:
+    """`linear`, or `mlpNx_gelu`: N Linear layers with GELU between (LLaVA's naming; mlp2x_gelu is the paper's)."""
+    if projector_type == "linear":
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"unknown projector type {projector_type!r}; use 'linear' or 'mlpNx_gelu' (e.g. mlp2x_gelu)")
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(int(match.group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
+def default_attn_implementation() -> str:
+    """flash_attention_2 when flash-attn is installed and CUDA is there, else PyTorch SDPA."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_projector_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Projector weights from our projector.safetensors (a file or its folder) or a LLaVA/ReVision mm_projector.bin."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECTOR_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no projector weights here")
+    if path.suffix == ".safetensors":
+        weights = load_file(str(path))
+    else:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    # LLaVA-style files name keys like model.mm_projector.0.weight; ours are 0.weight.
+    return {k.split("mm_projector.")[-1]: v for k, v in weights.items()}
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+class RevisionModel(nn.Module):
+    """An HF causal LM (`self.llm`, possibly a PeftModel) fed by a projector of one global embedding."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, llm: PreTrainedModel, config: RevisionConfig, projector: nn.Module | None = None):
+        super().__init__()
+        self.llm = llm
+        self.revision_config = config
+        self.projector = projector or build_projector(config.projector_type, config.embed_dim, config.hidden_size)
+        self.projector.to(dtype=llm.dtype)
+        self.alignment = None  # revision.align.Alignment whose image_map real image embeddings need
+
+    @classmethod
+    def from_llm(cls, llm_path: str, embed_dim: int, projector_type: str = "mlp2x_gelu", num_visual_tokens: int = 576,
+                 template: str = "plain", encoder: str | None = None, dtype: torch.dtype | None = None,
+                 attn_implementation: str | None = None) -> "RevisionModel":
+        """A fresh projector on a pretrained LLM."""
+        llm = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype or torch.float32, attn_implementation=attn_implementation or default_attn_implementation())
+        config = RevisionConfig(embed_dim=embed_dim, hidden_size=llm.config.hidden_size, projector_type=projector_type,
+                                num_visual_tokens=num_visual_tokens, template=template, encoder=encoder,
+                                base_model=str(Path(llm_path).resolve()) if Path(llm_path).exists() else llm_path)
+        return cls(llm, config)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                        attn_implementation: str | None = None, base_model: str | None = None) -> "RevisionModel":
+        """Load a checkpoint folder written by save_pretrained (the LLM, a LoRA adapter on it, or only the projector)."""
+        folder = Path(folder)
+        config = RevisionConfig.load(folder)
+        kwargs = dict(dtype=dtype or torch.float32, attn_implementation=attn_implementation or default_attn_implementation())
+        base = base_model or config.base_model
+        if config.llm_weights == "full":
+            llm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        else:
+            if not base:
+                raise ValueError(f"{folder / CONFIG_FILE}: llm_weights is {config.llm_weights!r} but no base_model is named")
+            llm = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+            if config.llm_weights == "lora":
+                from peft import PeftModel
+
+                llm = PeftModel.from_pretrained(llm, folder)
+        model = cls(llm, config)
+        model.projector.load_state_dict(load_projector_weights(folder))
+        if config.alignment:
+            from revision.align import load_alignment
+
+            model.alignment = load_alignment(folder / config.alignment)
+        return model
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def check_embed_dim(self, dim: int, where: str = "embeddings") -> None:
+        if dim != self.revision_config.embed_dim:
+            raise ValueError(f"{where} have dim {dim}, but the projector takes {self.revision_config.embed_dim} "
+                             "(embeddings from another encoder than the projector was built for?)")
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds with each sample's projected embedding at its IMAGE_TOKEN_INDEX positions."""
+        is_visual = input_ids == IMAGE_TOKEN_INDEX
+        text_embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_visual, 0))
+        if image_embeds is None:
+            if is_visual.any():
+                raise ValueError("input_ids hold <image> positions but no image_embeds were given")
+            return text_embeds
+        self.check_embed_dim(image_embeds.shape[-1], "image_embeds")
+        projected = self.projector(image_embeds.to(self.projector[0].weight.dtype))  # [B, d]: once per sample
+        # Broadcasting [B, 1, d] over the sequence is the repeat; gradients from every position sum into it.
+        return torch.where(is_visual.unsqueeze(-1), projected.unsqueeze(1).to(text_embeds.dtype), text_embeds)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None, **kwargs):
+        inputs_embeds = self.embed(input_ids, image_embeds)
+        if labels is not None:
+            labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Generate from a (left-padded) prompt; returns only the new tokens, as HF does for inputs_embeds."""
+        inputs_embeds = self.embed(input_ids, image_embeds)
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    # ---- what HF Trainer expects of a model ---------------------------------------------------------
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        # Non-reentrant checkpointing lets gradients reach the projector through a frozen LLM (stage 1).
+        kwargs_ = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs_, **kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
+    @property
+    def config(self):
+        """The LLM's config: Trainer and DeepSpeed read hidden_size, use_cache and special tokens from it."""
+        return self.llm.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
+    # ---- save / load ------------------------------------------------------------------------------
+
+    def freeze_llm(self) -> None:
+        """Stage 1: only the projector trains."""
+        self.llm.requires_grad_(False)
+        self.projector.requires_grad_(True)
+
+    def llm_weights(self) -> str:
+        """What save_pretrained writes of the LLM: lora (an adapter), full, or base (frozen: nothing)."""
+        if hasattr(self.llm, "peft_config"):
+            return "lora"
+        return "full" if any(p.requires_grad for p in self.llm.parameters()) else "base"
+
+    def save_pretrained(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                        tokenizer=None, alignment: str | os.PathLike | None = None) -> None:
+        """Write the checkpoint folder. `state_dict` (keys as in self.state_dict()) lets DeepSpeed pass gathered weights."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        projector = _strip_prefix(state_dict, "projector.")
+        save_file({k: v.detach().contiguous().cpu() for k, v in projector.items()}, str(folder / PROJECTOR_FILE))
+        self.revision_config.llm_weights = self.llm_weights()
+        if self.revision_config.llm_weights != "base":
+            self.llm.save_pretrained(folder, state_dict=_strip_prefix(state_dict, "llm."))
+        if alignment is not None:
+            from revision.align import load_alignment
+
+            self.alignment = load_alignment(alignment)
+        if self.alignment is not None:  # the image_map's statistics travel with the model
+            self.revision_config.alignment = self.alignment.save(folder).name
+        self.revision_config.save(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    def image_map(self, image_embeds: np.ndarray) -> np.ndarray:
+        """Apply the alignment this model was trained with to real image embeddings [N, D] (n(v) if none)."""
+        from revision.align import Alignment
+
+        return (self.alignment or Alignment()).image_map(image_embeds)
+
+    def load_trainable(self, folder: str | os.PathLike) -> None:
+        """Load back the weights a checkpoint of this run holds (used when resuming)."""
+        folder = Path(folder)
+        self.projector.load_state_dict(load_projector_weights(folder))
+        saved = RevisionConfig.load(folder).llm_weights
+        if saved == "lora":
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.llm, load_file(str(folder / "adapter_model.safetensors")))
+        elif saved == "full":
+            from transformers.trainer_utils import load_sharded_checkpoint
+
+            if (folder / "model.safetensors").exists():
+                result = self.llm.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+                tied = {n for n, _ in self.llm.named_parameters(remove_duplicate=False)} - dict(self.llm.named_parameters()).keys()
+                if result.unexpected_keys or set(result.missing_keys) - tied:
+                    raise ValueError(f"{folder}: LLM weights do not match the model "
+                                     f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+            else:
+                load_sharded_checkpoint(self.llm, str(folder), strict=False)

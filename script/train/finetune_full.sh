@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stage 2: projector + whole LLM on instruction data keyed into the IMAGE store; image embeddings pass
+# through the alignment's image_map (ALIGN_STATS: embed_mean.py's statistics).
+# Variables (all optional): MODEL DATA EMBED_FOLDER ALIGN_STATS PRETRAIN_ADAPTER (stage-1 output or its
+#   projector.safetensors) OUTPUT GPUS NODES HOSTFILE DEEPSPEED LR BATCH GLOBAL_BATCH EPOCHS MAX_LENGTH
+#   VISUAL_TOKENS VERSION EXTRA. Unset MODEL: the embedded tiny default (after pretrain.sh's default run if any).
+source "$(dirname "$0")/launch.sh"
+if [ -z "${MODEL:-}" ]; then
+  default_world image "finetune${LORA:+-lora}"
+  if [ -f "$DEFAULT_DIR/pretrain/projector.safetensors" ]; then PRETRAIN_ADAPTER=${PRETRAIN_ADAPTER:-$DEFAULT_DIR/pretrain}; fi
+fi
+: "${DATA:?set DATA to the instruction JSON}"
+OUTPUT=${OUTPUT:-outputs/revision-finetune${LORA:+-lora}}
+GLOBAL_BATCH=${GLOBAL_BATCH:-128}
+DEEPSPEED=${DEEPSPEED:-script/deepspeed/zero3.json}
+flags=(--version "${VERSION:-chat}" --learning_rate "${LR:-1e-5}")
+[ -n "${PRETRAIN_ADAPTER:-}" ] && flags+=(--pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER")
+[ -n "${ALIGN_STATS:-}" ] && flags+=(--align_stats "$ALIGN_STATS")
+[ -n "${LORA:-}" ] && flags+=(--lora_enable --lora_r "${LORA_R:-128}" --lora_alpha "${LORA_ALPHA:-256}" --mm_projector_lr "${PROJECTOR_LR:-2e-5}")
+launch "${flags[@]}"

@@ -1,0 +1,47 @@
+# Shared by pretrain.sh, finetune_full.sh and finetune_lora.sh (sourced, not run).
+# Picks the launcher: `deepspeed` over GPUS x NODES (HOSTFILE for several nodes) when GPUs are there,
+# else one process on CPU. With MODEL unset, builds the embedded default (a tiny LM and tiny data).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+GPUS=${GPUS:-$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
+NODES=${NODES:-1}
+HOSTFILE=${HOSTFILE:-}
+MAX_LENGTH=${MAX_LENGTH:-2048}
+VISUAL_TOKENS=${VISUAL_TOKENS:-576}
+EPOCHS=${EPOCHS:-1}
+BATCH=${BATCH:-8}              # per device
+EXTRA=${EXTRA:-}               # any further train.py flags
+
+# default_world KIND RUN: the tiny default LM + data (KIND text: pretraining, image: instruction) under
+# DEFAULT_DIR; the run's output goes to DEFAULT_DIR/RUN
+default_world() {
+  DEFAULT_DIR=${DEFAULT_DIR:-outputs/tiny-default}
+  echo "MODEL not set: training on the embedded default (tiny LM + tiny data in $DEFAULT_DIR)" >&2
+  "$PY" -m revision.tiny.lm "$DEFAULT_DIR" --kind "$1" >&2
+  MODEL=$DEFAULT_DIR/model
+  DATA=${DATA:-$DEFAULT_DIR/$1/train.json}
+  EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/$1/store}
+  OUTPUT=${OUTPUT:-$DEFAULT_DIR/$2}
+  GLOBAL_BATCH=${GLOBAL_BATCH:-$BATCH}   # a tiny corpus: one device batch per step
+}
+
+# launch FLAGS...: run train.py on every device with gradient accumulation to reach GLOBAL_BATCH
+launch() {
+  local world=$(( GPUS > 0 ? GPUS * NODES : 1 ))
+  local accum=$(( GLOBAL_BATCH / (BATCH * world) )); (( accum < 1 )) && accum=1
+  local common=(--model_name_or_path "$MODEL" --data_path "$DATA" --output_dir "$OUTPUT"
+    --num_visual_tokens "$VISUAL_TOKENS" --model_max_length "$MAX_LENGTH" --num_train_epochs "$EPOCHS"
+    --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps "$accum"
+    --lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0. --save_strategy steps --save_steps 500
+    --save_total_limit 2 --logging_steps 1 --report_to none)
+  [ -n "${EMBED_FOLDER:-}" ] && common+=(--embed_folder "$EMBED_FOLDER")
+  echo "+ train.py ${common[*]} $* $EXTRA" >&2
+  if (( GPUS > 0 )); then
+    local where=(--num_gpus "$GPUS"); [ -n "$HOSTFILE" ] && where=(--hostfile "$HOSTFILE" --num_nodes "$NODES")
+    deepspeed "${where[@]}" train.py --deepspeed "$DEEPSPEED" --bf16 true --activation_checkpointing true \
+      --dataloader_num_workers 4 "${common[@]}" "$@" $EXTRA
+  else
+    "$PY" train.py "${common[@]}" "$@" $EXTRA
+  fi
+}

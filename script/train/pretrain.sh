@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Stage 1: train the projector on captions keyed into the ALIGNED TEXT store (LLM frozen, template plain).
+# Variables (all optional): MODEL DATA EMBED_FOLDER OUTPUT GPUS NODES HOSTFILE DEEPSPEED LR BATCH GLOBAL_BATCH
+#   EPOCHS MAX_LENGTH VISUAL_TOKENS PROJECTOR EXTRA. Unset MODEL: the embedded tiny default.
+# Resume: EXTRA="--resume_from_checkpoint latest".
+source "$(dirname "$0")/launch.sh"
+[ -z "${MODEL:-}" ] && default_world text pretrain
+: "${DATA:?set DATA to the pretraining JSON}"
+OUTPUT=${OUTPUT:-outputs/revision-pretrain}
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+DEEPSPEED=${DEEPSPEED:-script/deepspeed/zero2.json}
+launch --tune_mm_mlp_adapter --version plain --mm_projector_type "${PROJECTOR:-mlp2x_gelu}" --learning_rate "${LR:-5e-4}"

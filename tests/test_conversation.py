@@ -1,0 +1,65 @@
+"""Templates: which text is a target, the tokenizer's own chat template, the built-in fallback."""
+import pytest
+
+from revision.conversation import render, render_prompt, resolve_template
+from revision.tiny.lm import build_tokenizer
+
+TWO_TURNS = [
+    {"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "what shape is it ?"}, {"from": "gpt", "value": "circle"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bare_tokenizer():
+    return build_tokenizer(chat_template=False)
+
+
+def trained(segments):
+    return [s.text for s in segments if s.train]
+
+
+def test_plain_trains_only_the_caption(chat_tokenizer):
+    segments = render([{"from": "human", "value": "<image>\nignored words"}, {"from": "gpt", "value": " a red star "}],
+                      "plain", chat_tokenizer)
+    assert [(s.text, s.train) for s in segments] == [("<s><image>", False), ("a red star</s>", True)]
+
+
+def test_chat_uses_tokenizer_template_and_trains_assistant_turns(chat_tokenizer):
+    segments = render(TWO_TURNS, "chat", chat_tokenizer)
+    full = chat_tokenizer.apply_chat_template(
+        [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in TWO_TURNS],
+        tokenize=False)
+    assert "".join(s.text for s in segments) == full
+    assert trained(segments) == ["red <|end|> ", "circle <|end|> "]
+    assert all("<|assistant|>" in s.text for s in segments if not s.train)
+
+
+def test_chat_falls_back_to_vicuna_without_a_template(bare_tokenizer):
+    assert resolve_template("chat", bare_tokenizer) == "vicuna"
+    segments = render(TWO_TURNS, "chat", bare_tokenizer)
+    assert trained(segments) == [" red</s>", " circle</s>"]
+    assert segments[1].text == " USER: <image>\nwhat colour is it ? ASSISTANT:"
+
+
+def test_prompt_ends_with_the_assistant_cue(chat_tokenizer, bare_tokenizer):
+    question = [{"from": "human", "value": "<image>\nwhat shape is it ?"}]
+    assert render_prompt(question, "chat", chat_tokenizer).endswith("<|end|> <|assistant|> ")
+    assert render_prompt(question, "vicuna", bare_tokenizer).endswith("ASSISTANT:")
+    assert render_prompt(question, "plain", chat_tokenizer) == "<s><image>"
+
+
+def test_bad_conversations_are_refused(chat_tokenizer):
+    with pytest.raises(ValueError, match="2 <image> placeholders"):
+        render([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}], "chat", chat_tokenizer)
+    with pytest.raises(ValueError, match="turn 1 is not"):
+        render([{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}], "chat", chat_tokenizer)
+    with pytest.raises(ValueError, match="plain template takes one caption"):
+        render(TWO_TURNS, "plain", chat_tokenizer)
+    with pytest.raises(ValueError, match="unknown template"):
+        render(TWO_TURNS, "llama9", chat_tokenizer)

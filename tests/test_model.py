@@ -1,0 +1,144 @@
+"""RevisionModel: one class over several HF backbones, the splice, save / load."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from revision.model import (IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel, build_projector,
+                            default_attn_implementation, load_projector_weights)
+from revision.tiny.lm import build_tiny_lm, build_tokenizer
+
+EMBED_DIM, HIDDEN, VISUAL = 16, 32, 3
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def make_model(tokenizer, family="llama", projector_type="mlp2x_gelu", seed=0):
+    llm = build_tiny_lm(family, tokenizer, seed=seed, hidden_size=HIDDEN)
+    config = RevisionConfig(embed_dim=EMBED_DIM, hidden_size=HIDDEN, projector_type=projector_type,
+                            num_visual_tokens=VISUAL, base_model="unused")
+    return RevisionModel(llm, config)
+
+
+def batch(tokenizer, n=4, seed=0):
+    """input_ids with a visual block after BOS, text after it; labels are the ids."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(10, len(tokenizer), (n, 6), generator=g)
+    ids = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), torch.full((n, VISUAL), IMAGE_TOKEN_INDEX), text], 1)
+    return ids, torch.randn(n, EMBED_DIM, generator=g)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_same_class_trains_each_backbone(tokenizer, family):
+    model = make_model(tokenizer, family)
+    ids, embeds = batch(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids, image_embeds=embeds).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    new = model.generate(ids[:1], image_embeds=embeds[:1], max_new_tokens=4, do_sample=False)
+    assert new.shape == (1, 4)
+
+
+def test_project_once_equals_repeat_then_project(tokenizer):
+    model = make_model(tokenizer).eval()
+    ids, embeds = batch(tokenizer)
+    ours = model.embed(ids, embeds)
+    # The paper's way: copy the embedding to every visual position, then project each copy.
+    repeated = embeds[:, None, :].expand(-1, VISUAL, -1)
+    projected = model.projector(repeated)
+    reference = model.llm.get_input_embeddings()(ids.clamp(min=0)).clone()
+    reference[:, 1:1 + VISUAL] = projected
+    assert torch.allclose(ours, reference, atol=1e-6)
+    # And the text positions are the LLM's own embeddings.
+    assert torch.equal(ours[:, 1 + VISUAL:], model.llm.get_input_embeddings()(ids[:, 1 + VISUAL:]))
+
+
+def test_visual_positions_never_carry_loss(tokenizer):
+    model = make_model(tokenizer).eval()
+    ids, embeds = batch(tokenizer)
+    labels = ids.clone()
+    labels[:, 1:1 + VISUAL] = -100
+    assert torch.equal(model(input_ids=ids, labels=ids, image_embeds=embeds).loss,
+                       model(input_ids=ids, labels=labels, image_embeds=embeds).loss)
+
+
+def test_projector_gets_gradient_from_every_visual_position(tokenizer):
+    model = make_model(tokenizer, projector_type="linear")
+    ids, embeds = batch(tokenizer)
+    model(input_ids=ids, labels=ids, image_embeds=embeds).loss.backward()
+    assert model.projector[0].weight.grad.abs().sum() > 0
+    assert model.llm.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_projector_types():
+    assert [type(m).__name__ for m in build_projector("mlp3x_gelu", 8, 4)] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert len(build_projector("linear", 8, 4)) == 1
+    with pytest.raises(ValueError, match="unknown projector type 'mlp_relu'"):
+        build_projector("mlp_relu", 8, 4)
+
+
+def test_bad_inputs_give_clear_errors(tokenizer):
+    model = make_model(tokenizer)
+    ids, embeds = batch(tokenizer)
+    with pytest.raises(ValueError, match="image_embeds have dim 20, but the projector takes 16"):
+        model(input_ids=ids, image_embeds=torch.randn(len(ids), 20))
+    with pytest.raises(ValueError, match="no image_embeds"):
+        model(input_ids=ids)
+
+
+def test_attention_defaults_to_sdpa_without_cuda():
+    assert default_attn_implementation() == "sdpa"
+
+
+@pytest.mark.parametrize("stage", ["full", "lora", "base"])
+def test_save_then_from_pretrained_gives_same_logits(tokenizer, tmp_path, stage):
+    base = tmp_path / "base"
+    make_model(tokenizer).llm.save_pretrained(base)
+    model = RevisionModel.from_llm(str(base), EMBED_DIM, num_visual_tokens=VISUAL, encoder="tiny-encoder")
+    if stage == "lora":
+        model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    if stage == "base":
+        model.freeze_llm()
+    with torch.no_grad():  # make the projector differ from a fresh one
+        model.projector[0].bias.add_(1.0)
+    ids, embeds = batch(tokenizer)
+    before = model.eval()(input_ids=ids, image_embeds=embeds).logits
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)
+    loaded = RevisionModel.from_pretrained(tmp_path / "ckpt").eval()
+    after = loaded(input_ids=ids, image_embeds=embeds).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    saved = RevisionConfig.load(tmp_path / "ckpt")
+    assert (saved.llm_weights, saved.encoder, saved.num_visual_tokens) == (stage, "tiny-encoder", VISUAL)
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() == (stage == "full")
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").exists() == (stage == "lora")
+
+
+def test_projector_weights_load_from_llava_style_file(tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    torch.save({f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()}, tmp_path / "mm_projector.bin")
+    weights = load_projector_weights(tmp_path / "mm_projector.bin")
+    assert torch.equal(weights["0.weight"], model.projector[0].weight)
+    with pytest.raises(FileNotFoundError, match="no projector weights"):
+        load_projector_weights(tmp_path / "nowhere")
+
+
+def test_batched_generation_with_left_padding_matches_one_by_one(tokenizer):
+    model = make_model(tokenizer).eval()
+    ids, embeds = batch(tokenizer, n=2)
+    short = ids[1, :-2]  # the second prompt two tokens shorter, left-padded in the batch
+    padded = torch.stack([ids[0], torch.cat([torch.zeros(2, dtype=torch.long), short])])
+    mask = torch.ones_like(padded)
+    mask[1, :2] = 0
+    together = model.generate(padded, embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    alone = [model.generate(ids[:1], embeds[:1], max_new_tokens=5, do_sample=False),
+             model.generate(short[None], embeds[1:], max_new_tokens=5, do_sample=False)]
+    assert torch.equal(together, torch.cat(alone))

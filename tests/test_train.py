@@ -1,0 +1,169 @@
+"""Training stages through HF Trainer: what trains, what is saved, resuming, DeepSpeed, start-up errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from revision.align import make_alignment
+from revision.model import RevisionModel
+from revision.store import EmbeddingStore
+from revision.train import parse_args, train
+from revision.tiny.lm import make_tiny_corpus, save_tiny_lm
+
+VISUAL = 2
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    model = save_tiny_lm(root / "model", "llama", hidden_size=32, num_layers=1)
+    text_store, text_data = make_tiny_corpus(root / "text", "text", n=64, dim=16)
+    image_store, image_data = make_tiny_corpus(root / "image", "image", n=64, dim=16)
+    return {"model": str(model), "text": (str(text_store), str(text_data)), "image": (str(image_store), str(image_data))}
+
+
+def flags(world, out, stage, *extra):
+    store, data = world["text" if stage == "pretrain" else "image"]
+    base = ["--model_name_or_path", world["model"], "--data_path", data, "--embed_folder", store, "--output_dir", str(out),
+            "--num_visual_tokens", str(VISUAL), "--model_max_length", "48", "--per_device_train_batch_size", "8",
+            "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--save_strategy", "no",
+            "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03", "--seed", "0"]
+    base += ["--tune_mm_mlp_adapter", "--version", "plain"] if stage == "pretrain" else ["--version", "chat"]
+    return base + list(extra)
+
+
+def run(world, out, stage, *extra):
+    return train(*parse_args(flags(world, out, stage, *extra)))
+
+
+def losses(trainer, after_step=0):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > after_step]
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_stage1_trains_only_the_projector(world, tmp_path):
+    trainer = run(world, tmp_path / "s1", "pretrain", "--max_steps", "6", "--learning_rate", "1e-2", "--gradient_checkpointing")
+    model = trainer.model
+    initial = RevisionModel.from_llm(world["model"], 16, num_visual_tokens=VISUAL)
+    for name, value in initial.llm.state_dict().items():
+        assert torch.equal(value, model.llm.state_dict()[name]), f"LLM weight {name} changed in stage 1"
+    assert not torch.equal(model.projector[0].weight, initial.projector[0].weight)
+    saved = sorted(p.name for p in (tmp_path / "s1").iterdir())
+    assert "projector.safetensors" in saved and "model.safetensors" not in saved
+    loaded = RevisionModel.from_pretrained(tmp_path / "s1")
+    assert loaded.revision_config.llm_weights == "base" and torch.equal(loaded.projector[2].bias, model.projector[2].bias)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_stage2_trains_the_right_sets(world, tmp_path, mode):
+    s1 = run(world, tmp_path / "s1", "pretrain", "--max_steps", "2", "--learning_rate", "1e-2")
+    stage1_projector = snapshot(s1.model.projector)
+    extra = ["--lora_enable", "--lora_r", "4"] if mode == "lora" else []
+    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
+                  "--pretrain_mm_mlp_adapter", str(tmp_path / "s1" / "projector.safetensors"), *extra)
+    model, initial = trainer.model, RevisionModel.from_llm(world["model"], 16).llm.state_dict()
+    assert not torch.equal(model.projector[0].weight, stage1_projector["0.weight"])
+    llm = model.llm.get_base_model() if mode == "lora" else model.llm
+    changed = {name for name, value in llm.state_dict().items()
+               if name.replace(".base_layer", "") in initial and not torch.equal(value, initial[name.replace(".base_layer", "")])}
+    if mode == "full":
+        assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"} <= changed
+        assert (tmp_path / "s2" / "model.safetensors").exists()
+    else:
+        assert changed == set(), f"LoRA changed base weights {sorted(changed)[:3]}"
+        lora_b = [v for k, v in llm.state_dict().items() if "lora_B" in k]
+        assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero, so nonzero means trained
+        assert (tmp_path / "s2" / "adapter_model.safetensors").exists()
+    reloaded = RevisionModel.from_pretrained(tmp_path / "s2")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(**batch).logits, model.eval()(**batch).logits, atol=1e-5)
+
+
+def test_loss_decreases_on_a_learnable_task(world, tmp_path):
+    stats = make_alignment("mean_shift").fit(EmbeddingStore(world["text"][0]), EmbeddingStore(world["image"][0]))
+    stats.save(tmp_path / "align_stats.json")
+    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "40", "--learning_rate", "3e-3",
+                  "--align_stats", str(tmp_path / "align_stats.json"))
+    curve = losses(trainer)
+    assert sum(curve[-5:]) / 5 < 0.6 * sum(curve[:5]) / 5, curve
+    # the image_map the data used travels with the checkpoint
+    loaded = RevisionModel.from_pretrained(tmp_path / "s2")
+    row = EmbeddingStore(world["image"][0]).load_all().embeds[:1]
+    assert loaded.revision_config.alignment == "align_stats.json"
+    assert np.allclose(loaded.image_map(row), stats.image_map(row))
+    assert torch.allclose(trainer.train_dataset[0]["image_embeds"], torch.from_numpy(stats.image_map(row)[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_resume_gives_the_same_losses(world, tmp_path, stage):
+    common = ["--max_steps", "12", "--learning_rate", "1e-2", "--embed_noise_std", "0.05"]
+    full = run(world, tmp_path / "full", stage, *common, "--save_strategy", "steps", "--save_steps", "6")
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    assert (checkpoint / "projector.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
+    resumed = run(world, tmp_path / "resumed", stage, *common, "--resume_from_checkpoint", str(checkpoint))
+    assert len(losses(resumed, after_step=6)) == 6  # the history up to step 6 comes from the checkpoint
+    assert losses(resumed, after_step=6) == pytest.approx(losses(full, after_step=6), rel=1e-5)
+
+
+def test_projector_lr_and_length_grouping(world, tmp_path):
+    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "1", "--learning_rate", "1e-5",
+                  "--mm_projector_lr", "2e-4", "--group_by_length", "--weight_decay", "0.1")
+    groups = trainer.optimizer.param_groups
+    projector = {id(p) for p in trainer.model.projector.parameters()}
+    assert {g["initial_lr"] for g in groups if id(g["params"][0]) in projector} == {2e-4}
+    assert {g["initial_lr"] for g in groups if id(g["params"][0]) not in projector} == {1e-5}
+    assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
+
+
+def test_start_up_errors(world, tmp_path):
+    with pytest.raises(ValueError, match="model_max_length 6 leaves no room for text"):
+        run(world, tmp_path / "a", "pretrain", "--model_max_length", "6")
+    run(world, tmp_path / "s1", "pretrain", "--max_steps", "1")
+    other_store, _ = make_tiny_corpus(tmp_path / "other", "image", n=8, dim=12)
+    with pytest.raises(ValueError, match="projector takes dim 16, but the embeddings in .* have dim 12"):
+        run(world, tmp_path / "b", "finetune", "--embed_folder", str(other_store),
+            "--pretrain_mm_mlp_adapter", str(tmp_path / "s1"))
+    with pytest.raises(ValueError, match="embeddings in .* have dim 12, but the projector takes 16"):
+        run(world, tmp_path / "c", "finetune", "--embed_folder", str(other_store), "--model_name_or_path", str(tmp_path / "s1"))
+
+
+def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path):
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"}
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce (a minute of C++) that one process never uses.
+    child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
+             "from revision.train import main; main(sys.argv[1:])")
+    args = flags(world, tmp_path / "ds", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
+                 "--deepspeed", str(REPO / "script" / "deepspeed" / "zero2.json"))
+    done = subprocess.run([sys.executable, "-c", child, *args], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "ds" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    model = RevisionModel.from_pretrained(tmp_path / "ds")
+    before = RevisionModel.from_llm(world["model"], 16)
+    assert not torch.equal(model.llm.lm_head.weight, before.llm.lm_head.weight)
+    assert torch.equal(load_file(str(tmp_path / "ds" / "projector.safetensors"))["0.weight"], model.projector[0].weight)
+
+
+def test_pretrain_launcher_runs_the_embedded_default(tmp_path):
+    env = {**os.environ, "GPUS": "0", "DEFAULT_DIR": str(tmp_path / "default"), "VISUAL_TOKENS": "4",
+           "MAX_LENGTH": "64", "EXTRA": "--max_steps 2 --disable_tqdm true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(REPO / "script" / "train" / "pretrain.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "default" / "pretrain"
+    config = json.loads((out / "revision_config.json").read_text())
+    assert (config["template"], config["num_visual_tokens"], config["llm_weights"]) == ("plain", 4, "base")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["log_history"][0]["learning_rate"] <= 5e-4
