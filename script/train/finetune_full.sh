@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"  # `sh script/train/X.sh` works too (the README form)
 # Stage 2: projector + whole LLM on instruction data keyed into the IMAGE store; image embeddings pass
 # through the alignment's image_map (ALIGN_STATS: embed_mean.py's statistics).
 # Variables (all optional): MODEL DATA EMBED_FOLDER ALIGN_STATS PRETRAIN_ADAPTER (stage-1 output or its

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"  # `sh script/train/X.sh` works too (the README form)
 # Stage 1: train the projector on captions keyed into the ALIGNED TEXT store (LLM frozen, template plain).
 # Variables (all optional): MODEL DATA EMBED_FOLDER OUTPUT GPUS NODES HOSTFILE DEEPSPEED LR BATCH GLOBAL_BATCH
 #   EPOCHS MAX_LENGTH VISUAL_TOKENS PROJECTOR EXTRA. Unset MODEL: the embedded tiny default.

@@ -1,0 +1,451 @@
+"""Score benchmark answers against references: multiple choice, yes/no, short answer and captions.
+
+    python -m revision.evaluate --answers answers.jsonl --references refs.jsonl --task mc --out metrics.json
+
+Both files are JSONL keyed by `question_id` (compared as strings, so 7 and "7" are one question):
+  answers     {"question_id", "text"}, or {"question_id", "error": "..."} when prediction failed
+  references  {"question_id", "answer" | "answers", "category"?, "options"? {"A": text, ...},
+               "image_id"?, "attributes"? {attr: value}}
+Every reference is one question. An answer recorded as an error (missing or corrupt image at
+prediction time) and a reference with no answer at all both count as wrong; the summary counts them
+("errors", "missing"). Answers to questions the references do not have are ignored and counted
+("extra"). Accuracies are shares in [0, 1] over all references; MME scores use MME's 0-200 scale.
+
+Multiple choice (`extract_option`; the valid letters are the reference's option keys, A-Z without
+options). The first rule that yields one valid letter wins; a rule that yields several is skipped:
+  1. the whole answer is a letter, possibly wrapped or followed by punctuation: "B", "(b)", "C.", "**D**";
+  2. it starts with a letter and a delimiter: "A. red", "(B) blue", "c) ...", "D: ..."
+     ("A red circle" does not count: there "A" is an article);
+  3. an answer phrase: "The answer is C", "Answer: (d)", "Option B: ...", "the correct choice is A";
+     after such a phrase a lowercase letter counts only when wrapped or followed by punctuation or the
+     end ("the answer is a red circle" names no letter);
+  4. option text instead of a letter (case- and punctuation-insensitive): the answer equals one option's
+     text, or contains exactly one option's text as whole words (an option whose text is part of a
+     longer matched option's text does not count: "dark red" is not also "red");
+  5. exactly one uppercase option letter standing alone ("I think B is right"), as MMBench does,
+     except "A" and "I" in answers of more than three words (article / pronoun).
+  Nothing found: the answer is "unmatched" (wrong, counted).
+Yes/no (`parse_yes_no`): the answer's first word, case- and punctuation-insensitive, is "yes" or "no"
+("Yes.", "yes, it is", "No," count); anything else is "unknown" (wrong, counted; POPE's own script
+would call "There is no dog" a no, we do not guess). POPE precision/recall/F1 take "yes" as positive.
+MME score per category = acc + acc+ (both in %): acc over questions, acc+ over images whose questions
+are all right (MME asks two per image); totals are sums over categories (perception and cognition
+when the categories carry MME's names). Needs `image_id` on every reference.
+Short answer (`normalize_answer`, the VQA evaluation's documented processing): lowercase; drop periods
+except decimal points; drop commas between digits ("100,978" -> "100978"); every other punctuation
+except apostrophe and colon becomes a space; number words zero-ten (and "none") become digits; the
+articles a/an/the are dropped; common contractions written without the apostrophe get it back
+("dont" -> "don't"). A reference "answer" is scored by exact match of the normalised strings;
+"answers" (a list of human answers) by VQA accuracy: min(#humans who gave the answer / 3, 1),
+averaged over the leave-one-out subsets of the humans as VQA does (VQA has 10 answers per question).
+Captions: with reference captions ("answer" or "answers") and pycocoevalcap installed
+(`pip install 'revision[eval]'`): BLEU-1..4, ROUGE-L and CIDEr-D as the COCO caption evaluation
+computes them (PTB tokenizer when java is on PATH, else lowercase words; CIDEr needs many images: its
+IDF comes from the evaluated references). With `attributes`: the share of attribute values that appear
+as whole words in the caption, per attribute and overall, and the share of captions with all of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TASKS = ("mc", "yesno", "short", "caption")
+MME_PERCEPTION = frozenset(
+    "existence count position color posters celebrity scene landmark artwork ocr".split()
+)
+MME_COGNITION = frozenset(
+    "commonsense_reasoning numerical_calculation text_translation code_reasoning".split()
+)
+logger = logging.getLogger(__name__)
+
+
+class EvalError(ValueError):
+    """A malformed answer or reference file; the message names the file and line."""
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
+    """Rows of a JSONL file as ("file:line", object); every object must carry a question_id."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "question_id" not in row:
+                raise EvalError(f"{where}: expected a JSON object with a question_id")
+            rows.append((where, row))
+    return rows
+
+
+def _keyed(rows: list[tuple[str, dict]]) -> dict[str, tuple[str, dict]]:
+    keyed: dict[str, tuple[str, dict]] = {}
+    for where, row in rows:
+        qid = str(row["question_id"])
+        if qid in keyed:
+            raise EvalError(f"{where}: question_id {qid!r} already given at {keyed[qid][0]}")
+        keyed[qid] = (where, row)
+    return keyed
+
+
+def load_answers(path: str | Path) -> dict[str, str | None]:
+    """question_id -> answer text, or None for an answer recorded as an error."""
+    answers = {}
+    for qid, (where, row) in _keyed(read_jsonl(path)).items():
+        if row.get("error"):
+            answers[qid] = None
+        elif isinstance(row.get("text"), str):
+            answers[qid] = row["text"]
+        else:
+            raise EvalError(f"{where}: answer {qid!r} has neither a string 'text' nor an 'error'")
+    return answers
+
+
+def load_references(path: str | Path, task: str) -> list[dict]:
+    """References checked and reduced to what `task` scores: {"question_id", "category", "target", ...}."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    refs = []
+    for qid, (where, row) in _keyed(read_jsonl(path)).items():
+        ref = {"question_id": qid, "category": str(row.get("category", "all")), "image_id": row.get("image_id")}
+        answers = row.get("answers", row.get("answer"))
+        if isinstance(answers, str):
+            answers = [answers]
+        if isinstance(answers, list):  # VQA files give [{"answer": ...}] as often as plain strings
+            answers = [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in answers]
+        if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+            raise EvalError(f"{where}: 'answer'/'answers' must be a string or a list of strings")
+        for key in ("options", "attributes"):
+            if not isinstance(row.get(key) or {}, dict):
+                raise EvalError(f"{where}: '{key}' must be an object like {{\"A\": \"red\"}}")
+        if task == "caption":
+            attributes = row.get("attributes") or {}
+            if not answers and not attributes:
+                raise EvalError(f"{where}: caption reference {qid!r} has no 'answer(s)' and no 'attributes'")
+            attributes = {str(k): str(v) for k, v in attributes.items()}
+            refs.append({**ref, "captions": answers or [], "attributes": attributes})
+            continue
+        if not answers:
+            raise EvalError(f"{where}: reference {qid!r} has no 'answer' or 'answers'")
+        if task == "mc":
+            options = {str(k).strip().upper(): str(v) for k, v in (row.get("options") or {}).items()}
+            refs.append({**ref, "options": options, "target": _reference_letter(answers[0], options, where)})
+        elif task == "yesno":
+            target = parse_yes_no(answers[0])
+            if target is None:
+                raise EvalError(f"{where}: yes/no reference {qid!r} answer {answers[0]!r} is neither yes nor no")
+            refs.append({**ref, "target": target})
+        else:
+            refs.append({**ref, "answers": answers, "soft": "answers" in row})
+    return refs
+
+
+def _reference_letter(answer: str, options: dict[str, str], where: str) -> str:
+    letter = answer.strip().strip("().").upper()
+    if letter in options or (not options and re.fullmatch(r"[A-Z]", letter)):
+        return letter
+    by_text = [k for k, v in options.items() if _words(v) == _words(answer)]
+    if len(by_text) == 1:
+        return by_text[0]
+    raise EvalError(f"{where}: multiple-choice answer {answer!r} is not one of the options {sorted(options)}")
+
+
+# ------------------------------------------------------------------------------ answer extraction
+
+def _words(text: str) -> str:
+    """Lowercase words joined by single spaces (punctuation dropped): the form option texts are compared in."""
+    return " ".join(re.findall(r"[^\W_]+", text.lower()))
+
+
+_WRAP = r"[\s\"'*(\[]*"  # what may surround a bare letter: quotes, markdown bold, brackets
+_WHOLE_LETTER = re.compile(_WRAP + r"([A-Za-z])[\s\"'*)\].:]*$")
+_LEADING_LETTER = re.compile(_WRAP + r"([A-Za-z])\s*[).:\]](?=\s|$)")
+_PHRASE_LETTER = re.compile(
+    r"\b(?:answer|option|choice)\b(?:\s+(?:is|would be|should be|will be))?"  # "the answer is", "Option"
+    r"\s*[:\-]?\s*([(\[]?)\s*([A-Za-z])(?=[^\w']|$)",  # then ":", "(" and one letter
+    re.IGNORECASE,
+)
+
+
+def extract_option(text: str, options: dict[str, str] | None = None) -> str | None:
+    """The option letter an answer names (rules in the module docstring), or None when it names none."""
+    options = {str(k).upper(): str(v) for k, v in (options or {}).items()}
+    valid = set(options) or set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    text = text.strip()
+    for pattern in (_WHOLE_LETTER, _LEADING_LETTER):
+        m = pattern.match(text)
+        if m and m.group(1).upper() in valid:
+            return m.group(1).upper()
+    phrased = set()
+    for m in _PHRASE_LETTER.finditer(text):
+        wrapped, letter, after = m.group(1), m.group(2), text[m.end():m.end() + 1]
+        if letter.isupper() or wrapped or after in ("", ".", ",", ":", ";", ")", "]", "!", "?"):
+            phrased.add(letter.upper())
+    if len(phrased & valid) == 1:
+        return (phrased & valid).pop()
+    answer = _words(text)
+    texts = {k: _words(v) for k, v in options.items() if _words(v)}
+    exact = [k for k, v in texts.items() if v == answer]
+    if len(exact) == 1:
+        return exact[0]
+    inside = [k for k, v in texts.items() if f" {v} " in f" {answer} "]
+    inside = [k for k in inside if not any(j != k and f" {texts[k]} " in f" {texts[j]} " for j in inside)]
+    if len(inside) == 1:
+        return inside[0]
+    long_answer = len(text.split()) > 3
+    standalone = {c for c in re.findall(r"(?<![\w'])([A-Z])(?![\w'])", text) if not (long_answer and c in "AI")}
+    if len(standalone & valid) == 1:
+        return (standalone & valid).pop()
+    return None
+
+
+def parse_yes_no(text: str) -> str | None:
+    """"yes" or "no" when the answer's first word is one of them, else None (unknown)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS["none"] = "0"
+_ARTICLES = frozenset(("a", "an", "the"))
+# Contractions that answers often write without the apostrophe. Those whose bare form is also a word
+# ("its", "well", "were", "ill", "lets", "id", "hell", "shell", "wed") are left alone.
+_CONTRACTIONS = {c.replace("'", ""): c for c in (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hasn't haven't he'd he's "
+    "how'd how's i'm i've isn't it'd it'll ma'am mightn't might've mustn't must've needn't o'clock shan't "
+    "she'd she's should've shouldn't that's there's they'd they'll they're they've wasn't we've weren't "
+    "what's where'd where's who'd who'll who's won't would've wouldn't y'all you'd you'll you're you've"
+).split()}
+
+
+def normalize_answer(text: str) -> str:
+    """A short answer in the VQA evaluation's normal form (rules in the module docstring)."""
+    text = text.lower().replace("\n", " ").replace("\t", " ").strip()
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", "", text)  # a period survives only between two digits
+    text = re.sub(r"[^\w\s':.]|_", " ", text)
+    words = (_NUMBER_WORDS.get(w, w) for w in text.split())
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(answer: str, human_answers: Sequence[str]) -> float:
+    """VQA accuracy: min(#humans who gave `answer` / 3, 1), averaged over the leave-one-out subsets."""
+    if len(human_answers) == 1:
+        return float(normalize_answer(answer) == normalize_answer(human_answers[0]))
+    hits = [normalize_answer(h) == normalize_answer(answer) for h in human_answers]
+    total = sum(hits)
+    return sum(min((total - hit) / 3, 1.0) for hit in hits) / len(hits)
+
+
+def attribute_hits(caption: str, attributes: dict[str, str]) -> dict[str, bool]:
+    """For each attribute, whether its value (one or more words) appears as whole words in the caption."""
+    said = f" {_words(caption)} "
+    return {attr: f" {_words(value)} " in said for attr, value in attributes.items()}
+
+
+# ---------------------------------------------------------------------------------------- scoring
+
+def _share(hits: Sequence[float]) -> float:
+    return float(sum(hits) / len(hits)) if hits else 0.0
+
+
+def _per_category(items: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for category, value in items:
+        groups[category].append(value)
+    return {c: {"n": len(v), "accuracy": _share(v)} for c, v in sorted(groups.items())}
+
+
+def score_mc(pairs: list[tuple[dict, str | None]]) -> dict[str, Any]:
+    items, unmatched = [], 0
+    for ref, text in pairs:
+        letter = None if text is None else extract_option(text, ref["options"])
+        unmatched += text is not None and letter is None
+        items.append((ref["category"], float(letter == ref["target"])))
+    return {"accuracy": _share([v for _, v in items]), "unmatched": unmatched, "per_category": _per_category(items)}
+
+
+def score_yesno(pairs: list[tuple[dict, str | None]]) -> dict[str, Any]:
+    refs = [ref for ref, _ in pairs]
+    preds = [None if text is None else parse_yes_no(text) for _, text in pairs]
+    truth = [r["target"] for r in refs]
+    tp = sum(p == "yes" and t == "yes" for p, t in zip(preds, truth))
+    fp = sum(p == "yes" and t == "no" for p, t in zip(preds, truth))
+    tn = sum(p == "no" and t == "no" for p, t in zip(preds, truth))
+    fn = sum(p != "yes" and t == "yes" for p, t in zip(preds, truth))  # a no, an unknown or no answer
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    correct = [float(p == t) for p, t in zip(preds, truth)]
+    metrics = {
+        "accuracy": _share(correct),
+        "unknown": sum(text is not None and p is None for (_, text), p in zip(pairs, preds)),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "yes_ratio": _share([p == "yes" for p in preds]),
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+        "per_category": _per_category([(r["category"], c) for r, c in zip(refs, correct)]),
+    }
+    if refs and all(r["image_id"] is not None for r in refs):
+        metrics["mme"] = mme_scores([(r["category"], str(r["image_id"]), c) for r, c in zip(refs, correct)])
+    return metrics
+
+
+def mme_scores(items: list[tuple[str, str, float]]) -> dict[str, Any]:
+    """MME: per category acc (% of questions right) + acc+ (% of images with all their questions right)."""
+    by_category: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for category, image_id, correct in items:
+        by_category[category][image_id].append(correct)
+    per_category = {}
+    for category, images in sorted(by_category.items()):
+        acc = 100 * _share([c for answers in images.values() for c in answers])
+        acc_plus = 100 * _share([float(all(answers)) for answers in images.values()])
+        per_category[category] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
+    scores = {c: v["score"] for c, v in per_category.items()}
+    return {
+        "per_category": per_category,
+        "total": sum(scores.values()),
+        "perception": sum(s for c, s in scores.items() if c.lower() in MME_PERCEPTION),
+        "cognition": sum(s for c, s in scores.items() if c.lower() in MME_COGNITION),
+    }
+
+
+def score_short(pairs: list[tuple[dict, str | None]]) -> dict[str, Any]:
+    items = []
+    for ref, text in pairs:
+        if text is None:
+            value = 0.0
+        elif ref["soft"]:
+            value = vqa_accuracy(text, ref["answers"])
+        else:
+            value = float(normalize_answer(text) == normalize_answer(ref["answers"][0]))
+        items.append((ref["category"], value))
+    return {"accuracy": _share([v for _, v in items]), "per_category": _per_category(items)}
+
+
+def score_caption(pairs: list[tuple[dict, str | None]], tokenizer: str = "auto") -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    with_attributes = [(ref, text or "") for ref, text in pairs if ref["attributes"]]
+    if with_attributes:
+        per_attribute: dict[str, list[bool]] = defaultdict(list)
+        all_right = []
+        for ref, text in with_attributes:
+            hits = attribute_hits(text, ref["attributes"])
+            for attr, hit in hits.items():
+                per_attribute[attr].append(hit)
+            all_right.append(all(hits.values()))
+        metrics["attributes"] = {
+            "n": len(with_attributes),
+            "overall": _share([h for hits in per_attribute.values() for h in hits]),
+            "all_correct": _share(all_right),
+            "per_attribute": {a: _share(h) for a, h in sorted(per_attribute.items())},
+        }
+    with_captions = {ref["question_id"]: (ref["captions"], text or "") for ref, text in pairs if ref["captions"]}
+    if with_captions:
+        try:
+            metrics["caption_metrics"] = coco_caption_scores(
+                {q: c for q, (_, c) in with_captions.items()}, {q: r for q, (r, _) in with_captions.items()}, tokenizer
+            )
+        except ImportError as e:
+            metrics["caption_metrics"] = None
+            metrics["caption_metrics_note"] = f"{e}; pip install 'revision[eval]' for BLEU/ROUGE-L/CIDEr"
+    return metrics
+
+
+def coco_caption_scores(
+    captions: dict[str, str], references: dict[str, list[str]], tokenizer: str = "auto"
+) -> dict[str, Any]:
+    """BLEU-1..4, ROUGE-L, CIDEr-D from pycocoevalcap. tokenizer: "ptb" (needs java), "simple", or "auto"."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if tokenizer == "auto":
+        tokenizer = "ptb" if shutil.which("java") else "simple"
+    if tokenizer == "ptb":
+        try:
+            res, gts = _ptb_tokenize(captions), _ptb_tokenize(references)
+        except (OSError, subprocess.CalledProcessError) as e:  # e.g. a read-only site-packages for its temp file
+            logger.warning("PTB tokenizer failed (%s); using lowercase words", e)
+            tokenizer = "simple"
+    if tokenizer == "simple":
+        res = {q: [_words(c)] for q, c in captions.items()}
+        gts = {q: [_words(r) for r in refs] for q, refs in references.items()}
+    elif tokenizer != "ptb":
+        raise ValueError(f"unknown caption tokenizer {tokenizer!r}; expected auto, ptb or simple")
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    scores = {f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)}
+    return {**scores, "ROUGE-L": float(rouge), "CIDEr": float(cider), "n": len(captions), "tokenizer": tokenizer}
+
+
+def _ptb_tokenize(texts: dict[str, str | list[str]]) -> dict[str, list[str]]:
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    as_lists = {q: [t] if isinstance(t, str) else t for q, t in texts.items()}
+    return PTBTokenizer().tokenize({q: [{"caption": t} for t in ts] for q, ts in as_lists.items()})
+
+
+SCORERS = {"mc": score_mc, "yesno": score_yesno, "short": score_short, "caption": score_caption}
+
+
+def evaluate(answers: dict[str, str | None], references: list[dict], task: str, **options: Any) -> dict[str, Any]:
+    """Pair answers with references and score them; errors and missing answers count as wrong."""
+    pairs = [(ref, answers.get(ref["question_id"])) for ref in references]
+    summary = {
+        "task": task,
+        "n": len(references),
+        "errors": sum(ref["question_id"] in answers and answers[ref["question_id"]] is None for ref in references),
+        "missing": sum(ref["question_id"] not in answers for ref in references),
+        "extra": len(set(answers) - {ref["question_id"] for ref in references}),
+    }
+    summary["answered"] = summary["n"] - summary["errors"] - summary["missing"]
+    return {**summary, **SCORERS[task](pairs, **options)}
+
+
+def evaluate_files(answers: str | Path, references: str | Path, task: str, **options: Any) -> dict[str, Any]:
+    metrics = evaluate(load_answers(answers), load_references(references, task), task, **options)
+    return {**metrics, "answers_file": str(answers), "references_file": str(references)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m revision.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--answers", required=True, help="answers JSONL ({question_id, text} or {question_id, error})")
+    parser.add_argument("--references", required=True, help="references JSONL ({question_id, answer|answers, ...})")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--out", required=True, help="where to write the metrics JSON")
+    parser.add_argument("--caption-tokenizer", default="auto", choices=("auto", "ptb", "simple"),
+                        help="tokenizer for caption metrics: ptb needs java; auto uses it when java is found")
+    args = parser.parse_args(argv)
+    options = {"tokenizer": args.caption_tokenizer} if args.task == "caption" else {}
+    try:
+        metrics = evaluate_files(args.answers, args.references, args.task, **options)
+    except (EvalError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    headline = {k: metrics[k] for k in ("task", "n", "answered", "errors", "missing", "accuracy") if k in metrics}
+    print(json.dumps(headline), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
