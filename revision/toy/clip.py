@@ -1,0 +1,217 @@
+"""The toy world's CLIP: a small HF CLIPModel and its tokenizer, trained contrastively on the paired set on CPU.
+
+It stands in for a web-scale CLIP: trained here, saved with `save_pretrained` (model, tokenizer, image
+processor), then loaded by `revision.encoders.load_encoder(folder)` exactly like a downloaded checkpoint.
+The tokenizer is revision.tiny.clip's hand-built CLIP BPE over the world's vocabulary.
+
+    python -m revision.toy.clip --world WORLD_DIR --out OUT_DIR [--steps 600] [--seed 0]
+
+After training, the saved folder is loaded back through load_encoder and measured (toy_clip_report.json):
+the modality gap between unpaired captions and unpaired images (centroid distance, linear-probe accuracy,
+kNN mixing; revision.gap) and paired retrieval on the held-out eval pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
+
+from revision.encoders import load_encoder
+from revision.gap import centroid_and_traces, knn_mixing, linear_probe_accuracy
+from revision.tiny.clip import _word_bpe_clip_tokenizer
+from revision.toy.world import IMAGE_SIZE, vocabulary
+
+REPORT = "toy_clip_report.json"
+
+
+@dataclass
+class ToyClipConfig:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    projection_dim: int = 64
+    patch: int = 8
+    max_text_len: int = 64
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    seed: int = 0
+    gap_rows: int = 2000  # unpaired captions and images (each) the gap is measured on
+
+
+def build_processor(max_text_len: int) -> CLIPProcessor:
+    tokenizer = _word_bpe_clip_tokenizer(vocabulary(), max_text_len)
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    return CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop),
+                         tokenizer=tokenizer)
+
+
+def build_model(cfg: ToyClipConfig, tokenizer) -> CLIPModel:
+    tower = dict(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
+                 num_attention_heads=cfg.heads)
+    # CLIP pools the text at the first EOS token; the config must name the tokenizer's ids.
+    text = dict(tower, vocab_size=len(tokenizer), max_position_embeddings=cfg.max_text_len, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(tower, image_size=IMAGE_SIZE, patch_size=cfg.patch, num_channels=3)
+    torch.manual_seed(cfg.seed)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def open_images(world_dir: Path, records: Sequence[dict]) -> list[Image.Image]:
+    images = []
+    for rec in records:
+        with Image.open(world_dir / rec["image"]) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only (not biases, norms or the temperature)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfig | None = None, log_every: int = 50) -> dict:
+    """Train on WORLD/paired.jsonl with CLIP's symmetric InfoNCE (learnable temperature), save to out_dir.
+    Returns the training log: per-step losses, seconds, config."""
+    cfg = cfg or ToyClipConfig()
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    pairs = read_jsonl(world_dir / "paired.jsonl")
+    if len(pairs) < 2:
+        raise ValueError(f"{world_dir / 'paired.jsonl'}: need at least 2 image-caption pairs, found {len(pairs)}")
+    start = time.perf_counter()
+    processor = build_processor(cfg.max_text_len)
+    pixels = processor.image_processor(images=open_images(world_dir, pairs), return_tensors="pt")["pixel_values"]
+    tokens = processor.tokenizer([p["caption"] for p in pairs], padding=True, return_tensors="pt")
+    if tokens["input_ids"].shape[1] > cfg.max_text_len:  # truncation would cut the EOS token CLIP pools at
+        row = int(tokens["attention_mask"].sum(1).argmax())
+        raise ValueError(f"{world_dir / 'paired.jsonl'}: caption of {pairs[row]['id']!r} is {tokens['input_ids'].shape[1]} "
+                         f"tokens, more than max_text_len={cfg.max_text_len}")
+    prep_seconds = time.perf_counter() - start
+
+    model = build_model(cfg, processor.tokenizer).train()
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, cfg.steps // 10), cfg.steps)
+    batch_size = min(cfg.batch_size, len(pairs))
+    order = torch.Generator().manual_seed(cfg.seed)
+    batches = iter(())
+    losses = []
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        index = next(batches, None)
+        if index is None:  # a new epoch: reshuffle, drop the ragged tail (a tiny last batch is a too-easy task)
+            batches = iter(torch.randperm(len(pairs), generator=order)[: len(pairs) // batch_size * batch_size].split(batch_size))
+            index = next(batches)
+        mask = tokens["attention_mask"][index]
+        width = int(mask.sum(1).max())
+        loss = model(input_ids=tokens["input_ids"][index, :width], attention_mask=mask[:, :width],
+                     pixel_values=pixels[index], return_loss=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the inverse temperature
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"toy clip step {step + 1}/{cfg.steps} loss {np.mean(losses[-log_every:]):.3f} "
+                  f"temperature {1 / model.logit_scale.exp().item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    train_seconds = time.perf_counter() - start
+
+    model.eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return {"config": asdict(cfg), "pairs": len(pairs), "prep_seconds": prep_seconds, "train_seconds": train_seconds,
+            "losses": losses, "final_temperature": 1 / model.logit_scale.exp().item()}
+
+
+def _scene_key(attributes: dict) -> tuple:
+    return tuple(sorted((o["shape"], o["colour"], o["size"], o["position"]) for o in attributes["objects"]))
+
+
+def retrieval(images: np.ndarray, texts: np.ndarray, keys: Sequence[tuple]) -> dict[str, float]:
+    """Paired retrieval among N held-out pairs (row i of each is one pair). `scene` counts a hit when the
+    retrieved item shows or describes the same attributes (captions of equal scenes are interchangeable)."""
+    sims = images @ texts.T
+    n = len(images)
+    same = np.array([[a == b for b in keys] for a in keys])
+    i2t, t2i = sims.argmax(1), sims.argmax(0)
+    return {
+        "pairs": n,
+        "image_to_text_top1": float(np.mean(i2t == np.arange(n))),
+        "text_to_image_top1": float(np.mean(t2i == np.arange(n))),
+        "image_to_text_scene_top1": float(np.mean(same[np.arange(n), i2t])),
+        "text_to_image_scene_top1": float(np.mean(same[t2i, np.arange(n)])),
+        "chance_top1": 1 / n,
+        "chance_scene_top1": float(same.mean()),
+        "paired_cosine": float(np.mean(np.einsum("ij,ij->i", images, texts))),
+        "unpaired_cosine": float((sims.sum() - np.trace(sims)) / (n * n - n)) if n > 1 else float("nan"),
+    }
+
+
+def measure(model_dir: str | Path, world_dir: str | Path, gap_rows: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Load the saved CLIP through load_encoder (the pipeline's path) and measure gap and retrieval."""
+    model_dir, world_dir = Path(model_dir), Path(world_dir)
+    encoder = load_encoder(str(model_dir), device="cpu")
+    rng = np.random.default_rng(seed)
+    captions = read_jsonl(world_dir / "unpaired_texts.jsonl")
+    images = read_jsonl(world_dir / "unpaired_images.jsonl")
+    captions = [captions[i] for i in np.sort(rng.permutation(len(captions))[:gap_rows])]
+    images = [images[i] for i in np.sort(rng.permutation(len(images))[:gap_rows])]
+    text = encoder.encode_texts([c["text"] for c in captions]).numpy()
+    image = encoder.encode_images(open_images(world_dir, images)).numpy()
+    n = min(len(text), len(image))
+    gap = {**centroid_and_traces(text, image), "linear_probe_acc": linear_probe_accuracy(text, image, rng),
+           "knn_mixing": knn_mixing(text[:n], image[:n]), "rows": {"text": len(text), "image": len(image)}}
+
+    pairs = read_jsonl(world_dir / "eval_captions.jsonl")
+    eval_text = encoder.encode_texts([p["caption"] for p in pairs]).numpy()
+    eval_image = encoder.encode_images(open_images(world_dir, pairs)).numpy()
+    return {"encoder": encoder.name, "dim": encoder.dim, "gap_unpaired": gap,
+            "retrieval_eval": retrieval(eval_image, eval_text, [_scene_key(p["attributes"]) for p in pairs])}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
+    parser.add_argument("--out", required=True, help="where the CLIP checkpoint and toy_clip_report.json go")
+    defaults = ToyClipConfig()
+    for name, value in asdict(defaults).items():
+        if name != "seed":
+            parser.add_argument(f"--{name}", type=type(value), default=value)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ToyClipConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    log = train_toy_clip(args.world, args.out, cfg)
+    report = {**measure(args.out, args.world, cfg.gap_rows, cfg.seed), **log}
+    Path(args.out, REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    gap, ret = report["gap_unpaired"], report["retrieval_eval"]
+    first, last = np.mean(log["losses"][:10]), np.mean(log["losses"][-10:])
+    print(f"toy clip: {cfg.steps} steps in {log['train_seconds']:.0f} s, loss {first:.3f} -> {last:.3f}; gap: centroid distance "
+          f"{gap['centroid_distance']:.3f}, linear probe {gap['linear_probe_acc']:.3f}; eval retrieval i2t top-1 "
+          f"{ret['image_to_text_top1']:.3f} (scene {ret['image_to_text_scene_top1']:.3f}), paired cosine "
+          f"{ret['paired_cosine']:.3f}; report in {Path(args.out, REPORT)}")
+
+
+if __name__ == "__main__":
+    main()
