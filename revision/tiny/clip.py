@@ -48,34 +48,45 @@ SIZES = {
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _word_bpe_clip_tokenizer(corpus: Sequence[str], max_len: int) -> CLIPTokenizer:
-    """A CLIP-style byte-level BPE (words end in </w>) whose merges spell out every corpus word.
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encode one word: repeatedly merge the adjacent pair with the lowest rank, as BPE does."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def word_bpe_clip_tokenizer(corpus: Sequence[str], max_len: int) -> CLIPTokenizer:
+    """A CLIP-style byte-level BPE (words end in </w>) in which every corpus word is one token.
 
     Built by hand rather than with `tokenizers`' BpeTrainer because that trainer breaks ties between
     equally frequent pairs in hash order, so two builds could differ; this one is the same for a corpus.
-    Words outside the corpus still tokenize, into pieces down to single bytes.
+    Each word's pieces under the merges so far are joined by new, lower-priority merges, which cannot
+    change how earlier words tokenize. Words outside the corpus still tokenize, into pieces down to bytes.
     """
     backend = CLIPTokenizer().backend_tokenizer  # CLIP's normalizer and pre-tokenizer
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {BOS: 0, EOS: 1}
     for symbol in alphabet + [ch + "</w>" for ch in alphabet]:
         vocab[symbol] = len(vocab)
-    merges = []
+    ranks: dict[tuple[str, str], int] = {}
     words = sorted({w for text in corpus for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))})
     for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        left = symbols[0]
-        for right in symbols[1:]:
-            if left + right not in vocab:
-                vocab[left + right] = len(vocab)
-                merges.append((left, right))
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        left = pieces[0]
+        for right in pieces[1:]:
+            ranks[(left, right)] = len(ranks)
             left += right
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_len)
+            vocab.setdefault(left, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=max_len)
 
 
 def _word_bpe_siglip_tokenizer(corpus: Sequence[str], max_len: int) -> TokenizersBackend:
     """SigLIP's own tokenizer needs sentencepiece; a generic fast BPE ending texts in EOS serves the same role."""
-    clip_tok = _word_bpe_clip_tokenizer(corpus, max_len)
+    clip_tok = word_bpe_clip_tokenizer(corpus, max_len)
     backend = clip_tok.backend_tokenizer
     eos_id = backend.token_to_id(EOS)
     backend.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, eos_id)])
@@ -117,7 +128,7 @@ def build_tiny_clip(
         image_processor = SiglipImageProcessorPil(size=crop)
         processor_cls, model_cls = SiglipProcessor, SiglipModel
     else:
-        tokenizer = _word_bpe_clip_tokenizer(corpus, s["max_text_len"])
+        tokenizer = word_bpe_clip_tokenizer(corpus, s["max_text_len"])
         # CLIP pools the text at the first EOS token; the config must name the tokenizer's ids.
         text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)

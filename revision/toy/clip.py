@@ -27,7 +27,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 
 from revision.encoders import load_encoder
 from revision.gap import centroid_and_traces, knn_mixing, linear_probe_accuracy
-from revision.tiny.clip import _word_bpe_clip_tokenizer
+from revision.tiny.clip import word_bpe_clip_tokenizer
 from revision.toy.world import IMAGE_SIZE, vocabulary
 
 REPORT = "toy_clip_report.json"
@@ -51,7 +51,7 @@ class ToyClipConfig:
 
 
 def build_processor(max_text_len: int) -> CLIPProcessor:
-    tokenizer = _word_bpe_clip_tokenizer(vocabulary(), max_text_len)
+    tokenizer = word_bpe_clip_tokenizer(vocabulary(), max_text_len)
     crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     return CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop),
                          tokenizer=tokenizer)
