@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -141,20 +142,34 @@ def load_shard(path: str | os.PathLike, kind_hint: str | None = None) -> Shard:
     return shard
 
 
+def _squared_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("...i,...i->...", x, x)  # one pass, no [N, D] temporary
+
+
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows in float32 (float64 input stays float64); zero rows stay zero."""
     x = np.asarray(x)
     x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    norms = np.sqrt(_squared_norms(x))[..., None]
     return x / np.where(norms > 0, norms, 1.0)
 
 
 def bad_rows(embeds: np.ndarray) -> np.ndarray:
     """Indices of rows that hold NaN or Inf or are all zero (no direction to normalise)."""
     embeds = np.asarray(embeds)
+    if embeds.dtype in (np.float32, np.float64) and embeds.shape[1]:
+        # a NaN, Inf or all-zero row has a non-finite or zero squared norm; only those rows (plus rows whose
+        # square overflows or underflows) need the exact element-wise test below
+        sq = _squared_norms(embeds)
+        suspects = np.flatnonzero(~(np.isfinite(sq) & (sq > 0)))
+        return suspects[_exact_bad_rows(embeds[suspects])]
+    return np.flatnonzero(_exact_bad_rows(embeds))
+
+
+def _exact_bad_rows(embeds: np.ndarray) -> np.ndarray:
     finite = np.isfinite(embeds).all(axis=1)
     nonzero = np.abs(embeds).max(axis=1, initial=0) > 0 if embeds.shape[1] else np.zeros(len(embeds), bool)
-    return np.flatnonzero(~(finite & nonzero))
+    return ~(finite & nonzero)
 
 
 def describe_bad_row(vec: np.ndarray) -> str:
@@ -288,6 +303,7 @@ class EmbeddingStore:
             if path.name in rows and rows[path.name] != len(shard):
                 raise StoreError(f"{path}: {len(shard)} rows, manifest says {rows[path.name]}")
             yield shard
+            del shard  # not held while the next one loads
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest."""
@@ -377,7 +393,13 @@ class StoreWriter:
         self._adopt_orphans()
         self._ids: list[str] = []
         self._sources: list[str] = []
-        self._buffer: np.ndarray | None = None  # one shard, allocated on first add (rows copied in, no concatenation)
+        # Rows are copied into a shard-sized buffer (no concatenation). A full one is written (pickled, hashed,
+        # fsynced) by a background thread while the next fills the spare buffer; it enters the manifest once on
+        # disk. Killed in between: a renamed shard is adopted on rerun, a half-written temp file removed.
+        self._buffer: np.ndarray | None = None
+        self._spare: np.ndarray | None = None
+        self._shard_writer: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future, str, list[str]] | None = None
         self._buffered = 0
         _write_manifest(self.root, self.manifest)
 
@@ -413,12 +435,17 @@ class StoreWriter:
             row = int(bad[0])
             raise StoreError(f"{self.root}: id {ids[row]!r} has an unusable embedding ({describe_bad_row(embeds[row])})")
         sources = list(sources) if sources is not None else [""] * len(ids)
-        if self._buffer is None:
-            self._buffer = np.empty((self.shard_size, self.dim), self.dtype)
         start = 0
         while start < len(ids):
+            if self._buffer is None:
+                self._buffer = np.empty((self.shard_size, self.dim), self.dtype)
             take = min(self.shard_size - self._buffered, len(ids) - start)
-            self._buffer[self._buffered : self._buffered + take] = normalize_rows(embeds[start : start + take])
+            # normalise straight into the buffer: no temporary the size of the input
+            chunk = embeds[start : start + take]
+            chunk = chunk.astype(np.float64 if chunk.dtype == np.float64 else np.float32, copy=False)
+            norms = np.sqrt(_squared_norms(chunk))[:, None]
+            np.divide(chunk, np.where(norms > 0, norms, 1.0), out=self._buffer[self._buffered : self._buffered + take],
+                      casting="unsafe")
             self._ids.extend(ids[start : start + take])
             self._sources.extend(sources[start : start + take])
             self._buffered += take
@@ -427,17 +454,28 @@ class StoreWriter:
                 self._flush()
 
     def _flush(self) -> None:
+        self._record_pending()  # the spare buffer is free again once its shard is on disk
         shard = Shard(self.kind, self._ids, self._buffer[: self._buffered], self._sources)
         name = self._shard_name(len(self.manifest["shards"]))
-        digest = write_shard(self.root / name, shard, self.dtype)
-        self._record(name, shard.ids, digest)
+        self._shard_writer = self._shard_writer or ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._pending = (self._shard_writer.submit(write_shard, self.root / name, shard, self.dtype), name, shard.ids)
         self._ids, self._sources, self._buffered = [], [], 0
+        self._buffer, self._spare = self._spare, self._buffer
+
+    def _record_pending(self) -> None:
+        if self._pending is not None:
+            written, name, ids = self._pending
+            self._pending = None
+            self._record(name, ids, written.result())
 
     def close(self, **summary: Any) -> dict:
         """Write what is buffered, mark the store complete and return the manifest."""
         if self._buffered:
             self._flush()
-        self._buffer = None
+        self._record_pending()
+        if self._shard_writer is not None:
+            self._shard_writer.shutdown()
+        self._buffer = self._spare = None
         self.manifest["complete"] = True
         self.manifest.update(summary)
         _write_manifest(self.root, self.manifest)

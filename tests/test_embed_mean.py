@@ -1,0 +1,157 @@
+"""embed_mean.py / align_stores: the written store, statistics, report, bad input and crash recovery."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import revision.store as store_module
+from revision.align import STATS_FILE, align_stores, load_alignment
+from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gap_pair(n_text=600, n_image=400, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal((n_text, dim)) + 2 * np.eye(dim)[0]
+    v = 0.5 * rng.standard_normal((n_image, dim)) + 2 * np.eye(dim)[1]
+    return t.astype(np.float32), v.astype(np.float32)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    t, v = gap_pair()
+    write_store(tmp_path / "text", "text", [f"t{i}" for i in range(len(t))], t, [f"cap {i}" for i in range(len(t))],
+                encoder="hf:clip", shard_size=250)
+    write_store(tmp_path / "image", "image", [f"v{i}" for i in range(len(v))], v, [f"img{i}.jpg" for i in range(len(v))],
+                encoder="hf:clip", shard_size=250)
+    return tmp_path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "embed_mean.py"), "--quiet", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_writes_aligned_store_stats_and_report_from_record_layout(tmp_path):
+    t, v = gap_pair(seed=1)
+    for kind, x in (("text", t), ("image", v)):
+        (tmp_path / kind).mkdir()
+        key = "caption" if kind == "text" else "image_path"
+        for part, rows in enumerate(np.array_split(np.arange(len(x)), 2)):
+            write_reference_shard(tmp_path / kind / f"{kind}_embeds_{part + 1}.pkl",
+                                  Shard(kind, [f"{kind}{i}" for i in rows], x[rows], [f"{key} {i}" for i in rows]))
+    done = run_cli("--text", tmp_path / "text", "--image", tmp_path / "image", "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["rows_written"] == len(t) and summary["gap"]["after"]["centroid_distance"] < summary["gap"]["before"]["centroid_distance"] / 5
+    out = EmbeddingStore(tmp_path / "out")
+    assert out.manifest["method"] == "realign" and out.manifest["complete"] and out.manifest["dtype"] == "float32"
+    got = out.load_all()
+    assert got.ids == [f"text{i}" for i in range(len(t))] and got.captions[7] == "caption 7"
+    np.testing.assert_allclose(got.embeds, load_alignment(tmp_path / "out").text_map(t.astype(np.float16)), atol=1e-6)
+    report = json.loads((tmp_path / "out" / "gap_report.json").read_text())
+    assert report["before"]["linear_probe_acc"] > 0.95 and report["after"]["knn_overlap_kept"] > 0.5
+    assert (tmp_path / "out" / "gap_report.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out" / ".align_cache").exists()
+
+    refused = run_cli("--text", tmp_path / "text", "--image", tmp_path / "image", "--out", tmp_path / "text")
+    assert refused.returncode == 2 and "is the input folder" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("method", ["mean_shift", "c3", "none"])
+def test_other_methods_write_their_maps(inputs, method):
+    summary = align_stores(inputs / "text", inputs / "image", inputs / method, method=method, dtype="float16",
+                           report=False, progress=False)
+    assert summary["rows_written"] == 600
+    got = EmbeddingStore(inputs / method).load_all()
+    assert got.embeds.dtype == np.float16
+    alignment = load_alignment(inputs / method)
+    assert alignment.method == method
+    want = alignment.text_map(EmbeddingStore(inputs / "text").load_all().embeds)
+    np.testing.assert_allclose(got.embeds.astype(np.float32), want, atol=2e-3)
+
+
+def test_apply_stats_aligns_new_texts_without_images(inputs):
+    align_stores(inputs / "text", inputs / "image", inputs / "first", report=False, progress=False)
+    align_stores(inputs / "text", None, inputs / "again", apply_stats=inputs / "first" / STATS_FILE, progress=False)
+    a, b = (EmbeddingStore(inputs / name).load_all() for name in ("first", "again"))
+    np.testing.assert_array_equal(a.embeds, b.embeds)
+    sampled = align_stores(inputs / "text", inputs / "image", inputs / "sampled", stats_sample=200, report=False,
+                           progress=False)
+    assert sampled["rows_written"] == 600 and load_alignment(inputs / "sampled").info["text_rows"] == 200
+    with pytest.raises(StoreError, match="statistics are for 'realign', not 'mean_shift'"):
+        align_stores(inputs / "text", None, inputs / "x", method="mean_shift", apply_stats=inputs / "first")
+    with pytest.raises(ValueError, match="an image store is needed"):
+        align_stores(inputs / "text", None, inputs / "x")
+
+
+def test_encoder_mismatch_needs_force_but_dims_never_pass(inputs):
+    t, v = gap_pair()
+    write_store(inputs / "other", "image", [f"v{i}" for i in range(len(v))], v, encoder="hf:siglip")
+    with pytest.raises(StoreError, match=r"different encoders .*'hf:clip'.*'hf:siglip'.*--force"):
+        align_stores(inputs / "text", inputs / "other", inputs / "out", report=False)
+    summary = align_stores(inputs / "text", inputs / "other", inputs / "out", force=True, report=False, progress=False)
+    assert summary["rows_written"] == 600
+    write_store(inputs / "wide", "image", ["a", "b"], np.ones((2, 64)), encoder="hf:clip")
+    with pytest.raises(StoreError, match="holds 32-d embeddings but .*wide holds 64-d"):
+        align_stores(inputs / "text", inputs / "wide", inputs / "out2", force=True)
+
+
+def test_empty_store_refused(inputs):
+    (inputs / "empty").mkdir()
+    (inputs / "empty" / "text_embeds_1.pkl").write_bytes(__import__("pickle").dumps([]))
+    with pytest.raises(StoreError, match="empty text store"):
+        align_stores(inputs / "empty", inputs / "image", inputs / "out")
+    writer = store_module.StoreWriter(inputs / "empty2", "image", "hf:clip", 32)
+    writer.close()
+    with pytest.raises(StoreError, match="empty image store"):
+        align_stores(inputs / "text", inputs / "empty2", inputs / "out")
+
+
+def test_bad_rows_fail_naming_shard_or_are_dropped_and_counted(inputs):
+    shard = EmbeddingStore(inputs / "text").load_all()
+    embeds = shard.embeds.astype(np.float32)
+    embeds[260, 5] = np.inf
+    embeds[10] = 0
+    (inputs / "bad").mkdir()
+    for part, rows in enumerate((slice(0, 250), slice(250, 600))):
+        write_reference_shard(inputs / "bad" / f"text_embeds_{part}.pkl",
+                              Shard("text", shard.ids[rows], embeds[rows], shard.captions[rows]))
+    with pytest.raises(StoreError, match=r"text_embeds_0.pkl: row 10 \(id 't10'\) has an unusable embedding \(all-zero vector\)"):
+        align_stores(inputs / "bad", inputs / "image", inputs / "out", report=False, progress=False)
+    summary = align_stores(inputs / "bad", inputs / "image", inputs / "out", drop_bad=True, progress=False)
+    assert summary["rows_written"] == 598 and summary["text_rows_dropped"] == 2
+    got = EmbeddingStore(inputs / "out").load_all()
+    assert "t10" not in got.ids and "t260" not in got.ids and np.isfinite(got.embeds).all()
+    assert load_alignment(inputs / "out").info["dropped_rows"]["text"] == 2
+
+
+def test_killed_run_leaves_no_half_shard_and_rerun_finishes(inputs, monkeypatch):
+    reference = align_stores(inputs / "text", inputs / "image", inputs / "whole", shard_size=100, report=False, progress=False)
+    real_write = store_module.write_shard
+    calls = []
+
+    def crash_on_third_shard(path, shard, dtype="float16"):
+        calls.append(path)
+        if len(calls) == 3:  # die half-way through writing: a partial temp file, never renamed
+            Path(str(path) + ".tmp").write_bytes(b"\x80\x05half")
+            raise KeyboardInterrupt
+        return real_write(path, shard, dtype)
+
+    monkeypatch.setattr(store_module, "write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        align_stores(inputs / "text", inputs / "image", inputs / "crashed", shard_size=100, report=False, progress=False)
+    monkeypatch.setattr(store_module, "write_shard", real_write)
+    assert sorted(p.name for p in (inputs / "crashed").glob("*.pkl")) == ["text_embeds_00000.pkl", "text_embeds_00001.pkl"]
+    with pytest.raises(StoreError, match="partial store aligned with 'realign'"):
+        align_stores(inputs / "text", inputs / "image", inputs / "crashed", method="mean_shift", shard_size=100)
+    align_stores(inputs / "text", inputs / "image", inputs / "crashed", shard_size=100, report=False, progress=False)
+    assert not list((inputs / "crashed").glob("*.tmp"))
+    a, b = (EmbeddingStore(inputs / name) for name in ("whole", "crashed"))
+    assert b.manifest["complete"] and len(b) == reference["rows_written"] == 600
+    np.testing.assert_array_equal(a.load_all().embeds, b.load_all().embeds)
+    assert a.load_all().ids == b.load_all().ids
