@@ -16,7 +16,7 @@ import os
 # The passes are memory-bound matrix-vector products: extra BLAS threads only spin against the main one.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from revision.align import METHODS, align_stores  # noqa: E402
+from revision.align import DEFAULT_MEMORY_BUDGET, METHODS, align_stores  # noqa: E402
 from revision.store import StoreError  # noqa: E402
 
 
@@ -34,8 +34,10 @@ def main() -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store in --out")
     p.add_argument("--no_report", action="store_true", help="skip gap_report.json/.png")
     p.add_argument("--report_sample", type=int, default=10_000, help="rows per side sampled for the gap report")
-    p.add_argument("--shard_size", type=int, default=50_000,
-                   help="rows per written shard (the writer holds two: 2 x 50k x 1280 float32 = 0.5 GB)")
+    p.add_argument("--shard_size", type=int, default=16_384,
+                   help="rows per written shard (the writer holds two: 2 x 16k x 1280 float32 = 168 MB)")
+    p.add_argument("--memory_budget_gb", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30,
+                   help="GiB of decoded text embeddings kept in RAM between passes; the rest is cached on disk in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args()
@@ -44,7 +46,7 @@ def main() -> None:
             args.text, args.image, args.out, method=args.method, dtype=args.dtype, stats_sample=args.stats_sample,
             apply_stats=args.apply_stats, drop_bad=args.drop_bad, force=args.force, overwrite=args.overwrite,
             report=not args.no_report, report_sample=args.report_sample, seed=args.seed, shard_size=args.shard_size,
-            progress=not args.quiet,
+            progress=not args.quiet, memory_budget=int(args.memory_budget_gb * 2**30),
         )
     except (StoreError, ValueError) as e:  # bad input: one clear line, no traceback
         p.exit(2, f"embed_mean.py: error: {e}\n")

@@ -10,6 +10,7 @@ small JSON file that travels with the model.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -29,7 +30,8 @@ from revision.store import (
 METHODS = ("realign", "mean_shift", "c3", "none")
 STATS_FILE = "align_stats.json"
 STATS_FORMAT = "revision.align/1"
-CHUNK_ROWS = 2048  # float64 working set of one chunk: 2048 x 1280 x 8 B = 21 MB
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of decoded text embeddings kept in RAM between passes
+CHUNK_ROWS = 256  # float64 working set of one chunk: 256 x 1280 x 8 B = 2.6 MB, stays in the L2 cache
 C3_NOISE_STD = math.sqrt(0.016)  # C3's default corruption; the data loader adds it (DESIGN.md)
 
 Stream = Callable[[], Iterable[Shard]]  # a fresh pass over a store's shards on every call
@@ -57,13 +59,15 @@ class BadRows:
 
 
 def _chunks(
-    shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None
+    shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None, buf: np.ndarray | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(first row, float64 rows, 1/‖row‖) chunk by chunk over rows lo:hi; one reused buffer.
+    """(first row, float64 rows, 1/‖row‖) chunk by chunk over rows lo:hi; one reused buffer (`buf`, if given:
+    [CHUNK_ROWS, dim] float64, so a caller looping over many blocks touches the same pages every time).
     Bad rows go to `bad` (which raises, or lets them through as zeros with weight 0)."""
     embeds = shard.embeds
     hi = len(embeds) if hi is None else hi
-    buf = np.empty((max(0, min(CHUNK_ROWS, hi - lo)), embeds.shape[1]))
+    if buf is None:
+        buf = np.empty((max(0, min(CHUNK_ROWS, hi - lo)), embeds.shape[1]))
     for start in range(lo, hi, CHUNK_ROWS):
         rows = buf[: min(CHUNK_ROWS, hi - start)]
         np.copyto(rows, embeds[start : start + len(rows)])
@@ -146,16 +150,22 @@ class Alignment:
         """Real image embeddings [N, D] -> float32 unit rows, as the projector sees them."""
         return self._map(_as_input(x, "image"), self._image_rows, BadRows())[0]
 
-    def map_text_rows(self, shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """text_map of rows lo:hi of a shard under a bad-row policy: (float32 rows, mask of usable rows)."""
-        return self._map(shard, self._text_rows, bad, lo, hi)
+    def map_text_rows(
+        self, shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None,
+        out: np.ndarray | None = None, scratch: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """text_map of rows lo:hi of a shard under a bad-row policy: (float32 rows, mask of usable rows).
+        `out` ([hi - lo, dim] float32) and `scratch` (see `_chunks`) are reused buffers, if given."""
+        return self._map(shard, self._text_rows, bad, lo, hi, out, scratch)
 
-    def _map(self, shard: Shard, rows_fn: Callable, bad: BadRows, lo: int = 0, hi: int | None = None):
+    def _map(self, shard: Shard, rows_fn: Callable, bad: BadRows, lo: int = 0, hi: int | None = None,
+             out: np.ndarray | None = None, scratch: np.ndarray | None = None):
         if self.dim is not None and shard.embeds.shape[1] != self.dim:
             raise StoreError(f"{shard.path}: embeddings of dim {shard.embeds.shape[1]}, alignment was fitted on {self.dim}")
         hi = len(shard.embeds) if hi is None else hi
-        out, keep = np.empty((hi - lo, shard.embeds.shape[1]), np.float32), np.ones(hi - lo, bool)
-        for start, rows, inv_norm in _chunks(shard, bad, lo, hi):
+        out = np.empty((hi - lo, shard.embeds.shape[1]), np.float32) if out is None else out
+        keep = np.ones(hi - lo, bool)
+        for start, rows, inv_norm in _chunks(shard, bad, lo, hi, scratch):
             rows_fn(rows, inv_norm, out[start - lo : start - lo + len(rows)])
             keep[start - lo : start - lo + len(rows)] = inv_norm > 0
         return out, keep
@@ -287,8 +297,7 @@ class ReAlign(Alignment):
         y_dot_d = (s * dots[:, 1] + c @ d) * inv_r
         inv_q = 1.0 / np.sqrt(np.maximum(1.0 + 2.0 * y_dot_d + d @ d, 1e-300))
         rows *= (s * inv_r * inv_q * inv_norm)[:, None]
-        rows += np.stack([inv_r * inv_q, inv_q], axis=1) @ cd
-        out[...] = rows
+        np.add(rows, np.stack([inv_r * inv_q, inv_q], axis=1) @ cd, out=out, casting="same_kind")  # float64 -> out
 
     def state(self) -> dict[str, Any]:
         return {
@@ -379,17 +388,59 @@ def sample_rows(shards: Iterable[Shard], n: int, seed: int = 0, bad: BadRows | N
     return sampler.result()
 
 
+class SpilledRows:
+    """The rows of a .npy file, read slice by slice on demand: memory stays one slice however large the file
+    (a memory map would count every page read towards RSS until it is closed). Enough of an array for `_chunks`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            self.shape, fortran, self.dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran or len(self.shape) != 2:
+            raise StoreError(f"{path}: expected a C-ordered [rows, dim] array")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            return self[key : key + 1][0]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("SpilledRows reads contiguous slices only")
+        out = np.empty((max(0, stop - start), self.shape[1]), self.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start * out.itemsize * self.shape[1])
+            view, done = memoryview(out).cast("B"), 0
+            while done < out.nbytes:  # a raw read may return fewer bytes than asked
+                got = f.readinto(view[done:])
+                if not got:
+                    raise StoreError(f"{self.path}: truncated (temp cache file changed while in use?)")
+                done += got
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
 class PassCache:
-    """A store read several times: the first pass saves each shard's columns under `cache_dir` (embeddings as
-    .npy, read back memory-mapped), so later passes skip the slow unpickling of the record layout. The first
-    pass also draws a uniform sample of rows (for the gap report) as it goes by."""
+    """A store read several times: the first pass keeps each shard's decoded columns, so later passes skip the
+    slow unpickling of the record layout. Shards are kept in RAM while their embeddings fit `memory_budget`
+    bytes (no temp file: on a VM, fresh page-cache pages cost as much as fresh memory), the rest are saved
+    under `cache_dir` (embeddings as .npy, read back slice by slice): peak memory is bounded by the budget,
+    not by the corpus. The first pass also draws a uniform sample of rows (for the gap report) as it goes by."""
 
     def __init__(
-        self, store: EmbeddingStore, cache_dir: Path | None = None, sample: int = 0, seed: int = 0, progress: bool = True
+        self, store: EmbeddingStore, cache_dir: Path | None = None, sample: int = 0, seed: int = 0,
+        progress: bool = True, memory_budget: int = 0,
     ):
         self.store, self.cache_dir, self.sample_size, self.seed, self.progress = store, cache_dir, sample, seed, progress
+        self.memory_budget = memory_budget
         self.kind, self.dim, self.encoder, self.root = store.kind, store.dim, store.encoder, store.root
-        self._cached: list[tuple[Path, Path, str]] | None = None
+        self._cached: list[Shard | tuple[Path, Path, str]] | None = None
         self._passes = 0
         self.rows = None  # known after the first full pass
         self.sample: Shard | None = None
@@ -407,16 +458,27 @@ class PassCache:
 
     def _shards(self) -> Iterator[Shard]:
         if self._cached is not None:
-            for embeds_path, columns_path, source in self._cached:
+            for kept in self._cached:
+                if isinstance(kept, Shard):
+                    yield kept
+                    continue
+                embeds_path, columns_path, source = kept
                 ids, sources = safe_load(columns_path)
-                yield Shard(self.kind, ids, np.load(embeds_path, mmap_mode="r"), sources, path=source)
+                yield Shard(self.kind, ids, SpilledRows(embeds_path), sources, path=source)
             return
-        cached, rows, sampler = [], 0, RowSampler(self.sample_size, self.seed) if self.sample_size else None
-        for index, shard in enumerate(self.store.iter_shards()):
+        cached, rows, in_ram = [], 0, 0
+        sampler = RowSampler(self.sample_size, self.seed) if self.sample_size else None
+        # no enumerate(): its reused result tuple would keep the previous shard alive while the next one loads
+        for shard in self.store.iter_shards():
+            index = len(cached)
             if sampler is not None:
                 sampler.add(shard)
             if self.cache_dir is not None:
-                cached.append(self._save(index, shard))
+                if in_ram + shard.embeds.nbytes <= self.memory_budget:
+                    in_ram += shard.embeds.nbytes
+                    cached.append(shard)
+                else:
+                    cached.append(self._save(index, shard))
             rows += len(shard)
             yield shard
             del shard
@@ -473,11 +535,14 @@ def align_stores(
     report: bool = True,
     report_sample: int = 10_000,
     seed: int = 0,
-    shard_size: int = 50_000,
+    shard_size: int = 16_384,  # small shards: fewer fresh pages for the writer's two buffers and the page cache
     progress: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict:
     """Fit `method` on the text and image stores (or load `apply_stats`), write the aligned text store to
-    `out_dir` (same ids and captions) with its statistics file, and the gap report. Returns a summary."""
+    `out_dir` (same ids and captions) with its statistics file, and the gap report. Text shards read more than
+    once stay in RAM up to `memory_budget` bytes of embeddings; beyond that they go to a temp cache in `out_dir`.
+    Returns a summary."""
     clock = time.perf_counter()
     out = Path(out_dir)
     for source in (text_dir, image_dir):
@@ -496,7 +561,8 @@ def align_stores(
 
     encoder = texts.encoder or (images.encoder if images is not None else None) or "unknown"
     writer = StoreWriter(out, "text", encoder, texts.dim, dtype, shard_size, overwrite,
-                         extra={"method": method, "aligned_from": str(text_dir), "alignment": STATS_FILE})
+                         extra={"method": method, "aligned_from": str(text_dir), "alignment": STATS_FILE},
+                         drop_page_cache=True)
     stats_path = out / STATS_FILE
     if overwrite:
         for old in (stats_path, out / "gap_report.json", out / "gap_report.png"):
@@ -512,7 +578,7 @@ def align_stores(
     shutil.rmtree(cache_dir, ignore_errors=True)
     passes_over_text = 1 if method == "none" or loaded is not None else 2 + (method == "realign" and not stats_sample)
     sample = report_sample if report else 0
-    text_source = PassCache(texts, cache_dir if passes_over_text > 1 else None, sample, seed, progress)
+    text_source = PassCache(texts, cache_dir if passes_over_text > 1 else None, sample, seed, progress, memory_budget)
     image_source = PassCache(images, None, sample, seed + 1, progress) if images is not None else None
     timings = {}
     try:
@@ -522,6 +588,7 @@ def align_stores(
             alignment = make_alignment(method).fit(text_source, image_source, stats_sample, seed, drop_bad)
             alignment.save(stats_path)
         timings["fit_s"] = time.perf_counter() - clock
+        _return_free_heap()  # what unpickling the records left free: the writer's buffers need no extra pages
         bad = BadRows(drop_bad)
         _write_aligned(alignment, text_source, writer, bad)
         timings["write_s"] = time.perf_counter() - clock - timings["fit_s"]
@@ -543,16 +610,26 @@ def align_stores(
     return {**summary, "timings": timings, "out": str(out)}
 
 
+def _return_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc only; elsewhere a no-op). Unpickling the record layout
+    leaves ~0.6 GB of freed small blocks there that would otherwise count towards peak RSS until the end."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _write_aligned(alignment: Alignment, texts: PassCache, writer: StoreWriter, bad: BadRows, block: int = 16_384) -> None:
     """The last pass: text_map every row (block by block: memory stays one shard) into the writer."""
     done = set(writer.done_ids)  # written by an earlier, interrupted run
+    out, scratch = np.empty((block, texts.dim), np.float32), np.empty((CHUNK_ROWS, texts.dim))  # reused: no fresh pages
     for shard in texts.iter_shards():
         for lo in range(0, len(shard), block):
             hi = min(lo + block, len(shard))
             ids = shard.ids[lo:hi]
             if done and all(i in done for i in ids):
                 continue
-            rows, keep = alignment.map_text_rows(shard, bad, lo, hi)
+            rows, keep = alignment.map_text_rows(shard, bad, lo, hi, out[: hi - lo], scratch)
             if done:
                 keep &= np.array([i not in done for i in ids])
             sources = shard.sources[lo:hi] if shard.sources else [""] * (hi - lo)
@@ -561,5 +638,5 @@ def _write_aligned(alignment: Alignment, texts: PassCache, writer: StoreWriter, 
                 ids = [i for i, k in zip(ids, keep) if k]
                 sources = [x for x, k in zip(sources, keep) if k]
             if len(ids):
-                writer.add(ids, rows, sources)
+                writer.add(ids, rows, sources, unit_rows=True)
         del shard

@@ -106,6 +106,17 @@ def _columnar_from_records(records: list, path: str, kind_hint: str | None) -> S
         raise StoreError(f"{path}: row 0 is a {type(first).__name__}, expected a dict with 'id' and 'embed'")
     kind = "image" if "image_path" in first else "text" if "caption" in first else (kind_hint or "text")
     source_key = REFERENCE_SOURCE_KEY[kind]
+    try:  # fast path for well-formed records; anything unusual falls through to the row-by-row checks below
+        vectors = [rec["embed"] for rec in records]
+        shape = vectors[0].shape
+        if all(type(v) is np.ndarray and v.shape == shape for v in vectors) and len(shape) == 1:
+            ids = [str(rec["id"]) for rec in records]
+            sources = [str(rec.get(source_key, "")) for rec in records]
+            # one concatenation of the flat rows: np.stack would make a [1, D] view of each of them first
+            return Shard(kind=kind, ids=ids, embeds=np.concatenate(vectors).reshape(len(vectors), shape[0]),
+                         sources=sources, path=path)
+    except (TypeError, KeyError, AttributeError):
+        pass
     ids, sources, vectors = [], [], []
     dim = None
     for row, rec in enumerate(records):
@@ -200,8 +211,10 @@ class _HashingFile:
         return self.f.write(data)
 
 
-def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16") -> str:
-    """Write a shard in our columnar layout atomically; returns the sha256 of the bytes written."""
+def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16", drop_page_cache: bool = False) -> str:
+    """Write a shard in our columnar layout atomically; returns the sha256 of the bytes written.
+    `drop_page_cache` evicts the (synced) file from the page cache: a writer of many shards then reuses the
+    same few pages instead of touching fresh memory for every byte it writes (costly on a VM)."""
     payload = {
         "format": FORMAT,
         "kind": shard.kind,
@@ -217,6 +230,8 @@ def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16") -
         pickle.dump(payload, out, protocol=5)
         f.flush()
         os.fsync(f.fileno())
+        if drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     os.replace(tmp, path)
     return out.sha256.hexdigest()
 
@@ -352,12 +367,14 @@ class StoreWriter:
         shard_size: int = 200_000,
         overwrite: bool = False,
         extra: dict | None = None,
+        drop_page_cache: bool = False,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.root, self.kind, self.dim, self.dtype, self.shard_size = Path(root), kind, int(dim), dtype, shard_size
+        self.drop_page_cache = drop_page_cache  # see write_shard
         self.root.mkdir(parents=True, exist_ok=True)
         for tmp in self.root.glob("*.tmp"):  # leftovers of a killed write
             tmp.unlink()
@@ -425,12 +442,15 @@ class StoreWriter:
         self.done_ids.update(ids)
         _write_manifest(self.root, self.manifest)
 
-    def add(self, ids: Sequence[str], embeds: np.ndarray | Any, sources: Sequence[str] | None = None) -> None:
-        """Buffer rows (normalised here); a full buffer is written as one shard."""
+    def add(
+        self, ids: Sequence[str], embeds: np.ndarray | Any, sources: Sequence[str] | None = None, unit_rows: bool = False
+    ) -> None:
+        """Buffer rows (normalised here); a full buffer is written as one shard. `unit_rows=True`: the caller
+        guarantees finite unit rows (e.g. alignment output), copied as they are, unchecked."""
         embeds = np.asarray(embeds.float().cpu() if hasattr(embeds, "float") else embeds)
         if embeds.ndim != 2 or embeds.shape != (len(ids), self.dim):
             raise StoreError(f"{self.root}: got embeddings of shape {embeds.shape} for {len(ids)} ids, dim {self.dim}")
-        bad = bad_rows(embeds)
+        bad = bad_rows(embeds) if not unit_rows else []
         if len(bad):
             row = int(bad[0])
             raise StoreError(f"{self.root}: id {ids[row]!r} has an unusable embedding ({describe_bad_row(embeds[row])})")
@@ -441,11 +461,13 @@ class StoreWriter:
                 self._buffer = np.empty((self.shard_size, self.dim), self.dtype)
             take = min(self.shard_size - self._buffered, len(ids) - start)
             # normalise straight into the buffer: no temporary the size of the input
-            chunk = embeds[start : start + take]
-            chunk = chunk.astype(np.float64 if chunk.dtype == np.float64 else np.float32, copy=False)
-            norms = np.sqrt(_squared_norms(chunk))[:, None]
-            np.divide(chunk, np.where(norms > 0, norms, 1.0), out=self._buffer[self._buffered : self._buffered + take],
-                      casting="unsafe")
+            chunk, into = embeds[start : start + take], self._buffer[self._buffered : self._buffered + take]
+            if unit_rows:
+                np.copyto(into, chunk, casting="unsafe")
+            else:
+                chunk = chunk.astype(np.float64 if chunk.dtype == np.float64 else np.float32, copy=False)
+                norms = np.sqrt(_squared_norms(chunk))[:, None]
+                np.divide(chunk, np.where(norms > 0, norms, 1.0), out=into, casting="unsafe")
             self._ids.extend(ids[start : start + take])
             self._sources.extend(sources[start : start + take])
             self._buffered += take
@@ -458,7 +480,8 @@ class StoreWriter:
         shard = Shard(self.kind, self._ids, self._buffer[: self._buffered], self._sources)
         name = self._shard_name(len(self.manifest["shards"]))
         self._shard_writer = self._shard_writer or ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        self._pending = (self._shard_writer.submit(write_shard, self.root / name, shard, self.dtype), name, shard.ids)
+        written = self._shard_writer.submit(write_shard, self.root / name, shard, self.dtype, self.drop_page_cache)
+        self._pending = (written, name, shard.ids)
         self._ids, self._sources, self._buffered = [], [], 0
         self._buffer, self._spare = self._spare, self._buffer
 

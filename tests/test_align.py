@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from revision.align import (
-    METHODS, STATS_FILE, BadRows, PassCache, align_stores, load_alignment, make_alignment, sample_rows,
+    METHODS, STATS_FILE, BadRows, PassCache, SpilledRows, align_stores, load_alignment, make_alignment, sample_rows,
 )
 from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
 
@@ -247,3 +247,21 @@ def test_pass_cache_replays_shards_and_samples(tmp_path, small):
         np.testing.assert_array_equal(a, b.embeds)
     assert again[2].ids == texts.load_all().ids[600:] and again[0].path.endswith("text_embeds_00000.pkl")
     assert len(cache.sample.ids) == 50
+
+
+def test_pass_cache_keeps_shards_in_ram_within_budget_and_spills_the_rest(tmp_path, small):
+    t, v = small
+    texts, _ = stores(tmp_path, t, v, shard_size=300, dtype="float16")
+    one_shard = 300 * 48 * 2
+    cache = PassCache(texts, tmp_path / "cache", progress=False, memory_budget=one_shard)
+    first = [s.embeds.copy() for s in cache.iter_shards()]
+    again = list(cache.iter_shards())
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.npy")) == ["text_00001.npy", "text_00002.npy"]
+    assert isinstance(again[0].embeds, np.ndarray) and isinstance(again[1].embeds, SpilledRows)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, np.asarray(b.embeds))
+    spilled = again[2].embeds
+    assert len(spilled) == 100 and spilled.shape == (100, 48) and spilled.dtype == np.float16
+    np.testing.assert_array_equal(spilled[10:37], first[2][10:37])
+    np.testing.assert_array_equal(spilled[99], first[2][99])
+    assert spilled[95:200].shape == (5, 48)

@@ -75,6 +75,15 @@ def test_other_methods_write_their_maps(inputs, method):
     np.testing.assert_allclose(got.embeds.astype(np.float32), want, atol=2e-3)
 
 
+def test_memory_budget_only_moves_the_text_cache_between_ram_and_disk(inputs):
+    runs = {budget: align_stores(inputs / "text", inputs / "image", inputs / f"b{budget}", report=False, progress=False,
+                                 memory_budget=budget) for budget in (0, 250 * 32 * 4, 1 << 30)}
+    got = {budget: EmbeddingStore(inputs / f"b{budget}").load_all() for budget in runs}
+    for budget in runs:  # all in RAM, one shard in RAM, all spilled to the temp cache: the same bytes
+        np.testing.assert_array_equal(got[budget].embeds, got[0].embeds)
+        assert got[budget].ids == got[0].ids and not (inputs / f"b{budget}" / ".align_cache").exists()
+
+
 def test_apply_stats_aligns_new_texts_without_images(inputs):
     align_stores(inputs / "text", inputs / "image", inputs / "first", report=False, progress=False)
     align_stores(inputs / "text", None, inputs / "again", apply_stats=inputs / "first" / STATS_FILE, progress=False)
@@ -135,12 +144,12 @@ def test_killed_run_leaves_no_half_shard_and_rerun_finishes(inputs, monkeypatch)
     real_write = store_module.write_shard
     calls = []
 
-    def crash_on_third_shard(path, shard, dtype="float16"):
+    def crash_on_third_shard(path, shard, dtype="float16", *options):
         calls.append(path)
         if len(calls) == 3:  # die half-way through writing: a partial temp file, never renamed
             Path(str(path) + ".tmp").write_bytes(b"\x80\x05half")
             raise KeyboardInterrupt
-        return real_write(path, shard, dtype)
+        return real_write(path, shard, dtype, *options)
 
     monkeypatch.setattr(store_module, "write_shard", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):

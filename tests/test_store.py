@@ -56,6 +56,28 @@ def test_reference_layout_read_in_numeric_order(tmp_path, rows):
     assert len(store) == 10
 
 
+def test_reference_layout_mixed_dtypes_and_list_rows_decode_like_numpy_stack(tmp_path):
+    path = tmp_path / "mixed.pkl"
+    rows = [np.arange(4, dtype=np.float16), np.arange(4, dtype=np.float32) + 1, [9.0, 8.0, 7.0, 6.0]]
+    for embeds in (rows[:2], rows):  # all arrays (the fast path), then a plain list among them (row by row)
+        path.write_bytes(pickle.dumps([{"id": i, "caption": f"c{i}", "embed": e} for i, e in enumerate(embeds)]))
+        shard = load_shard(path)
+        want = np.stack([np.asarray(e) for e in embeds])
+        assert shard.embeds.dtype == want.dtype and shard.ids == [str(i) for i in range(len(embeds))]
+        np.testing.assert_array_equal(shard.embeds, want)
+
+
+def test_writer_unit_rows_and_dropped_page_cache_keep_the_bytes(tmp_path, rows):
+    ids, embeds, captions = rows
+    unit = (embeds / np.linalg.norm(embeds, axis=1, keepdims=True)).astype(np.float32)
+    writer = StoreWriter(tmp_path / "s", "text", "enc", 12, "float32", shard_size=4, drop_page_cache=True)
+    writer.add(ids, unit, captions, unit_rows=True)  # copied as they are: no check, no renormalisation
+    writer.close()
+    store = EmbeddingStore(tmp_path / "s")
+    store.verify()
+    np.testing.assert_array_equal(store.load_all().embeds, unit)
+
+
 def test_reference_layout_row_errors_name_file_and_row(tmp_path):
     path = tmp_path / "bad.pkl"
     records = [{"id": "a", "caption": "x", "embed": np.ones(4)}, {"id": "b", "caption": "y", "embed": np.ones(5)}]
@@ -112,6 +134,7 @@ def test_writer_resumes_after_a_crash_and_adopts_renamed_shards(tmp_path, rows):
     root = tmp_path / "s"
     writer = StoreWriter(root, "text", "enc", 12, shard_size=3)
     writer.add(ids[:7], embeds[:7], captions[:7])  # two full shards written, one row buffered
+    writer._shard_writer.shutdown(wait=True)  # the second shard's background write has reached the disk (no race)
     # a crash after a shard was renamed into place but before the manifest recorded it
     write_reference_shard(root / "ignored.tmp", Shard("text", ids[6:7], embeds[6:7]))  # a half write
     manifest = json.loads((root / "manifest.json").read_text())
