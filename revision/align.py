@@ -30,7 +30,7 @@ from revision.store import (
 METHODS = ("realign", "mean_shift", "c3", "none")
 STATS_FILE = "align_stats.json"
 STATS_FORMAT = "revision.align/1"
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of decoded text embeddings kept in RAM between passes
+DEFAULT_MEMORY_BUDGET = 1 << 29  # bytes of decoded text embeddings kept in RAM between passes (beyond: a temp disk cache)
 CHUNK_ROWS = 256  # float64 working set of one chunk: 256 x 1280 x 8 B = 2.6 MB, stays in the L2 cache
 C3_NOISE_STD = math.sqrt(0.016)  # C3's default corruption; the data loader adds it (DESIGN.md)
 

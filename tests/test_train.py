@@ -158,7 +158,7 @@ def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path):
 
 
 def test_pretrain_launcher_runs_the_embedded_default(tmp_path):
-    env = {**os.environ, "GPUS": "0", "DEFAULT_DIR": str(tmp_path / "default"), "VISUAL_TOKENS": "4",
+    env = {**os.environ, "GPUS": "0", "DEFAULT_DIR": str(tmp_path / "default"), "TOY_PRESET": "mini", "VISUAL_TOKENS": "4",
            "MAX_LENGTH": "64", "EXTRA": "--max_steps 2 --disable_tqdm true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(REPO / "script" / "train" / "pretrain.sh")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

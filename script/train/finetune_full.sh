@@ -4,7 +4,7 @@
 # through the alignment's image_map (ALIGN_STATS: embed_mean.py's statistics).
 # Variables (all optional): MODEL DATA EMBED_FOLDER ALIGN_STATS PRETRAIN_ADAPTER (stage-1 output or its
 #   projector.safetensors) OUTPUT GPUS NODES HOSTFILE DEEPSPEED LR BATCH GLOBAL_BATCH EPOCHS MAX_LENGTH
-#   VISUAL_TOKENS VERSION EXTRA. Unset MODEL: the embedded tiny default (after pretrain.sh's default run if any).
+#   VISUAL_TOKENS VERSION EXTRA. Unset MODEL: the embedded toy world (after pretrain.sh's default run if any).
 source "$(dirname "$0")/launch.sh"
 if [ -z "${MODEL:-}" ]; then
   default_world image "finetune${LORA:+-lora}"

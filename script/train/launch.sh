@@ -1,29 +1,40 @@
 # Shared by pretrain.sh, finetune_full.sh and finetune_lora.sh (sourced, not run).
 # Picks the launcher: `deepspeed` over GPUS x NODES (HOSTFILE for several nodes) when GPUs are there,
-# else one process on CPU. With MODEL unset, builds the embedded default (a tiny LM and tiny data).
+# else one process on CPU. With MODEL unset, builds the embedded default (the toy world, revision/toy).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 GPUS=${GPUS:-$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
 NODES=${NODES:-1}
 HOSTFILE=${HOSTFILE:-}
+# the embedded default's sizes (the toy pipeline's: 1 visual token, short captions) unless the caller sets them
+TOY_VISUAL_TOKENS=${VISUAL_TOKENS:-1}
+TOY_MAX_LENGTH=${MAX_LENGTH:-129}
 MAX_LENGTH=${MAX_LENGTH:-2048}
 VISUAL_TOKENS=${VISUAL_TOKENS:-576}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-8}              # per device
 EXTRA=${EXTRA:-}               # any further train.py flags
 
-# default_world KIND RUN: the tiny default LM + data (KIND text: pretraining, image: instruction) under
-# DEFAULT_DIR; the run's output goes to DEFAULT_DIR/RUN
+# default_world KIND RUN: the embedded toy world (revision/toy: world, toy CLIP, toy LLM, embeddings, ReAlign),
+# built once under DEFAULT_DIR (TOY_PRESET=mini: a miniature one in seconds). KIND text: pretraining on the
+# ReAligned caption store; image: instruction data on the real image store. The run's output: DEFAULT_DIR/RUN
 default_world() {
-  DEFAULT_DIR=${DEFAULT_DIR:-outputs/tiny-default}
-  echo "MODEL not set: training on the embedded default (tiny LM + tiny data in $DEFAULT_DIR)" >&2
-  "$PY" -m revision.tiny.lm "$DEFAULT_DIR" --kind "$1" >&2
-  MODEL=$DEFAULT_DIR/model
-  DATA=${DATA:-$DEFAULT_DIR/$1/train.json}
-  EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/$1/store}
+  DEFAULT_DIR=${DEFAULT_DIR:-outputs/toy-world}
+  echo "MODEL not set: training on the embedded toy world (${TOY_PRESET:-default} preset, built once in $DEFAULT_DIR)" >&2
+  "$PY" -m revision.toy.pipeline --prepare_only --out "$DEFAULT_DIR" --preset "${TOY_PRESET:-default}" >&2
+  MODEL=$DEFAULT_DIR/llm
+  if [ "$1" = text ]; then
+    DATA=${DATA:-$DEFAULT_DIR/world/pretrain.json}
+    EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/align/realign}
+  else
+    DATA=${DATA:-$DEFAULT_DIR/world/instruct.json}
+    EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/embeds/unpaired/image}
+    ALIGN_STATS=${ALIGN_STATS:-$DEFAULT_DIR/align/realign/align_stats.json}
+  fi
   OUTPUT=${OUTPUT:-$DEFAULT_DIR/$2}
-  GLOBAL_BATCH=${GLOBAL_BATCH:-$BATCH}   # a tiny corpus: one device batch per step
+  VISUAL_TOKENS=$TOY_VISUAL_TOKENS MAX_LENGTH=$TOY_MAX_LENGTH
+  GLOBAL_BATCH=${GLOBAL_BATCH:-$BATCH}   # a small corpus: one device batch per step
 }
 
 # launch FLAGS...: run train.py on every device with gradient accumulation to reach GLOBAL_BATCH

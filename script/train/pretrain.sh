@@ -2,7 +2,7 @@
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"  # `sh script/train/X.sh` works too (the README form)
 # Stage 1: train the projector on captions keyed into the ALIGNED TEXT store (LLM frozen, template plain).
 # Variables (all optional): MODEL DATA EMBED_FOLDER OUTPUT GPUS NODES HOSTFILE DEEPSPEED LR BATCH GLOBAL_BATCH
-#   EPOCHS MAX_LENGTH VISUAL_TOKENS PROJECTOR EXTRA. Unset MODEL: the embedded tiny default.
+#   EPOCHS MAX_LENGTH VISUAL_TOKENS PROJECTOR EXTRA. Unset MODEL: the embedded toy world (TOY_PRESET=mini: a miniature one).
 # Resume: EXTRA="--resume_from_checkpoint latest".
 source "$(dirname "$0")/launch.sh"
 [ -z "${MODEL:-}" ] && default_world text pretrain

@@ -1,0 +1,368 @@
+"""The whole paradigm on the toy world, end to end, and the table comparing the alignment methods.
+
+    python -m revision.toy.pipeline --out outputs/toy-demo [--seeds 0,1,2] [--preset default|mini]
+    python -m revision.toy.pipeline --out outputs/toy-world --prepare_only     # what the launchers' default uses
+
+Per seed (into OUT/seed-N/): build the world -> train the toy CLIP -> pre-train the toy LLM -> image_embed.py
+(unpaired images + unpaired captions, paired images, eval images) -> embed_mean.py per method -> per row:
+stage 1 (script/train/pretrain.sh), stage 2 (script/train/finetune_full.sh on instruct.json with the real
+image store and the row's align_stats), then `python -m revision.predict` on the held-out eval images:
+questions (scored by revision.evaluate's short-answer scorer) and captions from the stage-1 checkpoint
+(scored by attribute: revision.toy.world.parse_caption against the scene). The real scripts run as
+subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
+
+Rows: none, mean_shift, c3 (mean_shift's centring + Gaussian noise 0.126 on the embeddings in stage 1),
+realign, paired (stage 1 on the paired IMAGE embeddings: the upper bound), no_stage1, and the
+num_visual_tokens ablation (realign with --ablation_visual_tokens). Captions are asked of the stage-1
+checkpoint (plain template: image in, caption out) because instruct.json teaches no captioning: they
+measure what text-only pretraining taught about real images, before stage 2 can wash it out.
+Results: OUT/results.md and OUT/results.json (mean ± std over seeds), OUT/seed-N/results.json.
+A finished stage is not run again (OUT/seed-N/done/<stage>.json holds its time): rerunning resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from revision import predict
+from revision.toy import clip, llm, world as toy_world
+from revision.toy.world import parse_caption
+
+REPO = Path(__file__).resolve().parents[2]
+C3_NOISE_STD = 0.126  # C3's default sigma = sqrt(0.016)
+ALIGN_METHODS = ("none", "mean_shift", "realign")
+# row -> (alignment whose text store / align_stats it uses, stage-1 data: "text", "paired" or None, noise)
+ROWS = {
+    "none": ("none", "text", 0.0),
+    "mean_shift": ("mean_shift", "text", 0.0),
+    "c3": ("mean_shift", "text", C3_NOISE_STD),
+    "realign": ("realign", "text", 0.0),
+    "paired": ("none", "paired", 0.0),
+    "no_stage1": ("none", None, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big every stage is. `default` fits the 10-minute demo on 2 CPU cores; `mini` runs in a test."""
+    world: str = "default"
+    clip_steps: int = 600
+    llm_steps: int = 300
+    stage1_epochs: float = 3.0
+    stage1_lr: float = 1e-2
+    stage2_epochs: float = 2.0
+    stage2_lr: float = 1e-3
+    batch: int = 32
+    visual_tokens: int = 1
+    max_length: int = 128
+    max_steps: int = -1         # > 0: cap every training stage (the mini preset)
+    caption_tokens: int = 40
+    answer_tokens: int = 8
+    threads: int = 1            # torch threads per process: 1 is fastest on a shared 2-core machine
+
+
+BUDGETS = {
+    "default": Budget(),
+    "mini": Budget(world="mini", clip_steps=10, llm_steps=10, batch=8, max_length=96, max_steps=2, caption_tokens=12,
+                   answer_tokens=4),
+}
+
+
+class Runner:
+    """Runs stages as subprocesses in the repository, logs each, prints one progress line per stage with
+    its time, and skips a stage that finished before (in a folder made with the same seed and budget)."""
+
+    def __init__(self, run_dir: Path, seed: int, budget: Budget):
+        self.run_dir, self.threads = run_dir, budget.threads
+        self.times: dict[str, float] = {}
+        for sub in ("logs", "done"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        settings, saved = {"seed": seed, **asdict(budget)}, run_dir / "settings.json"
+        if saved.is_file() and json.loads(saved.read_text()) != settings:
+            raise ValueError(f"{run_dir} holds a run with other settings ({saved}); use another --out or delete it")
+        saved.write_text(json.dumps(settings, indent=1) + "\n")
+
+    def __call__(self, name: str, cmd: Sequence[str] | Callable[[], Any], env: dict[str, str] | None = None) -> float:
+        """Run a stage: a command line (a subprocess in the repository, output to logs/NAME.log) or, for the
+        toy world's own steps and prediction, a function called in this process (its CLI's main)."""
+        done = self.run_dir / "done" / f"{name}.json"
+        if done.is_file():
+            seconds = json.loads(done.read_text())["seconds"]
+            print(f"[{self.run_dir.name}] {name:<28} cached ({seconds:.1f} s earlier)", flush=True)
+            self.times[name] = seconds
+            return seconds
+        log = self.run_dir / "logs" / f"{name}.log"
+        start = time.perf_counter()
+        if callable(cmd):
+            with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                code = cmd() or 0
+        else:
+            threads = str(self.threads)
+            full_env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "GPUS": "0",
+                        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
+            with open(log, "w") as out:
+                out.write("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()) + " "
+                          + shlex.join(cmd) + "\n")
+                out.flush()
+                code = subprocess.run(list(cmd), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT).returncode
+        seconds = time.perf_counter() - start
+        if code != 0:
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+            raise RuntimeError(f"stage {name} failed (exit {code}); log {log}:\n{tail}")
+        done.write_text(json.dumps({"seconds": seconds}))
+        print(f"[{self.run_dir.name}] {name:<28} {seconds:6.1f} s", flush=True)
+        self.times[name] = seconds
+        return seconds
+
+
+def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALIGN_METHODS,
+            paired_store: bool = True, eval_store: bool = True) -> dict[str, Path]:
+    """World, toy CLIP, toy LLM, embedding stores and one aligned text store per method; returns the paths."""
+    py, d = sys.executable, run.run_dir
+    paths = {"world": d / "world", "clip": d / "clip", "llm": d / "llm", "embeds": d / "embeds", "align": d / "align"}
+    world, emb = str(paths["world"]), paths["embeds"]
+    run("world", partial(toy_world.main, [world, "--seed", str(seed), "--preset", budget.world]))
+    run("toy_clip", partial(clip.main, ["--world", world, "--out", str(paths["clip"]), "--seed", str(seed),
+                                        "--steps", str(budget.clip_steps)]))
+    run("toy_llm", partial(llm.main, ["--world", world, "--out", str(paths["llm"]), "--seed", str(seed),
+                                      "--steps", str(budget.llm_steps)]))
+    embed = [py, "image_embed.py", "--encoder", str(paths["clip"]), "--store_dtype", "float32", "--num_workers", "0"]
+    run("embed_unpaired", [*embed, "--images", f"{world}/unpaired_images.jsonl", "--texts", f"{world}/unpaired_texts.jsonl",
+                           "--out", str(emb / "unpaired")])
+    if paired_store:
+        run("embed_paired", [*embed, "--images", f"{world}/paired.jsonl", "--out", str(emb / "paired")])
+    if eval_store:
+        run("embed_eval", [*embed, "--images", f"{world}/eval_images.jsonl", "--out", str(emb / "eval")])
+    for method in methods:
+        run(f"align_{method}", [py, "embed_mean.py", "--text", str(emb / "unpaired" / "text"), "--image",
+                                str(emb / "unpaired" / "image"), "--out", str(paths["align"] / method), "--method", method,
+                                "--overwrite", "--quiet", "--seed", str(seed)])
+    return paths
+
+
+def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float, noise: float = 0.0) -> dict[str, str]:
+    extra = f"--disable_tqdm true --save_strategy no --logging_steps 25 --dataloader_num_workers 0 --seed {seed}"
+    if budget.max_steps > 0:
+        extra += f" --max_steps {budget.max_steps}"
+    if noise:
+        extra += f" --embed_noise_std {noise}"
+    return {"VISUAL_TOKENS": str(visual_tokens), "MAX_LENGTH": str(budget.max_length + visual_tokens),
+            "BATCH": str(budget.batch), "GLOBAL_BATCH": str(budget.batch), "EPOCHS": str(epochs), "LR": str(lr),
+            "EXTRA": extra}
+
+
+def write_caption_questions(world: Path, path: Path) -> None:
+    """The eval images as a question file for the captioning (plain template) checkpoint."""
+    rows = [json.loads(line) for line in (world / "eval_captions.jsonl").read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps({"question_id": r["id"], "text": "", "image": r["image"]}) + "\n" for r in rows))
+
+
+def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
+    """Attribute accuracy of generated captions: each scene object is matched to the parsed object that
+    names most of its attributes (each parsed object used once); shares of (object, attribute) named right."""
+    refs = {json.loads(line)["id"]: json.loads(line)["attributes"] for line in (world / "eval_captions.jsonl").read_text().splitlines()}
+    kinds = ("colour", "shape", "size", "position")
+    hits: dict[str, list[bool]] = {k: [] for k in kinds}
+    all_right, count_right = [], []
+    for line in answers.read_text().splitlines():
+        row = json.loads(line)
+        said = parse_caption(row.get("text") or "")
+        objects = refs[row["question_id"]]["objects"]
+        free, right = list(said), True
+        for obj in objects:
+            best = max(free, key=lambda p: sum(p[k] == obj[k] for k in kinds), default=None)
+            if best is not None:
+                free.remove(best)
+            for k in kinds:
+                hit = best is not None and best[k] == obj[k]
+                hits[k].append(hit)
+                right &= hit
+        all_right.append(right and not free)
+        count_right.append(len(said) == len(objects))
+    return {"n": len(all_right), "attribute_acc": float(np.mean([h for v in hits.values() for h in v])),
+            "per_attribute": {k: float(np.mean(v)) for k, v in hits.items()},
+            "count_acc": float(np.mean(count_right)), "all_correct": float(np.mean(all_right))}
+
+
+def gap_metrics(align_dir: Path) -> dict[str, float]:
+    report = json.loads((align_dir / "gap_report.json").read_text())
+    return {f"{k}_{when}": report[when][k] for when in ("before", "after") for k in ("centroid_distance", "linear_probe_acc")}
+
+
+def final_loss(output_dir: Path, last: int = 3) -> float:
+    """Mean of the last logged training losses of a train.py run (its trainer_state.json); a run too short to
+    log any: its mean training loss."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h][-last:]
+    return float(np.mean(losses)) if losses else float(history[-1]["train_loss"])
+
+
+def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed: int, visual_tokens: int) -> dict[str, Any]:
+    """Stage 1 (unless no_stage1), stage 2 and prediction for one row; its metrics and seconds."""
+    method, stage1_data, noise = ROWS[name.split("@")[0]]
+    world, align = paths["world"], paths["align"] / method
+    out = run.run_dir / "runs" / name
+    common = {"MODEL": str(paths["llm"])}
+    names = []
+    if stage1_data:
+        data, store = ((world / "pretrain.json", align) if stage1_data == "text" else
+                       (world / "pretrain_paired.json", paths["embeds"] / "paired" / "image"))
+        run(f"{name}.stage1", ["bash", "script/train/pretrain.sh"], {
+            **common, **train_env(budget, seed, visual_tokens, budget.stage1_epochs, budget.stage1_lr, noise),
+            "DATA": str(data), "EMBED_FOLDER": str(store), "OUTPUT": str(out / "stage1")})
+        names.append(f"{name}.stage1")
+    stage2_env = {**common, **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr),
+                  "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),
+                  "ALIGN_STATS": str(align / "align_stats.json"), "OUTPUT": str(out / "stage2")}
+    if stage1_data:
+        stage2_env["PRETRAIN_ADAPTER"] = str(out / "stage1")
+    run(f"{name}.stage2", ["bash", "script/train/finetune_full.sh"], stage2_env)
+    names.append(f"{name}.stage2")
+
+    predict_args = ["--image_root", str(world), "--embed_folder", str(paths["embeds"] / "eval" / "image"), "--batch_size", "64"]
+    run(f"{name}.predict_qa", partial(predict.main, [
+        *predict_args, "--model", str(out / "stage2"), "--questions", str(world / "eval_questions.jsonl"),
+        "--answers", str(out / "qa_answers.jsonl"), "--references", str(world / "eval_questions.jsonl"), "--task", "short",
+        "--max_new_tokens", str(budget.answer_tokens)]))
+    names.append(f"{name}.predict_qa")
+    qa = json.loads((out / "qa_answers.metrics.json").read_text())
+    result: dict[str, Any] = {"qa_acc": qa["accuracy"],
+                              "qa_per_category": {c: v["accuracy"] for c, v in qa["per_category"].items()}}
+    if stage1_data:
+        questions = run.run_dir / "eval_caption_questions.jsonl"
+        write_caption_questions(world, questions)
+        run(f"{name}.predict_captions", partial(predict.main, [
+            *predict_args, "--model", str(out / "stage1"), "--questions", str(questions),
+            "--answers", str(out / "caption_answers.jsonl"), "--max_new_tokens", str(budget.caption_tokens)]))
+        names.append(f"{name}.predict_captions")
+        captions = caption_scores(out / "caption_answers.jsonl", world)
+        (out / "caption_metrics.json").write_text(json.dumps(captions, indent=1) + "\n")
+        result.update(caption_acc=captions["attribute_acc"], caption_all_correct=captions["all_correct"],
+                      caption_per_attribute=captions["per_attribute"])
+    if stage1_data == "text":
+        result.update(gap_metrics(align))
+    if stage1_data:
+        result["stage1_loss"] = final_loss(out / "stage1")
+    result["stage2_loss"] = final_loss(out / "stage2")
+    result["visual_tokens"] = visual_tokens
+    result["seconds"] = sum(run.times[n] for n in names)
+    return result
+
+
+def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation_visual_tokens: int) -> dict[str, Any]:
+    run = Runner(out / f"seed-{seed}", seed, budget)
+    methods = sorted({ROWS[r][0] for r in rows} | ({"realign"} if ablation_visual_tokens else set()), key=ALIGN_METHODS.index)
+    paths = prepare(run, seed, budget, methods, paired_store="paired" in rows)
+    results = {name: run_row(run, name, paths, budget, seed, budget.visual_tokens) for name in rows}
+    if ablation_visual_tokens:
+        name = f"realign@vt{ablation_visual_tokens}"
+        results[name] = run_row(run, name, paths, budget, seed, ablation_visual_tokens)
+    clip = json.loads((paths["clip"] / "toy_clip_report.json").read_text())
+    summary = {"seed": seed, "budget": asdict(budget), "rows": results, "stage_seconds": run.times,
+               "wall_seconds": sum(run.times.values()),  # cached stages count with their recorded time
+               "toy_clip": {"centroid_distance": clip["gap_unpaired"]["centroid_distance"],
+                            "linear_probe_acc": clip["gap_unpaired"]["linear_probe_acc"],
+                            "paired_cosine": clip["retrieval_eval"]["paired_cosine"]}}
+    (run.run_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_distance_after", "centroid dist. after", 3),
+           ("linear_probe_acc_before", "probe acc. before", 3), ("linear_probe_acc_after", "probe acc. after", 3),
+           ("caption_acc", "caption attr. acc.", 3), ("caption_all_correct", "caption all right", 3),
+           ("qa_acc", "QA acc.", 3), ("stage1_loss", "stage-1 loss (end)", 3), ("stage2_loss", "stage-2 loss (end)", 3),
+           ("seconds", "wall s", 0))
+
+
+def _cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def table(summaries: list[dict]) -> tuple[str, dict]:
+    """The markdown table (mean ± sample std over seeds) and its numbers."""
+    rows = list(summaries[0]["rows"])
+    numbers = {row: {key: [s["rows"][row][key] for s in summaries if key in s["rows"][row]] for key, _, _ in COLUMNS}
+               for row in rows}
+    categories = sorted({c for s in summaries for r in s["rows"].values() for c in r["qa_per_category"]})
+    lines = ["| row | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(_cell(numbers[row][key], d) for key, _, d in COLUMNS) + " |")
+    lines += ["", "QA accuracy per question category:", "",
+              "| row | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(
+            _cell([s["rows"][row]["qa_per_category"][c] for s in summaries if c in s["rows"][row]["qa_per_category"]], 3)
+            for c in categories) + " |")
+    return "\n".join(lines), {"rows": {r: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                                                 "values": v} for k, v in numbers[r].items() if v} for r in rows}}
+
+
+def stage_table(summaries: list[dict]) -> str:
+    names = list(summaries[0]["stage_seconds"])
+    lines = ["| stage | seconds |", "|---|---|"]
+    lines += [f"| {n} | {_cell([s['stage_seconds'][n] for s in summaries if n in s['stage_seconds']], 1)} |" for n in names]
+    lines.append(f"| whole seed | {_cell([s['wall_seconds'] for s in summaries], 1)} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/toy-demo")
+    parser.add_argument("--preset", choices=sorted(BUDGETS), default="default")
+    parser.add_argument("--seeds", default="0", help="comma-separated world/model seeds; the table gives mean ± std")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
+    parser.add_argument("--ablation_visual_tokens", type=int, default=0,
+                        help="also run realign with this many visual tokens (0: no ablation row)")
+    parser.add_argument("--prepare_only", action="store_true",
+                        help="build world, CLIP, LLM, the unpaired stores and the realign text store directly in --out")
+    for name, value in asdict(Budget()).items():
+        if name != "world":
+            parser.add_argument(f"--{name}", type=type(value), default=None, help=f"override the preset's {name}")
+    args = parser.parse_args(argv)
+    budget = replace(BUDGETS[args.preset], **{k: v for k, v in vars(args).items() if k in asdict(Budget()) and v is not None})
+    torch.set_num_threads(budget.threads)  # the in-process stages (toy CLIP, toy LLM, prediction)
+    out = Path(args.out).resolve()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.prepare_only:
+        paths = prepare(Runner(out, seeds[0], budget), seeds[0], budget, ("realign",), paired_store=False, eval_store=False)
+        print("\n".join(f"{k} {v}" for k, v in paths.items()))
+        return
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    start = time.perf_counter()
+    summaries = [run_seed(out, seed, budget, rows, args.ablation_visual_tokens) for seed in seeds]
+    markdown, numbers = table(summaries)
+    clip = [s["toy_clip"] for s in summaries]
+    command = "python -m revision.toy.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text = (f"# Toy-world results ({args.preset} preset, seeds {args.seeds})\n\nRegenerate: `{command}`\n\n{markdown}\n\n"
+            f"Toy CLIP gap before alignment (unpaired captions vs images): centroid distance "
+            f"{_cell([c['centroid_distance'] for c in clip], 3)}, linear probe {_cell([c['linear_probe_acc'] for c in clip], 3)}; "
+            f"paired cosine on eval pairs {_cell([c['paired_cosine'] for c in clip], 3)}.\n\nStage times (s):\n\n"
+            f"{stage_table(summaries)}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({**numbers, "seeds": seeds, "budget": asdict(budget), "command": command,
+                                                  "per_seed": summaries}, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The whole toy pipeline in miniature (mini world, a few training steps): every stage runs through the real
+scripts, and the table and every artifact it promises exist and load."""
+import json
+
+import pytest
+
+from revision.data import EmbeddingTable
+from revision.model import RevisionModel
+from revision.store import EmbeddingStore
+from revision.toy import pipeline
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy-demo")
+    pipeline.main(["--out", str(out), "--preset", "mini", "--rows", "realign,no_stage1"])
+    return out
+
+
+def test_table_and_artifacts(demo):
+    run = demo / "seed-0"
+    results = json.loads((demo / "results.json").read_text())
+    assert set(results["rows"]) == {"realign", "no_stage1"}
+    realign = results["rows"]["realign"]
+    for key in ("centroid_distance_before", "linear_probe_acc_after", "caption_acc", "qa_acc", "seconds"):
+        assert 0 <= realign[key]["mean"] < 1e4
+    assert "caption_acc" not in results["rows"]["no_stage1"]  # no stage-1 checkpoint to caption with
+    table = (demo / "results.md").read_text()
+    assert "| realign |" in table and "| no_stage1 |" in table and "Regenerate:" in table
+    assert (run / "align" / "realign" / "gap_report.png").stat().st_size > 0
+    assert EmbeddingStore(run / "align" / "realign").kind == "text"
+    assert len(EmbeddingTable(run / "embeds" / "eval" / "image")) == 12  # the mini world's eval images
+    for stage in ("stage1", "stage2"):
+        model = RevisionModel.from_pretrained(run / "runs" / "realign" / stage)
+        assert model.revision_config.template == ("plain" if stage == "stage1" else "chat")
+    answers = [json.loads(line) for line in (run / "runs" / "realign" / "qa_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 24 and all("text" in a for a in answers)
+    assert (run / "done" / "realign.stage2.json").is_file() and (run / "logs" / "realign.stage2.log").is_file()
+
+
+def test_rerun_resumes_from_finished_stages(demo, capsys):
+    pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1"])
+    printed = capsys.readouterr().out
+    assert "no_stage1.stage2" in printed and "cached" in printed and " s\n" in printed
+
+
+def test_caption_scores_match_objects_by_attributes(tmp_path):
+    world = tmp_path / "w"
+    world.mkdir()
+    objects = [{"shape": "circle", "colour": "red", "size": "small", "position": "top left"},
+               {"shape": "star", "colour": "blue", "size": "large", "position": "middle"}]
+    (world / "eval_captions.jsonl").write_text(json.dumps({"id": "e0", "attributes": {"objects": objects}}) + "\n")
+    answers = tmp_path / "a.jsonl"
+    # Objects in the other order, one attribute wrong (green), synonyms (disk, big, centre) understood.
+    answers.write_text(json.dumps({"question_id": "e0", "text": "a big blue star in the centre and a tiny green disk "
+                                                                 "in the top left corner."}) + "\n")
+    scores = pipeline.caption_scores(answers, world)
+    assert scores["attribute_acc"] == pytest.approx(7 / 8)
+    assert scores["per_attribute"]["colour"] == 0.5 and scores["all_correct"] == 0.0 and scores["count_acc"] == 1.0
+
+
+def test_rerun_with_other_settings_is_refused(demo):
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--stage2_lr", "0.5"])
