@@ -17,6 +17,7 @@ import os
 import pickle
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -589,25 +590,35 @@ def align_stores(
             alignment.save(stats_path)
         timings["fit_s"] = time.perf_counter() - clock
         _return_free_heap()  # what unpickling the records left free: the writer's buffers need no extra pages
+        gap_report = None
+        if report and image_source is not None and text_source.ensure_sample() is not None:
+            # The report needs only the samples and the fitted maps: it is drawn on a second thread (the second
+            # core: numpy and Agg release the GIL) while this one runs the write pass.
+            before = (text_source.sample.embeds, image_source.ensure_sample().embeds)
+            after = (alignment.text_map(before[0]), alignment.image_map(before[1]))
+            report_thread = ThreadPoolExecutor(1, thread_name_prefix="gap-report")
+            gap_report = report_thread.submit(_timed_gap_report, out, before, after, method, seed)
+            report_thread.shutdown(wait=False)
         bad = BadRows(drop_bad)
         _write_aligned(alignment, text_source, writer, bad)
         timings["write_s"] = time.perf_counter() - clock - timings["fit_s"]
         summary = {"method": method, "text_rows_dropped": bad.counts()["text"],
                    "image_rows_dropped": alignment.info.get("dropped_rows", {}).get("image", 0)}
         summary["rows_written"] = writer.close(**summary)["count"]
-        if report and image_source is not None and text_source.ensure_sample() is not None:
-            from revision import gap  # matplotlib is imported only when a report is drawn
-
-            report_clock = time.perf_counter()
-            before = (text_source.sample.embeds, image_source.ensure_sample().embeds)
-            after = (alignment.text_map(before[0]), alignment.image_map(before[1]))
-            gap_summary = gap.write_report(out, before, after, method=method, seed=seed)
+        if gap_report is not None:
+            gap_summary, timings["report_s"] = gap_report.result()
             summary["gap"] = {k: gap_summary[k] for k in ("before", "after")}
-            timings["report_s"] = time.perf_counter() - report_clock
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - clock
     return {**summary, "timings": timings, "out": str(out)}
+
+
+def _timed_gap_report(out: Path, before: tuple, after: tuple, method: str, seed: int) -> tuple[dict, float]:
+    from revision import gap  # matplotlib is imported only when a report is drawn
+
+    clock = time.perf_counter()
+    return gap.write_report(out, before, after, method=method, seed=seed), time.perf_counter() - clock
 
 
 def _return_free_heap() -> None:
