@@ -275,6 +275,7 @@ class EmbeddingStore:
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: no such store folder")
         self.manifest = read_manifest(self.root)
+        self._first: Shard | None = None
         if self.manifest is not None:
             if self.manifest.get("format") != FORMAT:
                 raise StoreError(f"{self.root / MANIFEST}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
@@ -293,7 +294,7 @@ class EmbeddingStore:
             if not self.shard_paths:
                 raise StoreError(f"{self.root}: no manifest.json and no *.pkl shards")
             first = load_shard(self.shard_paths[0], kind)
-            self._first: Shard | None = first  # reused by the first iter_shards (the slow record layout)
+            self._first = first  # reused by the first iter_shards (the slow record layout)
             self.kind = kind or first.kind
             self.encoder = None
             self.dim = int(first.embeds.shape[1]) if first.embeds.size else 0
@@ -308,7 +309,7 @@ class EmbeddingStore:
         """Yield shards one at a time (memory bounded by one shard), checking rows and dim against the manifest."""
         rows = {e["name"]: e["rows"] for e in self.manifest["shards"]} if self.manifest else {}
         for index, path in enumerate(self.shard_paths):
-            first, self._first = getattr(self, "_first", None), None
+            first, self._first = self._first, None
             shard = first if index == 0 and first is not None else load_shard(path, self.kind)
             del first
             if shard.kind != self.kind:
