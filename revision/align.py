@@ -582,6 +582,7 @@ def align_stores(
     text_source = PassCache(texts, cache_dir if passes_over_text > 1 else None, sample, seed, progress, memory_budget)
     image_source = PassCache(images, None, sample, seed + 1, progress) if images is not None else None
     timings = {}
+    gap_report = None
     try:
         if loaded is not None:
             alignment = loaded
@@ -590,7 +591,6 @@ def align_stores(
             alignment.save(stats_path)
         timings["fit_s"] = time.perf_counter() - clock
         _return_free_heap()  # what unpickling the records left free: the writer's buffers need no extra pages
-        gap_report = None
         if report and image_source is not None and text_source.ensure_sample() is not None:
             # The report needs only the samples and the fitted maps: it is drawn on a second thread (the second
             # core: numpy and Agg release the GIL) while this one runs the write pass.
@@ -598,7 +598,6 @@ def align_stores(
             after = (alignment.text_map(before[0]), alignment.image_map(before[1]))
             report_thread = ThreadPoolExecutor(1, thread_name_prefix="gap-report")
             gap_report = report_thread.submit(_timed_gap_report, out, before, after, method, seed)
-            report_thread.shutdown(wait=False)
         bad = BadRows(drop_bad)
         _write_aligned(alignment, text_source, writer, bad)
         timings["write_s"] = time.perf_counter() - clock - timings["fit_s"]
@@ -609,6 +608,9 @@ def align_stores(
             gap_summary, timings["report_s"] = gap_report.result()
             summary["gap"] = {k: gap_summary[k] for k in ("before", "after")}
     finally:
+        writer.shutdown()
+        if gap_report is not None:
+            report_thread.shutdown(wait=True)  # a failed write pass still waits for the report thread
         shutil.rmtree(cache_dir, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - clock
     return {**summary, "timings": timings, "out": str(out)}

@@ -305,10 +305,14 @@ def run(args: argparse.Namespace) -> dict:
         for kind, todo in (("image", images), ("text", texts)) if todo
     }
     summary: dict[str, Any] = {"encoder": encoder.name, "dim": encoder.dim}
-    if images:
-        summary["image"] = embed_images(images, encoder, writers["image"], args.batch_size, args.num_workers)
-    if texts:
-        summary["text"] = embed_texts(texts, encoder, writers["text"], args.batch_size)
+    try:
+        if images:
+            summary["image"] = embed_images(images, encoder, writers["image"], args.batch_size, args.num_workers)
+        if texts:
+            summary["text"] = embed_texts(texts, encoder, writers["text"], args.batch_size)
+    finally:
+        for writer in writers.values():
+            writer.shutdown()
     return summary
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from revision.store import normalize_rows
+
 KNN_MIXING_K = 20
 KNN_OVERLAP_K = 10
 COSINE_BINS = np.linspace(-1.0, 1.0, 201)
@@ -20,9 +22,7 @@ REPORT_JSON, REPORT_PNG = "gap_report.json", "gap_report.png"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.array(x, np.float32)
-    x /= np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
-    return x
+    return normalize_rows(np.asarray(x, np.float32))
 
 
 def centroid_and_traces(text: np.ndarray, image: np.ndarray) -> dict[str, float]:

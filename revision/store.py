@@ -492,13 +492,20 @@ class StoreWriter:
             self._pending = None
             self._record(name, ids, written.result())
 
-    def close(self, **summary: Any) -> dict:
-        """Write what is buffered, mark the store complete and return the manifest."""
-        if self._buffered:
-            self._flush()
-        self._record_pending()
+    def shutdown(self) -> None:
+        """Stop the background shard writer (after a write in flight). close() calls it; so should a failed run."""
         if self._shard_writer is not None:
             self._shard_writer.shutdown()
+            self._shard_writer = None
+
+    def close(self, **summary: Any) -> dict:
+        """Write what is buffered, mark the store complete and return the manifest."""
+        try:
+            if self._buffered:
+                self._flush()
+            self._record_pending()
+        finally:
+            self.shutdown()
         self._buffer = self._spare = None
         self.manifest["complete"] = True
         self.manifest.update(summary)
