@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from revision.conversation import count_images, normalise_turns, render
+from revision.conversation import count_images, normalise_turns, render, resolve_template
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from revision.store import EmbeddingStore, StoreError, normalize_rows
 
@@ -187,7 +187,9 @@ class SupervisedDataset(Dataset):
                  num_visual_tokens: int, model_max_length: int, image_map: Callable | None = None,
                  embed_noise_std: float = 0.0, skip_missing: bool = False, noise_seed: int = 0):
         check_lengths(model_max_length, num_visual_tokens)
-        self.data_path, self.tokenizer, self.table, self.template = Path(data_path), tokenizer, table, template
+        # resolved once here, not per sample (it may log a fallback warning)
+        self.data_path, self.tokenizer, self.table = Path(data_path), tokenizer, table
+        self.template = resolve_template(template, tokenizer)
         self.num_visual_tokens, self.model_max_length, self.embed_noise_std = num_visual_tokens, model_max_length, embed_noise_std
         # Real image embeddings go through the alignment's image_map; aligned text embeddings are ready as they are.
         self.image_map = (image_map or normalize_rows) if table is not None and table.kind == "image" else None

@@ -149,6 +149,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, ta
     if Path(model_args.model_name_or_path, CONFIG_FILE).exists():  # continue from a ReVision checkpoint
         model = RevisionModel.from_pretrained(model_args.model_name_or_path, dtype=dtype, attn_implementation=attn)
         model.revision_config.template = model_args.version
+        model.revision_config.num_visual_tokens = model_args.num_visual_tokens  # what this run's data is built with
         model.check_embed_dim(table.dim, f"embeddings in {table.root}")
         if table.encoder and model.revision_config.encoder not in (None, table.encoder):
             logger.warning("%s was trained on embeddings of encoder %s, but %s holds %s", model_args.model_name_or_path,

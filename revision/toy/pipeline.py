@@ -222,7 +222,9 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
                        (world / "pretrain_paired.json", paths["embeds"] / "paired" / "image"))
         run(f"{name}.stage1", ["bash", "script/train/pretrain.sh"], {
             **common, **train_env(budget, seed, visual_tokens, budget.stage1_epochs, budget.stage1_lr, noise),
-            "DATA": str(data), "EMBED_FOLDER": str(store), "OUTPUT": str(out / "stage1")})
+            "DATA": str(data), "EMBED_FOLDER": str(store), "OUTPUT": str(out / "stage1"),
+            # recorded in the stage-1 checkpoint: captioning real images then applies the method's image_map
+            **({"ALIGN_STATS": str(align / "align_stats.json")} if stage1_data == "text" else {})})
         names.append(f"{name}.stage1")
     stage2_env = {**common, **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr),
                   "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),

@@ -27,6 +27,7 @@ default_world() {
   if [ "$1" = text ]; then
     DATA=${DATA:-$DEFAULT_DIR/world/pretrain.json}
     EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/align/realign}
+    ALIGN_STATS=${ALIGN_STATS:-$DEFAULT_DIR/align/realign/align_stats.json}
   else
     DATA=${DATA:-$DEFAULT_DIR/world/instruct.json}
     EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/embeds/unpaired/image}

@@ -10,4 +10,6 @@ source "$(dirname "$0")/launch.sh"
 OUTPUT=${OUTPUT:-outputs/revision-pretrain}
 GLOBAL_BATCH=${GLOBAL_BATCH:-256}
 DEEPSPEED=${DEEPSPEED:-script/deepspeed/zero2.json}
-launch --tune_mm_mlp_adapter --version plain --mm_projector_type "${PROJECTOR:-mlp2x_gelu}" --learning_rate "${LR:-5e-4}"
+# ALIGN_STATS (optional): recorded in the checkpoint, so captioning a real image applies the same image_map
+align=(); [ -n "${ALIGN_STATS:-}" ] && align=(--align_stats "$ALIGN_STATS")
+launch --tune_mm_mlp_adapter --version plain --mm_projector_type "${PROJECTOR:-mlp2x_gelu}" --learning_rate "${LR:-5e-4}" "${align[@]}"
