@@ -556,8 +556,8 @@ def align_stores(
     loaded = load_alignment(apply_stats) if apply_stats is not None else None
     if loaded is not None and loaded.method != method:
         raise StoreError(f"{apply_stats}: statistics are for {loaded.method!r}, not {method!r}")
-    texts = EmbeddingStore(text_dir, "text")
-    images = EmbeddingStore(image_dir, "image") if image_dir is not None else None
+    texts = EmbeddingStore(text_dir, "text").require_complete()
+    images = EmbeddingStore(image_dir, "image").require_complete() if image_dir is not None else None
     _check_inputs(texts, images, loaded, force)
 
     encoder = texts.encoder or (images.encoder if images is not None else None) or "unknown"

@@ -36,7 +36,7 @@ class EmbeddingTable:
     """Read-only, memory-mapped id -> embedding table built from an embedding store."""
 
     def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
-        store = EmbeddingStore(root)
+        store = EmbeddingStore(root).require_complete()
         self.root, self.kind, self.dim, self.encoder = Path(root), store.kind, store.dim, store.encoder
         self.manifest = store.manifest or {}
         cache = Path(cache_dir or self.root / ".revision_cache") / f"table-{_cache_key(store)}"

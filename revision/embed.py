@@ -188,15 +188,42 @@ def _single_threaded_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode; several torch thread pools per worker only oversubscribe the CPU
 
 
+def worker_chunk(batch_size: int, num_workers: int) -> int:
+    """Images per worker task: batch_size split over at least num_workers tasks (a divisor, so that whole
+    chunks make whole batches)."""
+    if num_workers <= 1:
+        return batch_size
+    parts = next(d for d in range(num_workers, batch_size + 1) if batch_size % d == 0) if num_workers < batch_size else batch_size
+    return batch_size // parts
+
+
 def image_batches(
     items: Sequence[ImageItem], preprocess: Any, batch_size: int, num_workers: int, pin_memory: bool = False
-) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """Batches (indices into items, pixels [B, C, H, W], [(index, reason)] of skipped files), in input order."""
-    return iter(DataLoader(
-        ImageFiles(items, preprocess), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
+) -> Iterator[tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]]:
+    """Batches (indices into items, pixel chunks [b, C, H, W] making up [B, C, H, W], [(index, reason)] of skipped
+    files), in input order. Each worker decodes a chunk of the batch, not a whole batch: the first batch (and the
+    last) then takes one chunk's time, not batch_size images decoded by a single worker while the rest wait."""
+    chunk = worker_chunk(batch_size, num_workers)
+    loader = DataLoader(
+        ImageFiles(items, preprocess), batch_size=chunk, num_workers=num_workers, collate_fn=collate_images,
         worker_init_fn=_single_threaded_worker if num_workers else None, pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None, persistent_workers=False,
-    ))
+        prefetch_factor=max(4, 2 * batch_size // chunk // max(num_workers, 1)) if num_workers else None,
+        persistent_workers=False,
+    )
+    indices: list[int] = []
+    pixels: list[torch.Tensor] = []
+    failed: list[tuple[int, str]] = []
+    chunks = 0
+    for chunk_indices, chunk_pixels, chunk_failed in loader:
+        indices += chunk_indices
+        failed += chunk_failed
+        pixels += [chunk_pixels] if chunk_pixels is not None else []
+        chunks += 1
+        if chunks * chunk >= batch_size:
+            yield indices, pixels, failed
+            indices, pixels, failed, chunks = [], [], [], 0
+    if chunks:
+        yield indices, pixels, failed
 
 
 # ------------------------------------------------------------------------------------------- encoding

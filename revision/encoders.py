@@ -7,6 +7,9 @@
 
 Image preprocessing is a separate, picklable callable (`encoder.preprocess`: PIL image -> pixel tensor)
 so DataLoader workers can decode and preprocess while the main process runs `encode_pixels` on batches.
+Hugging Face encoders' workers stop after resize and crop and hand over uint8 pixels; `encode_pixels`
+rescales and normalises them on the device. A float32 batch of 336 px images is 4x the bytes to pass
+between processes, pin and copy, and that copying, not the model, bounded a GPU's throughput.
 
 Encoder specs accepted by `load_encoder`:
   hf:ORG/NAME or hf:/path, or a bare folder/hub id   Hugging Face CLIP / SigLIP (AutoModel + AutoProcessor)
@@ -92,7 +95,10 @@ class Encoder:
     device: torch.device
     dtype: torch.dtype
     batch_size: int
-    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL image (any mode) -> [C, H, W] float32
+    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL image (any mode) -> [C, H, W] pixels
+    # (scale, shift) [C] with normalised = pixels * scale + shift, applied in encode_pixels; None: preprocess
+    # already returns normalised float pixels
+    pixel_affine: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _finish_init(self) -> None:
         # The embedding width, read off one forward pass: configs name it differently per family.
@@ -106,9 +112,17 @@ class Encoder:
         raise NotImplementedError
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] preprocessed pixels -> [N, D] unit float32 rows on the CPU."""
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+    def encode_pixels(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """[N, C, H, W] preprocessed pixels (or chunks of them, joined on the device) -> [N, D] unit float32 rows
+        on the CPU."""
+        if isinstance(pixels, torch.Tensor):
+            pixels = [pixels]
+        chunks = [chunk.to(self.device, non_blocking=True) for chunk in pixels]
+        pixels = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        if self.pixel_affine is not None:
+            scale, shift = (t.to(self.device).view(1, -1, 1, 1) for t in self.pixel_affine)
+            pixels = pixels.float() * scale + shift
+        pixels = pixels.to(self.dtype)
         return F.normalize(self._image_features(pixels).float(), dim=-1).cpu()
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int | None = None) -> torch.Tensor:
@@ -133,13 +147,25 @@ class Encoder:
 
 
 class HFImageTransform:
-    """PIL -> pixel tensor with a Hugging Face image processor; small and picklable for DataLoader workers."""
+    """PIL -> resized, cropped pixel tensor (uint8 for PIL-based processors) with a Hugging Face image processor,
+    without its rescale and normalise steps (`affine` gives them, for the device); picklable for DataLoader workers."""
 
     def __init__(self, image_processor: Any):
         self.image_processor = image_processor
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0]
+        return self.image_processor(images=to_rgb(image), return_tensors="pt", do_rescale=False,
+                                    do_normalize=False)["pixel_values"][0]
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) per channel such that pixels * scale + shift is what the processor itself returns."""
+        p = self.image_processor
+        scale = torch.full((3,), float(p.rescale_factor) if p.do_rescale else 1.0, dtype=torch.float64)
+        shift = torch.zeros(3, dtype=torch.float64)
+        if p.do_normalize:
+            mean, std = (torch.as_tensor(v, dtype=torch.float64).expand(3) for v in (p.image_mean, p.image_std))
+            scale, shift = scale / std, -mean / std
+        return scale.float(), shift.float()
 
 
 class RGBTransform:
@@ -168,6 +194,7 @@ class HFEncoder(Encoder):
         processor = AutoProcessor.from_pretrained(source)
         self.tokenizer = processor.tokenizer
         self.preprocess = HFImageTransform(processor.image_processor)
+        self.pixel_affine = self.preprocess.affine()
         text_config = self.model.config.text_config
         self.max_text_len = int(text_config.max_position_embeddings)
         # SigLIP was trained on texts padded to a fixed length without a mask; CLIP pools at EOS and takes a mask.
@@ -247,6 +274,7 @@ class LLM2CLIPEncoder(Encoder):
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.model = AutoModel.from_pretrained(vision, dtype=dtype, trust_remote_code=True).to(device).eval()
         self.preprocess = HFImageTransform(CLIPImageProcessor.from_pretrained(processor))
+        self.pixel_affine = self.preprocess.affine()
         config = AutoConfig.from_pretrained(text_model, trust_remote_code=True)
         llm = AutoModel.from_pretrained(text_model, config=config, dtype=dtype, trust_remote_code=True).to(device).eval()
         if config.model_type == "llama":

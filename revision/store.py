@@ -289,6 +289,7 @@ class EmbeddingStore:
             self.encoder = self.manifest.get("encoder")
             self.dim = int(self.manifest["dim"])
             self.count = int(self.manifest["count"])
+            self.complete = bool(self.manifest.get("complete", True))
         else:  # reference layout: *.pkl shards sorted by their trailing number (text_embeds_2 < text_embeds_10)
             self.shard_paths = sorted(self.root.glob("*.pkl"), key=_natural_key)
             if not self.shard_paths:
@@ -299,6 +300,15 @@ class EmbeddingStore:
             self.encoder = None
             self.dim = int(first.embeds.shape[1]) if first.embeds.size else 0
             self.count = None  # unknown until read
+            self.complete = True  # nothing records otherwise
+
+    def require_complete(self) -> EmbeddingStore:
+        """Refuse a store whose writer has not finished (killed, or still running): its statistics or its
+        training set would silently miss rows."""
+        if not self.complete:
+            raise StoreError(f"{self.root}: incomplete store ({MANIFEST} says complete: false, {self.count} rows so far): "
+                             "the image_embed.py run writing it was stopped or is still running; rerun it to finish")
+        return self
 
     def __len__(self) -> int:
         if self.count is None:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from revision.embed import BATCH_DELAY_ENV, InputError, load_image, main, read_data_json, read_images, read_texts
+from revision.embed import (BATCH_DELAY_ENV, InputError, image_batches, load_image, main, read_data_json, read_images,
+                            read_texts, worker_chunk)
 from revision.encoders import load_encoder
 from revision.store import EmbeddingStore
 from revision.tiny.clip import build_tiny_clip
@@ -78,7 +80,8 @@ def texts_file(tmp_path):
 
 
 def _args(clip_dir, out, *extra) -> list[str]:
-    return ["--encoder", str(clip_dir), "--out", str(out), "--batch_size", "4", "--num_workers", "0", *extra]
+    # on the CPU wherever the tests run: the reference embeddings below are fp32 CPU ones
+    return ["--encoder", str(clip_dir), "--out", str(out), "--batch_size", "4", "--num_workers", "0", "--device", "cpu", *extra]
 
 
 def test_folder_and_txt_end_to_end(clip_dir, encoder, image_dir, texts_file, tmp_path, capsys):
@@ -124,6 +127,22 @@ def test_dataloader_workers_give_the_same_store(clip_dir, image_dir, tmp_path):
     a, b = EmbeddingStore(serial / "image").load_all(), EmbeddingStore(parallel / "image").load_all()
     assert a.ids == b.ids == GOOD and np.array_equal(a.embeds, b.embeds)
     assert (serial / "image/skipped.jsonl").read_text() == (parallel / "image/skipped.jsonl").read_text()
+
+
+def _tiny_pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.resize((4, 4)))).permute(2, 0, 1)
+
+
+def test_worker_chunks_make_whole_batches_in_order(image_dir):
+    assert [worker_chunk(256, w) for w in (0, 1, 2, 8, 15, 300)] == [256, 256, 128, 32, 16, 1]
+    assert worker_chunk(6, 4) == 1  # 6 = 6 x 1: the first divisor >= 4 parts
+    items = read_images(image_dir)  # good and corrupt files mixed
+    batches = list(image_batches(items, _tiny_pixels, batch_size=4, num_workers=2))
+    seen = [i for indices, _, failed in batches for i in sorted(indices + [f for f, _ in failed])]
+    assert seen == list(range(len(items)))  # every item once, in input order
+    assert [len(indices) + len(failed) for indices, _, failed in batches] == [4, 4, 3]  # 11 items, batches of 4
+    for indices, chunks, failed in batches:
+        assert sum(len(c) for c in chunks) == len(indices) and all(len(c) <= 2 for c in chunks)
 
 
 def test_data_json_with_image_root_and_max_items(clip_dir, image_dir, tmp_path):

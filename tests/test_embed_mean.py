@@ -9,6 +9,7 @@ import pytest
 
 import revision.store as store_module
 from revision.align import STATS_FILE, align_stores, load_alignment
+from revision.data import EmbeddingTable
 from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,17 @@ def test_empty_store_refused(inputs):
     writer.close()
     with pytest.raises(StoreError, match="empty image store"):
         align_stores(inputs / "text", inputs / "empty2", inputs / "out")
+
+
+def test_incomplete_input_store_refused_by_alignment_and_training(inputs):
+    """A store whose image_embed.py run was killed says complete: false: its statistics would miss rows."""
+    manifest = json.loads((inputs / "image" / "manifest.json").read_text())
+    (inputs / "image" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    done = run_cli("--text", inputs / "text", "--image", inputs / "image", "--out", inputs / "out")
+    assert done.returncode != 0 and "incomplete store" in done.stderr and str(inputs / "image") in done.stderr
+    assert not (inputs / "out").exists()
+    with pytest.raises(StoreError, match="incomplete store"):
+        EmbeddingTable(inputs / "image")
 
 
 def test_bad_rows_fail_naming_shard_or_are_dropped_and_counted(inputs):

@@ -1,4 +1,5 @@
 """Encoders on tiny HF CLIP / SigLIP checkpoints built from a config and saved like real ones (no mocks)."""
+import json
 import pickle
 
 import numpy as np
@@ -70,8 +71,21 @@ def test_pixel_path_matches_image_path_and_preprocess_pickles(encoder):
     images = _images(4, seed=3)
     preprocess = pickle.loads(pickle.dumps(encoder.preprocess))  # what a spawned DataLoader worker would get
     pixels = torch.stack([preprocess(im) for im in images])
-    assert pixels.shape == (4, 3, 32, 32)
+    assert pixels.shape == (4, 3, 32, 32) and pixels.dtype == torch.uint8  # workers hand over bytes, not floats
     torch.testing.assert_close(encoder.encode_pixels(pixels), encoder.encode_images(images), atol=1e-6, rtol=0)
+    assert_device_normalisation_is_the_processors(encoder, images)
+
+
+def assert_device_normalisation_is_the_processors(encoder, images):
+    """uint8 pixels * scale + shift (done on the device) equal the processor's own rescaled, normalised output,
+    and so do the embeddings."""
+    pixels = torch.stack([encoder.preprocess(im) for im in images])
+    scale, shift = (t.view(1, -1, 1, 1) for t in encoder.pixel_affine)
+    processed = encoder.preprocess.image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels.float() * scale + shift, processed.float(), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(encoder._image_features(processed), dim=-1)
+    torch.testing.assert_close(encoder.encode_pixels(pixels), direct, atol=1e-5, rtol=0)
 
 
 def test_every_pil_mode_becomes_rgb(encoder):
@@ -99,6 +113,7 @@ def test_siglip(tmp_path):
     torch.testing.assert_close(texts.norm(dim=1), torch.ones(4))
     assert images.shape == (2, 32)
     assert (siglip.encode_texts([TEXTS[1]])[0] - texts[1]).abs().max() < 1e-5
+    assert_device_normalisation_is_the_processors(siglip, _images(3, seed=5))  # mean = std = 0.5, unlike CLIP
 
 
 def test_specs_and_dtypes(tmp_path):
@@ -118,3 +133,27 @@ def test_specs_and_dtypes(tmp_path):
     except ImportError:
         with pytest.raises(ImportError, match="pip install llm2vec"):
             load_encoder("llm2clip:microsoft/LLM2CLIP-Openai-L-14-336")
+
+
+def test_open_clip_local_dir(tmp_path):
+    """open_clip's `local-dir:` form, on a tiny random open_clip CLIP saved the way open_clip saves one. open_clip
+    needs torchvision (the `openclip` extra), which has no CPU build for torch 2.13: this runs where it installs."""
+    open_clip = pytest.importorskip("open_clip")
+    model_cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    reference = open_clip.CLIP(**model_cfg).eval()
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    encoder = load_encoder(f"open_clip:local-dir:{tmp_path}", device="cpu")
+    assert encoder.dim == 32 and encoder.name == f"open_clip:local-dir:{tmp_path}"
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    image_embeds, text_embeds = encoder.encode_images(images), encoder.encode_texts(TEXTS[:3])
+    for embeds in (image_embeds, text_embeds):
+        assert embeds.shape == (3, 32) and torch.allclose(embeds.norm(dim=-1), torch.ones(3), atol=1e-5)
+    with torch.no_grad():  # the loaded weights are the saved ones: same features as the reference model
+        pixels = torch.stack([encoder.preprocess(im) for im in images])
+        expected = torch.nn.functional.normalize(reference.encode_image(pixels), dim=-1)
+    assert (image_embeds - expected).abs().max() < 1e-5
+    assert (encoder.encode_images(images[1:2])[0] - image_embeds[1]).abs().max() < 1e-5
