@@ -64,6 +64,13 @@ class EmbeddingTable:
         found = fits & (np.asarray(index[pos]) == needles)
         return np.where(found, np.asarray(targets[pos]), -1).astype(np.int64)
 
+    def lookup(self, keys: list[str]) -> np.ndarray:
+        """Row of each key read as an id, else as an image path (LLaVA data names either); -1 where neither."""
+        rows = self.rows(keys)
+        if self.sources is not None:
+            rows = np.where(rows >= 0, rows, self.rows(keys, by_source=True))
+        return rows
+
     def __getitem__(self, row: int) -> np.ndarray:
         return np.array(self.embeds[row], dtype=np.float32)  # a copy: the memmap is read-only
 
@@ -226,9 +233,7 @@ class SupervisedDataset(Dataset):
         keys = [str(rec.get("image", rec.get("id"))) for rec in raw]
         rows = np.full(len(records), -1, np.int64)
         if self.table is not None:
-            rows = self.table.rows(keys)
-            by_path = self.table.rows(keys, by_source=True) if self.table.sources is not None else rows
-            rows = np.where(rows >= 0, rows, by_path)
+            rows = self.table.lookup(keys)
             fallback = self.table.rows([str(rec.get("id")) for rec in raw])  # "image" not in the store: try the id
             rows = np.where(rows >= 0, rows, fallback)
         missing = [i for i, need in enumerate(needs) if need and rows[i] < 0]

@@ -47,9 +47,7 @@ def read_questions(path: str | Path) -> list[dict]:
 
 def store_embedding(table: EmbeddingTable, key: str) -> np.ndarray:
     """The raw embedding of an id (or image path) in an image store."""
-    row = int(table.rows([key])[0])
-    if row < 0 and table.sources is not None:
-        row = int(table.rows([key], by_source=True)[0])
+    row = int(table.lookup([key])[0])
     if row < 0:
         raise LookupError(f"{key!r} is not an id or image path in {table.root}")
     return table[row]

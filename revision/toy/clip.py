@@ -28,6 +28,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 from revision.encoders import load_encoder
 from revision.gap import centroid_and_traces, knn_mixing, linear_probe_accuracy
 from revision.tiny.clip import word_bpe_clip_tokenizer
+from revision.toy import add_config_arguments, config_from_arguments
 from revision.toy.world import IMAGE_SIZE, vocabulary
 
 REPORT = "toy_clip_report.json"
@@ -191,17 +192,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
     parser.add_argument("--out", required=True, help="where the CLIP checkpoint and toy_clip_report.json go")
-    defaults = ToyClipConfig()
-    for name, value in asdict(defaults).items():
-        if name != "seed":
-            parser.add_argument(f"--{name}", type=type(value), default=value)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_config_arguments(parser, ToyClipConfig())
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ToyClipConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    cfg = config_from_arguments(args, ToyClipConfig())
     log = train_toy_clip(args.world, args.out, cfg)
     report = {**measure(args.out, args.world, cfg.gap_rows, cfg.seed), **log}
     Path(args.out, REPORT).write_text(json.dumps(report, indent=1) + "\n")

@@ -23,6 +23,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from revision.tiny.lm import build_tiny_lm, build_tokenizer
+from revision.toy import add_config_arguments, config_from_arguments
 from revision.toy.world import vocabulary
 
 REPORT = "toy_llm_report.json"
@@ -120,14 +121,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
     parser.add_argument("--out", required=True, help="where the LLM checkpoint and toy_llm_report.json go")
-    defaults = ToyLlmConfig()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name}", type=type(value), default=value)
+    add_config_arguments(parser, ToyLlmConfig())
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ToyLlmConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    cfg = config_from_arguments(args, ToyLlmConfig())
     log = train_toy_llm(args.world, args.out, cfg)
     Path(args.out, REPORT).write_text(json.dumps(log, indent=1) + "\n")
     first, last = np.mean(log["losses"][:10]), np.mean(log["losses"][-10:])

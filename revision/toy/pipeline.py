@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from revision import predict
-from revision.toy import clip, llm, world as toy_world
+from revision.toy import add_config_arguments, clip, config_from_arguments, llm, world as toy_world
 from revision.toy.world import parse_caption
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,19 +166,18 @@ def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: 
 
 def write_caption_questions(world: Path, path: Path) -> None:
     """The eval images as a question file for the captioning (plain template) checkpoint."""
-    rows = [json.loads(line) for line in (world / "eval_captions.jsonl").read_text().splitlines() if line.strip()]
+    rows = clip.read_jsonl(world / "eval_captions.jsonl")
     path.write_text("".join(json.dumps({"question_id": r["id"], "text": "", "image": r["image"]}) + "\n" for r in rows))
 
 
 def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
     """Attribute accuracy of generated captions: each scene object is matched to the parsed object that
     names most of its attributes (each parsed object used once); shares of (object, attribute) named right."""
-    refs = {json.loads(line)["id"]: json.loads(line)["attributes"] for line in (world / "eval_captions.jsonl").read_text().splitlines()}
+    refs = {r["id"]: r["attributes"] for r in clip.read_jsonl(world / "eval_captions.jsonl")}
     kinds = ("colour", "shape", "size", "position")
     hits: dict[str, list[bool]] = {k: [] for k in kinds}
     all_right, count_right = [], []
-    for line in answers.read_text().splitlines():
-        row = json.loads(line)
+    for row in clip.read_jsonl(answers):
         said = parse_caption(row.get("text") or "")
         objects = refs[row["question_id"]]["objects"]
         free, right = list(said), True
@@ -334,11 +333,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="also run realign with this many visual tokens (0: no ablation row)")
     parser.add_argument("--prepare_only", action="store_true",
                         help="build world, CLIP, LLM, the unpaired stores and the realign text store directly in --out")
-    for name, value in asdict(Budget()).items():
-        if name != "world":
-            parser.add_argument(f"--{name}", type=type(value), default=None, help=f"override the preset's {name}")
+    add_config_arguments(parser, Budget(), overrides_only=True, skip=("world",))  # the world is the preset's
     args = parser.parse_args(argv)
-    budget = replace(BUDGETS[args.preset], **{k: v for k, v in vars(args).items() if k in asdict(Budget()) and v is not None})
+    budget = config_from_arguments(args, BUDGETS[args.preset])
     torch.set_num_threads(budget.threads)  # the in-process stages (toy CLIP, toy LLM, prediction)
     out = Path(args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
