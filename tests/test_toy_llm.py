@@ -36,3 +36,26 @@ def test_summary_is_one_extra_untrained_position():
     assert out["labels"][0, 1] == -100 and out["labels"][0, 2] == ids[0, 1]
     words = model.get_input_embeddings()(ids[:, 1:3]).mean(1)  # the mean of "red" and "circle", not <s> or pads
     assert torch.allclose(out["inputs_embeds"][:, 1], words)
+
+
+def test_keyword_summary_is_the_mean_of_the_keywords_embeddings():
+    from revision.tiny.lm import build_tiny_lm, build_tokenizer
+    from revision.toy.llm import keywords, with_summary
+    from revision.toy.world import vocabulary
+
+    assert keywords("a big red disk in the upper left and a tiny blue box on the right.") == [
+        "two", "red", "circle", "large", "top", "left", "blue", "square", "small", "right"]  # canonical words
+    assert keywords("what colour is the small circle?") == ["circle", "small"]  # a question: no count word
+    assert keywords("two") == []  # names no attribute: the line's own tokens summarise it
+    tokenizer = build_tokenizer(vocabulary())
+    model = build_tiny_lm("llama", tokenizer, tie_word_embeddings=True)
+    lines = ["a red circle in the middle.", "two"]
+    rows = [[tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False).input_ids] for line in lines]
+    ids = torch.tensor([rows[0], rows[1] + [tokenizer.pad_token_id] * (len(rows[0]) - len(rows[1]))])
+    mask = (ids != tokenizer.pad_token_id).long()
+    assert keywords(lines[0]) == ["one", "red", "circle", "middle"]  # no size named
+    named = torch.tensor([tokenizer.convert_tokens_to_ids(keywords(lines[0])), [tokenizer.pad_token_id] * 4])
+    out = with_summary(model, ids, mask, ids.masked_fill(mask == 0, -100), named, torch.tensor([[1] * 4, [0] * 4]))
+    embed = model.get_input_embeddings()
+    assert torch.allclose(out["inputs_embeds"][0, 1], embed(named[0]).mean(0))
+    assert torch.allclose(out["inputs_embeds"][1, 1], embed(ids[1, 1:2]).mean(0))  # "two": its own token

@@ -57,6 +57,12 @@ def test_caption_scores_match_objects_by_attributes(tmp_path):
     scores = pipeline.caption_scores(answers, world)
     assert scores["attribute_acc"] == pytest.approx(7 / 8)
     assert scores["per_attribute"]["colour"] == 0.5 and scores["all_correct"] == 0.0 and scores["count_acc"] == 1.0
+    assert scores["strict_attribute_acc"] == pytest.approx(7 / 8)  # as many objects named as there are
+    # One object too many: the lenient score keeps its hits, the strict one counts none.
+    answers.write_text(json.dumps({"question_id": "e0", "text": "a big blue star in the centre and a tiny red disk "
+                                                                 "in the top left corner and a big red box."}) + "\n")
+    scores = pipeline.caption_scores(answers, world)
+    assert scores["attribute_acc"] == 1.0 and scores["strict_attribute_acc"] == 0.0 and scores["count_acc"] == 0.0
 
 
 def test_rerun_with_other_settings_is_refused(demo):

@@ -15,10 +15,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Any, overrid
     overrides_only the default is None, meaning "keep the preset's")."""
     for f in (f for f in fields(defaults) if f.name not in skip):
         value = getattr(defaults, f.name)
-        parser.add_argument(f"--{f.name}", type=type(value), default=None if overrides_only else value,
+        parser.add_argument(f"--{f.name}", type=_parse_bool if isinstance(value, bool) else type(value), default=None if overrides_only else value,
                             help=f"override the preset's (default preset: {value})" if overrides_only else f"default {value}")
 
 
 def config_from_arguments(args: argparse.Namespace, base: Config) -> Config:
     """`base` with every field that the command line set (not None)."""
     return replace(base, **{f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None})
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
