@@ -1,4 +1,5 @@
 """The toy LLM: trains on the world's text, saves an HF Llama + word-level tokenizer that load back."""
+import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -12,50 +13,61 @@ def test_toy_llm_trains_and_loads(tmp_path):
     log = train_toy_llm(tmp_path / "w", tmp_path / "llm", ToyLlmConfig(hidden=32, heads=2, steps=30, batch_size=8))
     assert log["losses"][-1] < log["losses"][0]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
-    words = (tmp_path / "w" / "corpus.txt").read_text().split("\n")[0]
+    words = json.loads((tmp_path / "w" / "unpaired_texts.jsonl").read_text().split("\n")[0])["text"]
     assert tokenizer.unk_token_id not in tokenizer(words).input_ids
+    assert log["samples"] == 2 * (32 + 32)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "llm").config.hidden_size == 32
 
 
-def test_toy_llm_refuses_an_empty_corpus(tmp_path):
-    (tmp_path / "corpus.txt").write_text("\n")
-    with pytest.raises(ValueError, match="corpus.txt: need at least 2 lines"):
-        train_toy_llm(tmp_path, tmp_path / "llm")
+def test_toy_llm_refuses_a_world_without_captions(tmp_path):
+    build_world(tmp_path / "w", sizes="mini")
+    (tmp_path / "w" / "paired.jsonl").write_text("")
+    (tmp_path / "w" / "unpaired_texts.jsonl").write_text("")
+    with pytest.raises(ValueError, match="need at least one training caption"):
+        train_toy_llm(tmp_path / "w", tmp_path / "llm")
 
 
-def test_summary_is_one_extra_untrained_position():
+def test_pretraining_samples_are_rendered_like_the_two_stages(tmp_path):
+    """Each caption twice: after the image slot (stage 1's plain template) and as QA about its scene (stage 2's
+    chat template), the slot holding the mean embedding of the caption's keywords."""
+    from revision.conversation import render, resolve_template
+    from revision.data import tokenize
+    from revision.model import IMAGE_TOKEN_INDEX
     from revision.tiny.lm import build_tiny_lm, build_tokenizer
-    from revision.toy.llm import with_summary
+    from revision.toy.llm import encode_samples, keywords, pretraining_samples, sample_batches, with_summary
+    from revision.toy.world import parse_caption, vocabulary
 
-    tokenizer = build_tokenizer(["red", "circle"])
-    model = build_tiny_lm("llama", tokenizer)
-    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("red circle", add_special_tokens=False).input_ids, 0]])
-    mask = torch.tensor([[1, 1, 1, 0]])
-    out = with_summary(model, ids, mask, ids.masked_fill(mask == 0, -100))
-    assert out["inputs_embeds"].shape[1] == 5 and out["attention_mask"].tolist() == [[1, 1, 1, 1, 0]]
-    assert out["labels"][0, 1] == -100 and out["labels"][0, 2] == ids[0, 1]
-    words = model.get_input_embeddings()(ids[:, 1:3]).mean(1)  # the mean of "red" and "circle", not <s> or pads
-    assert torch.allclose(out["inputs_embeds"][:, 1], words)
+    build_world(tmp_path / "w", sizes="mini")
+    samples = pretraining_samples(tmp_path / "w", seed=0)
+    assert len(samples) == 2 * (32 + 32)  # mini world: 32 paired + 32 unpaired captions
+    (plain, _, caption), (chat, template, same) = samples[0], samples[1]
+    assert template == "chat" and same == caption and plain[1]["value"] == caption
+    scene = parse_caption(caption)[0]
+    answers = [turn["value"] for turn in chat[1::2]]
+    assert chat[0]["value"].startswith("<image>\n") and any(a in scene.values() or a in ("one", "two", "yes", "no") for a in answers)
+    tokenizer = build_tokenizer(vocabulary())
+    encoded = encode_samples(samples[:2], tokenizer, 96)
+    for (conversation, name, _), (ids, labels, named) in zip(samples[:2], encoded):
+        expected, expected_labels, _ = tokenize(render(conversation, resolve_template(name, tokenizer), tokenizer), tokenizer, 1, 96)
+        assert torch.equal(ids, expected) and torch.equal(labels, expected_labels) and int((ids == IMAGE_TOKEN_INDEX).sum()) == 1
+        assert tokenizer.convert_ids_to_tokens(named.tolist()) == keywords(caption)
+    model = build_tiny_lm("llama", tokenizer, tie_word_embeddings=True)
+    ids, mask, labels, named, named_mask = next(sample_batches(encoded, 2, 0, tokenizer.pad_token_id))
+    out = with_summary(model, ids, mask, labels, named, named_mask)
+    embed = model.get_input_embeddings()
+    for row in range(2):
+        slot = int((ids[row] == IMAGE_TOKEN_INDEX).nonzero())
+        keep = named_mask[row].bool()
+        assert torch.allclose(out["inputs_embeds"][row, slot], embed(named[row][keep]).mean(0))
+        assert torch.allclose(out["inputs_embeds"][row, slot + 1], embed(ids[row, slot + 1]))
+    assert torch.equal(out["labels"], labels) and (labels[ids == IMAGE_TOKEN_INDEX] == -100).all()
 
 
-def test_keyword_summary_is_the_mean_of_the_keywords_embeddings():
-    from revision.tiny.lm import build_tiny_lm, build_tokenizer
-    from revision.toy.llm import keywords, with_summary
-    from revision.toy.world import vocabulary
+def test_keywords_are_canonical_attribute_words():
+    from revision.toy.llm import keywords
 
     assert keywords("a big red disk in the upper left and a tiny blue box on the right.") == [
-        "two", "red", "circle", "large", "top", "left", "blue", "square", "small", "right"]  # canonical words
+        "two", "red", "circle", "large", "top", "left", "blue", "square", "small", "right"]
+    assert keywords("a red circle in the middle.") == ["one", "red", "circle", "middle"]  # no size named
     assert keywords("what colour is the small circle?") == ["circle", "small"]  # a question: no count word
-    assert keywords("two") == []  # names no attribute: the line's own tokens summarise it
-    tokenizer = build_tokenizer(vocabulary())
-    model = build_tiny_lm("llama", tokenizer, tie_word_embeddings=True)
-    lines = ["a red circle in the middle.", "two"]
-    rows = [[tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False).input_ids] for line in lines]
-    ids = torch.tensor([rows[0], rows[1] + [tokenizer.pad_token_id] * (len(rows[0]) - len(rows[1]))])
-    mask = (ids != tokenizer.pad_token_id).long()
-    assert keywords(lines[0]) == ["one", "red", "circle", "middle"]  # no size named
-    named = torch.tensor([tokenizer.convert_tokens_to_ids(keywords(lines[0])), [tokenizer.pad_token_id] * 4])
-    out = with_summary(model, ids, mask, ids.masked_fill(mask == 0, -100), named, torch.tensor([[1] * 4, [0] * 4]))
-    embed = model.get_input_embeddings()
-    assert torch.allclose(out["inputs_embeds"][0, 1], embed(named[0]).mean(0))
-    assert torch.allclose(out["inputs_embeds"][1, 1], embed(ids[1, 1:2]).mean(0))  # "two": its own token
+    assert keywords("two") == []

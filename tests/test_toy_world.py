@@ -11,7 +11,7 @@ from PIL import Image
 
 from revision.embed import read_images, read_texts
 from revision.toy.world import (
-    COLOURS, POSITIONS, PRESETS, QUESTION_CATEGORIES, SHAPES, Scene, WorldSizes, all_texts, build_world, make_world,
+    COLOURS, POSITIONS, PRESETS, QUESTION_CATEGORIES, SHAPES, Scene, WorldSizes, build_world, make_world,
     parse_caption, render, vocabulary,
 )
 
@@ -170,7 +170,7 @@ def test_splits_are_disjoint(world_dir):
     assert [i.scene for i in world.unpaired_texts[:len(world.unpaired_images)]] != [i.scene for i in world.unpaired_images]
     # held-out images appear in no training file
     training = "".join((world_dir / f).read_text() for f in ("paired.jsonl", "unpaired_images.jsonl", "pretrain.json",
-                                                             "pretrain_paired.json", "instruct.json", "corpus.txt"))
+                                                             "pretrain_paired.json", "instruct.json"))
     assert "eval-" not in training
     instruct_images = [s["id"] for s in json.loads((world_dir / "instruct.json").read_text()) if "image" in s]
     assert set(instruct_images) <= set(images) and len(instruct_images) == MINI.instruct
@@ -213,9 +213,11 @@ def test_files_have_the_pipeline_formats(world_dir, scenes):
     assert manifest["seed"] == 0 and manifest["sizes"] == MINI.__dict__ and manifest["counts"]["eval"] == MINI.eval
 
 
-def test_corpus_and_vocabulary_cover_every_text(world_dir):
-    corpus = (world_dir / "corpus.txt").read_text().splitlines()
-    assert corpus == all_texts(make_world(0, MINI)) and len(corpus) > MINI.paired + MINI.unpaired_texts
+def test_vocabulary_covers_every_text(world_dir):
+    corpus = [r["caption"] for r in _jsonl(world_dir / "paired.jsonl")] + [r["text"] for r in _jsonl(world_dir / "unpaired_texts.jsonl")]
+    corpus += [turn["value"].replace("<image>\n", "") for sample in json.loads((world_dir / "instruct.json").read_text())
+               for turn in sample["conversations"]]
+    assert len(corpus) > MINI.paired + MINI.unpaired_texts
     vocab = set((world_dir / "vocab.txt").read_text().split())
     assert vocab == set(vocabulary())
     texts = corpus + [q[k] for q in _jsonl(world_dir / "eval_questions.jsonl") for k in ("text", "answer")]

@@ -1,14 +1,18 @@
-"""The toy world's LLM: a small HF Llama with a word-level tokenizer, pre-trained as a causal LM on the world's
-text (corpus.txt: training captions and QA lines). It stands in for a pretrained LLM: saved with
-`save_pretrained`, then loaded by train.py / predict through `from_pretrained` like a downloaded checkpoint.
-Each line is preceded by a summary vector built from the LM's own input embeddings of the line's keywords
-(`with_summary`), so that, like a real LLM, it can be steered by a vector in its input: the projector's
-output in stage 1. It never sees a CLIP embedding.
+"""The toy world's LLM: a small HF Llama with a word-level tokenizer, pre-trained on the world's text. It stands
+in for a pretrained, instruction-tuned LLM: saved with `save_pretrained`, then loaded by train.py / predict
+through `from_pretrained` like a downloaded checkpoint.
 
-    python -m revision.toy.llm --world WORLD_DIR --out OUT_DIR [--steps 300] [--hidden 128] [--layers 2]
+Its pretraining samples are the world's training captions (paired and unpaired) rendered exactly as the two
+stages render theirs: each caption after the image slot (template `plain`, stage 1's) and a QA conversation
+about the same scene (the tokenizer's chat template, stage 2's, the image slot opening the first question).
+The image slot holds a summary vector: the mean of the LM's own input embeddings of the caption's keywords
+(`keywords`, `with_summary`). So, like a real LLM, it can be steered by a vector in its input (the projector's
+output) and it knows its chat format. It never sees a CLIP embedding.
+
+    python -m revision.toy.llm --world WORLD_DIR --out OUT_DIR [--steps 300] [--hidden 192] [--layers 1]
 
 The tokenizer is revision.tiny.lm's word-level tokenizer (with its chat template) over the world's
-vocabulary, so every corpus word is one token and nothing maps to [UNK].
+vocabulary, so every word is one token and nothing maps to [UNK].
 """
 from __future__ import annotations
 
@@ -23,9 +27,13 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from revision.conversation import render, resolve_template
+from revision.data import tokenize
+from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from revision.tiny.lm import build_tiny_lm, build_tokenizer
 from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.world import COUNT_WORDS, parse_caption, vocabulary
+from revision.toy.clip import read_jsonl
+from revision.toy.world import COUNT_WORDS, Scene, parse_caption, qa_conversation, vocabulary
 
 REPORT = "toy_llm_report.json"
 
@@ -43,7 +51,7 @@ class ToyLlmConfig:
     warmup: int = 30
     seed: int = 0
     tie_embeddings: bool = True
-    summary_share: float = 1.0  # share of batches whose lines get a summary vector after <s> (see with_summary)
+    max_length: int = 96  # tokens per sample (the world's longest QA conversation is about 50)
 
 
 def keywords(line: str) -> list[str]:
@@ -57,80 +65,90 @@ def keywords(line: str) -> list[str]:
     return words
 
 
-def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, max len] ids and their 0/1 mask (at least one column)."""
-    width = max(1, max(map(len, rows)))
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
+def pretraining_samples(world_dir: str | Path, seed: int) -> list[tuple[list[dict], str, str]]:
+    """(LLaVA conversation, template, caption whose keywords fill the image slot) for every training caption:
+    the caption itself (plain) and a QA conversation about its scene (chat), both keyed to text-only scenes."""
+    world_dir = Path(world_dir)
+    scenes = {r["id"]: r["attributes"] for r in read_jsonl(world_dir / "scenes.jsonl")}
+    max_turns = json.loads((world_dir / "world.json").read_text())["sizes"]["max_turns"]
+    captions = [(r["id"], r["caption"]) for r in read_jsonl(world_dir / "paired.jsonl")]
+    captions += [(r["id"], r["text"]) for r in read_jsonl(world_dir / "unpaired_texts.jsonl")]
+    rng = np.random.default_rng([seed, 2])
+    samples = []
+    for item_id, caption in captions:
+        samples.append(([{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": caption}], "plain", caption))
+        samples.append((qa_conversation(Scene.from_attributes(scenes[item_id]), rng, max_turns), "chat", caption))
+    return samples
 
 
-def corpus_batches(lines: Sequence[str], tokenizer, batch_size: int, seed: int):
-    """Endless shuffled batches of whole lines, each `<s> line </s>`, right-padded (pads are ignored in the loss),
-    with each line's keyword ids (padded, and their mask) for its summary."""
-    ids = [[tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-           for line in lines]
-    keyword_ids = [tokenizer.convert_tokens_to_ids(keywords(line)) for line in lines]
+def encode_samples(samples: Sequence[tuple[list[dict], str, str]], tokenizer, max_length: int) -> list[tuple[torch.Tensor, ...]]:
+    """(input_ids with one IMAGE_TOKEN_INDEX slot, labels, keyword ids) per sample, as train.py tokenizes them."""
+    templates = {name: resolve_template(name, tokenizer) for name in ("plain", "chat")}
+    encoded = []
+    for conversation, template, caption in samples:
+        ids, labels, _ = tokenize(render(conversation, templates[template], tokenizer), tokenizer, 1, max_length)
+        named = tokenizer.convert_tokens_to_ids(keywords(caption))
+        if not named or tokenizer.unk_token_id in named:
+            raise ValueError(f"caption {caption!r}: no keywords in the world's vocabulary")
+        encoded.append((ids, labels, torch.tensor(named)))
+    return encoded
+
+
+def _padded(rows: Sequence[torch.Tensor], pad: int) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=pad)
+
+
+def sample_batches(encoded: Sequence[tuple[torch.Tensor, ...]], batch_size: int, seed: int, pad_id: int):
+    """Endless shuffled batches: input_ids, attention mask, labels, keyword ids, keyword mask (right-padded)."""
     rng = np.random.default_rng(seed)
     while True:
-        order = rng.permutation(len(ids))
+        order = rng.permutation(len(encoded))
         for lo in range(0, len(order) - batch_size + 1, batch_size):
-            chosen = order[lo:lo + batch_size]
-            input_ids, mask = _padded([ids[i] for i in chosen], tokenizer.pad_token_id)
-            yield (input_ids, mask, input_ids.masked_fill(mask == 0, -100),
-                   *_padded([keyword_ids[i] for i in chosen], tokenizer.pad_token_id))
+            ids, labels, named = zip(*(encoded[i] for i in order[lo:lo + batch_size]))
+            mask = _padded([torch.ones_like(x) for x in ids], 0)
+            keyword_mask = _padded([torch.ones_like(x) for x in named], 0)
+            yield _padded(ids, pad_id), mask, _padded(labels, IGNORE_INDEX), _padded(named, pad_id), keyword_mask
 
 
 def with_summary(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                 keyword_ids: torch.Tensor | None = None, keyword_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Model inputs with one extra position after <s>: the mean of the LM's input embeddings of the line's
-    keywords (`keywords`), or of all its tokens where it has none (or none are given).
+                 keyword_ids: torch.Tensor, keyword_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs whose image slot (IMAGE_TOKEN_INDEX) holds the mean of the LM's input embeddings of the
+    sample's keywords.
 
     A pretrained LLM can be steered by a vector spliced into its input (that is what the projector's output
     is); a small LM trained on independent lines cannot: it never needs its context, and stage 1 (projector
-    trained, LLM frozen) stayed at chance. Reading a summary of the line it is about to write gives the toy LLM
-    that skill from text alone. The whole-line mean was not enough (greedy captions still at chance); the mean
-    of the keywords, in every batch, with tied embeddings, is (docs/results.md). The summary is not a target.
+    trained, LLM frozen) stayed at chance. Reading a summary of what it is about to write gives the toy LLM
+    that skill from text alone. A whole-line mean in half the batches was not enough; the mean of the keywords,
+    in every sample, with tied embeddings, is (docs/results.md).
     """
     embed = model.get_input_embeddings()
-    tokens = embed(input_ids)
-    content = mask.clone()
-    content[:, 0] = 0  # not <s>
-    summary = (tokens * content.unsqueeze(-1)).sum(1) / content.sum(1, keepdim=True).clamp(min=1)
-    if keyword_ids is not None:
-        has = keyword_mask.sum(1, keepdim=True)
-        named = (embed(keyword_ids) * keyword_mask.unsqueeze(-1)).sum(1) / has.clamp(min=1)
-        summary = torch.where(has > 0, named, summary)
-    one = torch.ones_like(mask[:, :1])
-    return {"inputs_embeds": torch.cat([tokens[:, :1], summary.unsqueeze(1), tokens[:, 1:]], 1),
-            "attention_mask": torch.cat([one, mask], 1),
-            "labels": torch.cat([labels[:, :1], torch.full_like(labels[:, :1], -100), labels[:, 1:]], 1)}
+    slot = input_ids == IMAGE_TOKEN_INDEX
+    tokens = embed(input_ids.masked_fill(slot, 0))
+    summary = (embed(keyword_ids) * keyword_mask.unsqueeze(-1)).sum(1) / keyword_mask.sum(1, keepdim=True).clamp(min=1)
+    inputs_embeds = torch.where(slot.unsqueeze(-1), summary.unsqueeze(1).to(tokens.dtype), tokens)
+    return {"inputs_embeds": inputs_embeds, "attention_mask": mask, "labels": labels}
 
 
 def train_toy_llm(world_dir: str | Path, out_dir: str | Path, cfg: ToyLlmConfig | None = None, log_every: int = 100) -> dict:
-    """Pre-train on WORLD/corpus.txt and save model + tokenizer to out_dir; returns the training log."""
+    """Pre-train on the world's captions and QA about their scenes (`pretraining_samples`) and save model +
+    tokenizer to out_dir; returns the training log."""
     cfg = cfg or ToyLlmConfig()
-    corpus = Path(world_dir) / "corpus.txt"
-    lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(lines) < 2:
-        raise ValueError(f"{corpus}: need at least 2 lines of text, found {len(lines)}")
+    samples = pretraining_samples(world_dir, cfg.seed)
+    if len(samples) < 2:
+        raise ValueError(f"{world_dir}: need at least one training caption, found {len(samples) // 2}")
     tokenizer = build_tokenizer(vocabulary())
-    unknown = sum(tokenizer(line, add_special_tokens=False).input_ids.count(tokenizer.unk_token_id) for line in lines[:1000])
+    encoded = encode_samples(samples, tokenizer, cfg.max_length)
+    unknown = sum(int((ids == tokenizer.unk_token_id).sum()) for ids, _, _ in encoded)
     if unknown:
-        raise ValueError(f"{corpus}: {unknown} words in the first 1000 lines are not in the world's vocabulary")
+        raise ValueError(f"{world_dir}: {unknown} words of the pretraining samples are not in the world's vocabulary")
     model = build_tiny_lm("llama", tokenizer, cfg.seed, hidden_size=cfg.hidden, num_layers=cfg.layers,
                           num_heads=cfg.heads, intermediate_size=4 * cfg.hidden, tie_word_embeddings=cfg.tie_embeddings).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, cfg.steps // 10), cfg.steps)
-    batches = corpus_batches(lines, tokenizer, min(cfg.batch_size, len(lines)), cfg.seed)
-    losses, start, rng = [], time.perf_counter(), np.random.default_rng([cfg.seed, 1])
+    batches = sample_batches(encoded, min(cfg.batch_size, len(encoded)), cfg.seed, tokenizer.pad_token_id)
+    losses, start = [], time.perf_counter()
     for step in range(cfg.steps):
-        input_ids, mask, labels, keyword_ids, keyword_mask = next(batches)
-        summarised = rng.random() < cfg.summary_share
-        inputs = (with_summary(model, input_ids, mask, labels, keyword_ids, keyword_mask) if summarised else
-                  {"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+        inputs = with_summary(model, *next(batches))
         loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,7 +161,7 @@ def train_toy_llm(world_dir: str | Path, out_dir: str | Path, cfg: ToyLlmConfig 
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     model.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"config": asdict(cfg), "lines": len(lines), "parameters": sum(p.numel() for p in model.parameters()),
+    return {"config": asdict(cfg), "samples": len(samples), "parameters": sum(p.numel() for p in model.parameters()),
             "train_seconds": time.perf_counter() - start, "losses": losses}
 
 

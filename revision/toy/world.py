@@ -20,7 +20,6 @@ Files written under OUT_DIR (ids are unique across the whole world; image paths 
   eval_captions.jsonl     {"id", "image", "caption", "attributes"}
   eval_questions.jsonl    {"question_id", "image", "image_id", "text", "answer", "category"}
   scenes.jsonl            {"id", "split", "attributes"} for every image and caption id
-  corpus.txt              every caption and QA line of the training splits (the toy LLM's pretraining text)
   vocab.txt               every word any template can produce
   world.json              seed, sizes, counts; written last, so its presence means the world is complete
 
@@ -325,6 +324,16 @@ def questions(scene: Scene, categories: Sequence[str], rng: np.random.Generator)
     return out
 
 
+def qa_conversation(scene: Scene, rng: np.random.Generator, max_turns: int) -> list[dict]:
+    """LLaVA turns of 1..max_turns questions of distinct categories about the scene; the image opens the first."""
+    turns = 1 + int(rng.integers(max_turns))
+    cats = [QUESTION_CATEGORIES[c] for c in rng.choice(len(QUESTION_CATEGORIES), size=turns, replace=False)]
+    conversation = []
+    for k, (_, q, a) in enumerate(questions(scene, cats, rng)):
+        conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return conversation
+
+
 def text_only_turn(rng: np.random.Generator) -> tuple[str, str]:
     """An image-free exchange about the world's words."""
     if rng.random() < 0.5:
@@ -424,12 +433,7 @@ def make_world(seed: int = 0, sizes: WorldSizes | None = None) -> World:
 
     rng = _rng(seed, "instruct", 3)
     for item in world.unpaired_images[: sizes.instruct]:
-        turns = 1 + int(rng.integers(sizes.max_turns))
-        cats = [QUESTION_CATEGORIES[c] for c in rng.choice(len(QUESTION_CATEGORIES), size=turns, replace=False)]
-        conversation = []
-        for k, (_, q, a) in enumerate(questions(item.scene, cats, rng)):
-            conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
-        world.instruct.append({"id": item.id, "image": item.image, "conversations": conversation})
+        world.instruct.append({"id": item.id, "image": item.image, "conversations": qa_conversation(item.scene, rng, sizes.max_turns)})
     for i in range(sizes.text_only):
         q, a = text_only_turn(rng)
         world.instruct.append({"id": f"chat-{i:06d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
@@ -442,14 +446,6 @@ def make_world(seed: int = 0, sizes: WorldSizes | None = None) -> World:
             world.eval_questions.append({"question_id": f"{item.id}-q{j}", "image": item.image, "image_id": item.id,
                                          "text": q, "answer": a, "category": cat})
     return world
-
-
-def all_texts(world: World) -> list[str]:
-    """The toy LLM's pretraining text: every training caption and every instruction QA line (no eval text)."""
-    texts = [item.caption for item in world.paired + world.unpaired_texts]
-    for sample in world.instruct:
-        texts += [turn["value"].replace("<image>\n", "") for turn in sample["conversations"]]
-    return texts
 
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
@@ -511,7 +507,6 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | str = "d
     (out / "pretrain.json").write_text(json.dumps([_pretrain_sample(it) for it in world.unpaired_texts]))
     (out / "pretrain_paired.json").write_text(json.dumps([_pretrain_sample(it) for it in world.paired]))
     (out / "instruct.json").write_text(json.dumps(world.instruct))
-    (out / "corpus.txt").write_text("\n".join(all_texts(world)) + "\n")
     (out / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
     counts = {"paired": len(world.paired), "unpaired_images": len(world.unpaired_images),
               "unpaired_texts": len(world.unpaired_texts), "instruct": len(world.instruct),
