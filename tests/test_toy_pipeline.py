@@ -8,6 +8,7 @@ from revision.data import EmbeddingTable
 from revision.model import RevisionModel
 from revision.store import EmbeddingStore
 from revision.toy import pipeline
+from revision.toy.transfer import transfer
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,13 @@ def test_table_and_artifacts(demo):
     answers = [json.loads(line) for line in (run / "runs" / "realign" / "qa_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 24 and all("text" in a for a in answers)
     assert (run / "done" / "realign.stage2.json").is_file() and (run / "logs" / "realign.stage2.log").is_file()
+
+
+def test_transfer_readout_on_the_run(demo):
+    results = transfer(demo / "seed-0", ["realign"])
+    assert set(results) == {"image->image", "realign"}
+    for accuracy in results.values():
+        assert set(accuracy) == {"colour", "shape", "size", "position"} and all(0 <= a <= 1 for a in accuracy.values())
 
 
 def test_rerun_resumes_from_finished_stages(demo, capsys):

@@ -8,7 +8,8 @@ Per seed (into OUT/seed-N/): build the world -> train the toy CLIP -> pre-train 
 stage 1 (script/train/pretrain.sh), stage 2 (script/train/finetune_full.sh on instruct.json with the real
 image store and the row's align_stats), then `python -m revision.predict` on the held-out eval images:
 questions (scored by revision.evaluate's short-answer scorer) and captions from the stage-1 checkpoint
-(scored by attribute: revision.toy.world.parse_caption against the scene). The real scripts run as
+(scored by attribute: revision.toy.world.parse_caption against the scene; the table's caption columns are
+strict: a caption naming the wrong number of objects scores nothing). The real scripts run as
 subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
 
 Rows: none, mean_shift, c3 (mean_shift's centring + Gaussian noise 0.126 on the embeddings in stage 1),
