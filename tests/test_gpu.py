@@ -16,7 +16,7 @@ from revision.infer import Predictor
 from revision.model import RevisionModel, default_attn_implementation
 from revision.store import EmbeddingStore
 from revision.tiny.clip import build_tiny_clip
-from revision.tiny.lm import make_tiny_corpus, save_tiny_lm
+from revision.tiny.lm import make_tiny_training_world
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 REPO = Path(__file__).resolve().parents[1]
@@ -25,11 +25,7 @@ VISUAL = 4
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu_world")
-    model = save_tiny_lm(root / "model", "llama", hidden_size=64, num_layers=2)
-    text_store, text_data = make_tiny_corpus(root / "text", "text", n=128, dim=16)
-    image_store, image_data = make_tiny_corpus(root / "image", "image", n=128, dim=16)
-    return {"model": str(model), "text": (text_store, text_data), "image": (image_store, image_data)}
+    return make_tiny_training_world(tmp_path_factory.mktemp("gpu_world"), hidden_size=64, num_layers=2, n=128)
 
 
 def test_bf16_sdpa_loss_matches_fp32_eager_on_cpu(world):

@@ -14,7 +14,7 @@ from revision.align import make_alignment
 from revision.model import RevisionModel
 from revision.store import EmbeddingStore
 from revision.train import parse_args, train
-from revision.tiny.lm import make_tiny_corpus, save_tiny_lm
+from revision.tiny.lm import make_tiny_corpus, make_tiny_training_world
 
 VISUAL = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    model = save_tiny_lm(root / "model", "llama", hidden_size=32, num_layers=1)
-    text_store, text_data = make_tiny_corpus(root / "text", "text", n=64, dim=16)
-    image_store, image_data = make_tiny_corpus(root / "image", "image", n=64, dim=16)
-    return {"model": str(model), "text": (str(text_store), str(text_data)), "image": (str(image_store), str(image_data))}
+    return make_tiny_training_world(tmp_path_factory.mktemp("world"))
 
 
 def flags(world, out, stage, *extra):

@@ -130,6 +130,16 @@ def make_tiny_corpus(out_dir: str | os.PathLike, kind: str = "text", n: int = 25
     return store, data
 
 
+def make_tiny_training_world(root: str | os.PathLike, hidden_size: int = 32, num_layers: int = 1, n: int = 64,
+                             dim: int = 16) -> dict[str, str | tuple[str, str]]:
+    """A tiny LM plus a text (pretraining) and an image (instruction) corpus under root: {"model": folder,
+    "text": (store, data file), "image": (store, data file)}, all as strings."""
+    root = Path(root)
+    model = save_tiny_lm(root / "model", "llama", hidden_size=hidden_size, num_layers=num_layers)
+    corpora = {kind: make_tiny_corpus(root / kind, kind, n=n, dim=dim) for kind in ("text", "image")}
+    return {"model": str(model), **{kind: (str(store), str(data)) for kind, (store, data) in corpora.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
