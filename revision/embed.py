@@ -193,7 +193,9 @@ def worker_chunk(batch_size: int, num_workers: int) -> int:
     chunks make whole batches)."""
     if num_workers <= 1:
         return batch_size
-    parts = next(d for d in range(num_workers, batch_size + 1) if batch_size % d == 0) if num_workers < batch_size else batch_size
+    if num_workers >= batch_size:
+        return 1
+    parts = next(d for d in range(num_workers, batch_size + 1) if batch_size % d == 0)
     return batch_size // parts
 
 
@@ -207,7 +209,7 @@ def image_batches(
     loader = DataLoader(
         ImageFiles(items, preprocess), batch_size=chunk, num_workers=num_workers, collate_fn=collate_images,
         worker_init_fn=_single_threaded_worker if num_workers else None, pin_memory=pin_memory,
-        prefetch_factor=max(4, 2 * batch_size // chunk // max(num_workers, 1)) if num_workers else None,
+        prefetch_factor=4 if num_workers else None,  # 4 chunks a worker: at least a batch in flight (parts >= workers)
         persistent_workers=False,
     )
     indices: list[int] = []

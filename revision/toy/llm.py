@@ -55,9 +55,9 @@ class ToyLlmConfig:
 
 
 def keywords(line: str) -> list[str]:
-    """What a line is about: for a caption, the count word and each object's canonical colour, shape, size and
-    position words ("two red circle small top left ..."); for a question, the attributes it names; [] for a
-    line naming none (an answer such as "blue" is then summarised by its own tokens)."""
+    """What a caption is about: the count word and each object's canonical colour, shape, size and position
+    words ("two red circle small top left ..."); for a question, only the attributes it names; [] for a text
+    naming none."""
     objects = parse_caption(line)
     words = [COUNT_WORDS[min(len(objects), len(COUNT_WORDS) - 1)]] if objects and "?" not in line else []
     for obj in objects:
