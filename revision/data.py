@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -205,7 +206,15 @@ class SupervisedDataset(Dataset):
         self.records, self.rows = self._resolve(raw, [self._conversations(rec, row) for row, rec in enumerate(raw)])
         self.lengths = [sum(len(t["content"].split()) for t in turns) + (num_visual_tokens if row >= 0 else 0)
                         for turns, row in zip(self.records, self.rows)]
-        self.truncated = 0
+        # One flag per sample in shared memory: __getitem__ runs in DataLoader workers, whose own counters the
+        # trainer never sees; flags also count a sample once however many epochs cut it.
+        self._cut = multiprocessing.RawArray("b", len(self.records))
+        self._warned = False
+
+    @property
+    def truncated(self) -> int:
+        """Distinct samples whose text was cut to model_max_length so far, in this process and its loader workers."""
+        return int(np.frombuffer(self._cut, dtype=np.int8).sum())
 
     def _conversations(self, rec: dict, row: int) -> list[dict]:
         where = f"{self.data_path}: sample {row} (id {rec.get('id')!r})"
@@ -271,8 +280,9 @@ class SupervisedDataset(Dataset):
         segments = render(self.records[i], self.template, self.tokenizer)
         input_ids, labels, cut = tokenize(segments, self.tokenizer, self.num_visual_tokens, self.model_max_length)
         if cut:
-            self.truncated += 1
-            if self.truncated == 1:
+            self._cut[i] = 1
+            if not self._warned:  # once per process
+                self._warned = True
                 logger.warning("%s: sample %d is longer than model_max_length=%d; its text is truncated "
                                "(the visual block is kept)", self.data_path, i, self.model_max_length)
         row = int(self.rows[i])

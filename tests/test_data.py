@@ -162,6 +162,19 @@ def test_lengths_are_checked_and_truncation_keeps_the_visual_block(tokenizer):
     assert cut and len(ids) == 20 and (ids[:VISUAL] == IMAGE_TOKEN_INDEX).all() and (labels[VISUAL:] >= 0).all()
 
 
+def test_truncation_is_counted_across_loader_workers_once_per_sample(tmp_path, tokenizer):
+    long = " ".join(["red"] * 40)
+    records = [{"id": f"s{i}", "conversations": [{"from": "human", "value": "what colour ?"},
+                                                 {"from": "gpt", "value": long if i % 3 == 0 else "red"}]} for i in range(12)]
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records))
+    ds = SupervisedDataset(data, tokenizer, None, "chat", VISUAL, 24)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=lambda batch: len(batch))
+    for _ in range(2):  # two epochs: a sample cut twice still counts once
+        assert sum(loader) == 12
+    assert ds.truncated == 4  # samples 0, 3, 6, 9, all cut in the workers
+
+
 def test_collator_pads_and_fills_image_free_rows_with_zeros():
     features = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "image_embeds": torch.ones(4)},
                 {"input_ids": torch.tensor([5]), "labels": torch.tensor([5]), "image_embeds": None}]
