@@ -94,6 +94,12 @@ def open_images(world_dir: Path, records: Sequence[dict]) -> list[Image.Image]:
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS}
 
 
+def attribute_labels(scenes: Sequence[dict]) -> dict[str, np.ndarray]:
+    """[N] index into ATTRIBUTES[k] of each scene's object, per attribute k; -100 for scenes of two objects."""
+    return {k: np.array([values.index(s["objects"][0][k]) if s["count"] == 1 else -100 for s in scenes])
+            for k, values in ATTRIBUTES.items()}
+
+
 class TextAttributeHeads(torch.nn.Module):
     """One linear classifier per attribute on unit text embeddings (x10: unit rows give tiny logits otherwise),
     trained on the captions of single-object scenes; -100 labels (two-object scenes) are ignored."""
@@ -101,12 +107,6 @@ class TextAttributeHeads(torch.nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in ATTRIBUTES.items()})
-
-    @staticmethod
-    def labels(scenes: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """[N] class index per attribute for each scene's attributes, -100 for scenes of two objects."""
-        return {k: torch.tensor([values.index(s["objects"][0][k]) if s["count"] == 1 else -100 for s in scenes])
-                for k, values in ATTRIBUTES.items()}
 
     def forward(self, text_embeds: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         if not any((y >= 0).any() for y in labels.values()):
@@ -144,7 +144,7 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
     model = build_model(cfg, processor.tokenizer).train()
     heads = TextAttributeHeads(cfg.projection_dim)
     scenes = {r["id"]: r["attributes"] for r in read_jsonl(world_dir / "scenes.jsonl")}
-    attribute_labels = TextAttributeHeads.labels([scenes[p["id"]] for p in pairs])
+    labels = {k: torch.from_numpy(v) for k, v in attribute_labels([scenes[p["id"]] for p in pairs]).items()}
     trained = torch.nn.ModuleList([model, heads]) if cfg.text_attribute_weight else model
     optimizer = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, cfg.steps // 10), cfg.steps)
@@ -164,7 +164,7 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
                     pixel_values=pixels[index], return_loss=True)
         loss = out.loss
         if cfg.text_attribute_weight:
-            loss = loss + cfg.text_attribute_weight * heads(out.text_embeds, {k: v[index] for k, v in attribute_labels.items()})
+            loss = loss + cfg.text_attribute_weight * heads(out.text_embeds, {k: v[index] for k, v in labels.items()})
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()

@@ -18,7 +18,7 @@ import numpy as np
 
 from revision.align import load_alignment
 from revision.store import EmbeddingStore
-from revision.toy.clip import ATTRIBUTES, read_jsonl
+from revision.toy.clip import ATTRIBUTES, attribute_labels, read_jsonl
 
 
 def ridge_readout(x: np.ndarray, labels: np.ndarray, classes: int, ridge: float = 1e-2) -> np.ndarray:
@@ -37,10 +37,9 @@ def readout_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarr
 
 def _single_object_rows(store: EmbeddingStore, scenes: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     shard = store.load_all()
-    keep = [i for i, item_id in enumerate(shard.ids) if scenes[item_id]["count"] == 1]
-    labels = {k: np.array([values.index(scenes[shard.ids[i]]["objects"][0][k]) for i in keep])
-              for k, values in ATTRIBUTES.items()}
-    return shard.embeds[keep].astype(np.float32), labels
+    labels = attribute_labels([scenes[item_id] for item_id in shard.ids])
+    keep = labels["colour"] >= 0  # single-object scenes
+    return shard.embeds[keep].astype(np.float32), {k: v[keep] for k, v in labels.items()}
 
 
 def transfer(run_dir: str | Path, methods: Sequence[str]) -> dict[str, dict[str, float]]:
