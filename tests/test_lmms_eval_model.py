@@ -1,5 +1,12 @@
-"""The lmms-eval adapter: request arguments → predictor calls (always), and lmms-eval's own objects (if installed)."""
+"""The lmms-eval adapter: request arguments → predictor calls, lmms-eval's own objects, and `python -m lmms_eval`
+end to end on local tasks this file writes (lmms-eval is in the dev extra)."""
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -77,7 +84,6 @@ def test_loglikelihood_requests_give_losses_whose_argmin_is_the_right_option(wor
 
 
 def test_with_lmms_eval_instances(world):
-    pytest.importorskip("lmms_eval")
     from lmms_eval.api.instance import Instance, unwrap_generation_output
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
@@ -106,3 +112,90 @@ def test_with_lmms_eval_instances(world):
     assert min(range(4), key=lambda i: outputs[i][0]) == 0  # lmms-eval's argmin picks "red" for the red image
     with pytest.raises(NotImplementedError):
         model.generate_until_multi_round([])
+
+
+TASK_UTILS = """
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_choice(doc):
+    return COLOURS
+
+
+def doc_to_target(doc):
+    return COLOURS.index(doc["colour"])
+
+
+def exact_colour(doc, results):
+    return {"exact_colour": float(results[0].strip() == doc["colour"])}
+"""
+
+
+def write_tasks(root: Path, images: dict[str, Path]) -> None:
+    """Two lmms-eval tasks over local JSONL docs and the test's own images: one generation task (exact colour),
+    one multiple-choice task (lmms-eval's acc: the choice whose returned score is lowest)."""
+    # two docs per colour, so a constant answer or a flipped choice rule cannot reach the full score
+    docs = [{"question": QUESTION, "colour": name, "image": str(path)} for name, path in images.items()] * 2
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "revision_test_utils.py").write_text(f"COLOURS = {list(COLOURS)!r}\n" + TASK_UTILS)
+    common = f"""
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {root / 'docs.jsonl'}
+        test_split: test
+        doc_to_visual: !function revision_test_utils.doc_to_visual
+        doc_to_text: question
+        metadata:
+          version: 0.0
+        """
+    (root / "colours_gen.yaml").write_text(textwrap.dedent(common) + textwrap.dedent("""
+        task: revision_colours_gen
+        output_type: generate_until
+        doc_to_target: colour
+        generation_kwargs:
+          until: ["\\n"]
+          max_new_tokens: 6
+          do_sample: false
+        process_results: !function revision_test_utils.exact_colour
+        metric_list:
+          - metric: exact_colour
+            aggregation: mean
+            higher_is_better: true
+        """))
+    (root / "colours_mc.yaml").write_text(textwrap.dedent(common) + textwrap.dedent("""
+        task: revision_colours_mc
+        output_type: multiple_choice
+        doc_to_choice: !function revision_test_utils.doc_to_choice
+        doc_to_target: !function revision_test_utils.doc_to_target
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        """))
+
+
+def test_lmms_eval_cli_scores_local_tasks(world, tmp_path):
+    """`python -m lmms_eval --model revision` end to end: the checkpoint names every image's colour, so both tasks
+    score 1.0. lmms-eval picks a multiple-choice answer by the argmin of what the adapter returns; were the sign
+    flipped (log-likelihoods instead of losses), acc would fall to 0."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(tasks, world["images"])
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "revision", "--model_args", f"pretrained={world['ckpt']},device=cpu",
+         "--tasks", "revision_colours_gen,revision_colours_mc", "--include_path", str(tasks), "--batch_size", "2",
+         "--output_path", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {}
+    for path in out.rglob("*_results.json"):
+        results.update(json.loads(path.read_text())["results"])
+    assert results["revision_colours_gen"]["exact_colour,none"] == 1.0
+    assert results["revision_colours_mc"]["acc,none"] == 1.0
