@@ -180,6 +180,11 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, ta
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> RevisionTrainer:
     """Run one stage; returns the trainer (its state holds the log history)."""
+    # Seed before anything random: the projector's (and LoRA's) init happen here, before Trainer seeds.
+    if training_args.full_determinism:
+        transformers.enable_full_determinism(training_args.seed)
+    else:
+        transformers.set_seed(training_args.seed)
     check_lengths(training_args.model_max_length, model_args.num_visual_tokens)
     if not data_args.embed_folder:
         raise SystemExit("no embedding folder: pass --embed_folder or set folder_path in data_utils.py")
