@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from revision import predict
+from revision.records import read_records
 from revision.toy import add_config_arguments, clip, config_from_arguments, llm, world as toy_world
 from revision.toy.world import parse_caption
 
@@ -167,7 +168,7 @@ def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: 
 
 def write_caption_questions(world: Path, path: Path) -> None:
     """The eval images as a question file for the captioning (plain template) checkpoint."""
-    rows = clip.read_jsonl(world / "eval_captions.jsonl")
+    rows = read_records(world / "eval_captions.jsonl")
     path.write_text("".join(json.dumps({"question_id": r["id"], "text": "", "image": r["image"]}) + "\n" for r in rows))
 
 
@@ -176,12 +177,12 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
     names most of its attributes (each parsed object used once); shares of (object, attribute) named right.
     `strict`: the same, counting a hit only when the caption names as many objects as the scene has: a model
     that always describes two objects, one big and one small, would otherwise get size right for free."""
-    refs = {r["id"]: r["attributes"] for r in clip.read_jsonl(world / "eval_captions.jsonl")}
+    refs = {r["id"]: r["attributes"] for r in read_records(world / "eval_captions.jsonl")}
     kinds = ("colour", "shape", "size", "position")
     hits: dict[str, list[bool]] = {k: [] for k in kinds}
     strict: dict[str, list[bool]] = {k: [] for k in kinds}
     all_right, count_right = [], []
-    for row in clip.read_jsonl(answers):
+    for row in read_records(answers):
         said = parse_caption(row.get("text") or "")
         objects = refs[row["question_id"]]["objects"]
         free, right = list(said), True
