@@ -12,7 +12,6 @@ the alignment's image_map. Either may get Gaussian noise (C3's corruption) befor
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ from torch.utils.data import Dataset
 
 from revision.conversation import count_images, normalise_turns, render, resolve_template
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from revision.records import read_dicts
 from revision.store import EmbeddingStore, StoreError, normalize_rows
 
 MIN_TEXT_TOKENS = 8  # model_max_length must leave at least this much room next to the visual block
@@ -137,21 +137,6 @@ def image_map_from(align_stats: str | os.PathLike | None) -> Callable[[np.ndarra
     return load_alignment(align_stats).image_map
 
 
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """A JSON list or JSONL file of sample dicts."""
-    path = Path(path)
-    text = path.read_text()
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON / JSONL ({e})") from e
-    for row, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}: row {row} is a {type(rec).__name__}, expected a dict")
-    return records
-
-
 def check_lengths(model_max_length: int, num_visual_tokens: int) -> None:
     """Refuse at start a length that cannot hold the visual block and some text."""
     if model_max_length < num_visual_tokens + MIN_TEXT_TOKENS:
@@ -202,7 +187,7 @@ class SupervisedDataset(Dataset):
         # Real image embeddings go through the alignment's image_map; aligned text embeddings are ready as they are.
         self.image_map = (image_map or normalize_rows) if table is not None and table.kind == "image" else None
         self.skip_missing, self.noise_seed, self.epoch = skip_missing, noise_seed, 0
-        raw = load_records(data_path)
+        raw = read_dicts(data_path)
         self.records, self.rows = self._resolve(raw, [self._conversations(rec, row) for row, rec in enumerate(raw)])
         self.lengths = [sum(len(t["content"].split()) for t in turns) + (num_visual_tokens if row >= 0 else 0)
                         for turns, row in zip(self.records, self.rows)]

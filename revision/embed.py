@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from revision.encoders import Encoder, load_encoder, to_rgb
+from revision.records import RecordsError, read_records
 from revision.store import StoreError, StoreWriter, check_unique_ids
 
 # Sleep after every batch: a throttle for slow shared disks, and how the tests get a run to kill mid-way.
@@ -57,19 +58,10 @@ class TextItem:
 
 def _read_records(path: Path) -> list[Any]:
     """A .json file (a list, or a dict holding lists) or a .jsonl file (one JSON value per line)."""
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}: line {line_no} is not valid JSON ({e})") from e
-        return records
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
+        return read_records(path, document=True)
+    except RecordsError as e:
+        raise InputError(str(e)) from None
 
 
 def _record_list(records: Any, key: str, where: Path) -> list:

@@ -54,11 +54,13 @@ import shutil
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TASKS = ("mc", "yesno", "short", "caption")
+from revision.records import RecordsError, located_records
+
 MME_PERCEPTION = frozenset(
     "existence count position color posters celebrity scene landmark artwork ocr".split()
 )
@@ -75,20 +77,14 @@ class EvalError(ValueError):
 # ---------------------------------------------------------------------------------------- reading
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """Rows of a JSONL file as ("file:line", object); every object must carry a question_id."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "question_id" not in row:
-                raise EvalError(f"{where}: expected a JSON object with a question_id")
-            rows.append((where, row))
+    """Rows of a JSONL file (or JSON list) as ("file:line", object); every object must carry a question_id."""
+    try:
+        rows = located_records(path)
+    except RecordsError as e:
+        raise EvalError(str(e)) from None
+    for where, row in rows:
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise EvalError(f"{where}: expected a JSON object with a question_id")
     return rows
 
 
@@ -118,7 +114,7 @@ def load_answers(path: str | Path) -> dict[str, str | None]:
 def load_references(path: str | Path, task: str) -> list[dict]:
     """References checked and reduced to what `task` scores: {"question_id", "category", "target", ...}."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASKS)}")
     refs = []
     for qid, (where, row) in _keyed(read_jsonl(path)).items():
         ref = {"question_id": qid, "category": str(row.get("category", "all")), "image_id": row.get("image_id")}
@@ -132,26 +128,38 @@ def load_references(path: str | Path, task: str) -> list[dict]:
         for key in ("options", "attributes"):
             if not isinstance(row.get(key) or {}, dict):
                 raise EvalError(f"{where}: '{key}' must be an object like {{\"A\": \"red\"}}")
-        if task == "caption":
-            attributes = row.get("attributes") or {}
-            if not answers and not attributes:
-                raise EvalError(f"{where}: caption reference {qid!r} has no 'answer(s)' and no 'attributes'")
-            attributes = {str(k): str(v) for k, v in attributes.items()}
-            refs.append({**ref, "captions": answers or [], "attributes": attributes})
-            continue
-        if not answers:
-            raise EvalError(f"{where}: reference {qid!r} has no 'answer' or 'answers'")
-        if task == "mc":
-            options = {str(k).strip().upper(): str(v) for k, v in (row.get("options") or {}).items()}
-            refs.append({**ref, "options": options, "target": _reference_letter(answers[0], options, where)})
-        elif task == "yesno":
-            target = parse_yes_no(answers[0])
-            if target is None:
-                raise EvalError(f"{where}: yes/no reference {qid!r} answer {answers[0]!r} is neither yes nor no")
-            refs.append({**ref, "target": target})
-        else:
-            refs.append({**ref, "answers": answers, "soft": "answers" in row})
+        refs.append(TASKS[task].reference(ref, row, answers, where))
     return refs
+
+
+def _answered(ref: dict, answers: list[str] | None, where: str) -> list[str]:
+    if not answers:
+        raise EvalError(f"{where}: reference {ref['question_id']!r} has no 'answer' or 'answers'")
+    return answers
+
+
+def mc_reference(ref: dict, row: dict, answers: list[str] | None, where: str) -> dict:
+    options = {str(k).strip().upper(): str(v) for k, v in (row.get("options") or {}).items()}
+    return {**ref, "options": options, "target": _reference_letter(_answered(ref, answers, where)[0], options, where)}
+
+
+def yesno_reference(ref: dict, row: dict, answers: list[str] | None, where: str) -> dict:
+    answer = _answered(ref, answers, where)[0]
+    target = parse_yes_no(answer)
+    if target is None:
+        raise EvalError(f"{where}: yes/no reference {ref['question_id']!r} answer {answer!r} is neither yes nor no")
+    return {**ref, "target": target}
+
+
+def short_reference(ref: dict, row: dict, answers: list[str] | None, where: str) -> dict:
+    return {**ref, "answers": _answered(ref, answers, where), "soft": "answers" in row}
+
+
+def caption_reference(ref: dict, row: dict, answers: list[str] | None, where: str) -> dict:
+    attributes = row.get("attributes") or {}
+    if not answers and not attributes:
+        raise EvalError(f"{where}: caption reference {ref['question_id']!r} has no 'answer(s)' and no 'attributes'")
+    return {**ref, "captions": answers or [], "attributes": {str(k): str(v) for k, v in attributes.items()}}
 
 
 def _reference_letter(answer: str, options: dict[str, str], where: str) -> str:
@@ -400,7 +408,23 @@ def _ptb_tokenize(texts: dict[str, str | list[str]]) -> dict[str, list[str]]:
     return PTBTokenizer().tokenize({q: [{"caption": t} for t in ts] for q, ts in as_lists.items()})
 
 
-SCORERS = {"mc": score_mc, "yesno": score_yesno, "short": score_short, "caption": score_caption}
+@dataclass(frozen=True)
+class Task:
+    """An evaluation task: `reference` reduces one reference row (its common fields, the raw row, its answers,
+    "file:line") to what `score` needs; `score` turns [(reference, answer text or None)] into metrics."""
+
+    help: str
+    reference: Callable[[dict, dict, list[str] | None, str], dict]
+    score: Callable[..., dict[str, Any]]
+
+
+# The registry predict.py and this module's CLI offer: a new task is one entry here (and its test).
+TASKS: dict[str, Task] = {
+    "mc": Task("multiple choice: the option letter", mc_reference, score_mc),
+    "yesno": Task("yes/no: accuracy, POPE precision/recall/F1, MME scores", yesno_reference, score_yesno),
+    "short": Task("short answer: VQA normalisation, soft accuracy with several answers", short_reference, score_short),
+    "caption": Task("captions: BLEU/ROUGE-L/CIDEr and/or attribute match", caption_reference, score_caption),
+}
 
 
 def evaluate(answers: dict[str, str | None], references: list[dict], task: str, **options: Any) -> dict[str, Any]:
@@ -414,12 +438,16 @@ def evaluate(answers: dict[str, str | None], references: list[dict], task: str, 
         "extra": len(set(answers) - {ref["question_id"] for ref in references}),
     }
     summary["answered"] = summary["n"] - summary["errors"] - summary["missing"]
-    return {**summary, **SCORERS[task](pairs, **options)}
+    return {**summary, **TASKS[task].score(pairs, **options)}
 
 
 def evaluate_files(answers: str | Path, references: str | Path, task: str, **options: Any) -> dict[str, Any]:
     metrics = evaluate(load_answers(answers), load_references(references, task), task, **options)
     return {**metrics, "answers_file": str(answers), "references_file": str(references)}
+
+
+def task_help() -> str:
+    return "; ".join(f"{name}: {task.help}" for name, task in TASKS.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -428,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--answers", required=True, help="answers JSONL ({question_id, text} or {question_id, error})")
     parser.add_argument("--references", required=True, help="references JSONL ({question_id, answer|answers, ...})")
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--task", required=True, choices=tuple(TASKS), help=task_help())
     parser.add_argument("--out", required=True, help="where to write the metrics JSON")
     parser.add_argument("--caption-tokenizer", default="auto", choices=("auto", "ptb", "simple"),
                         help="tokenizer for caption metrics: ptb needs java; auto uses it when java is found")

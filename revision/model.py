@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ IMAGE_TOKEN_INDEX = -200  # marks visual positions in input_ids; never a vocabul
 IGNORE_INDEX = -100
 PROJECTOR_FILE = "projector.safetensors"
 CONFIG_FILE = "revision_config.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +58,56 @@ class RevisionConfig:
             raise FileNotFoundError(f"{path}: not a ReVision checkpoint (no {CONFIG_FILE})")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in fields})
+
+
+def checkpoint_config(path: str | os.PathLike | None) -> RevisionConfig | None:
+    """The RevisionConfig of a checkpoint folder; None for anything else (a projector file, an HF model folder)."""
+    return RevisionConfig.load(path) if path and Path(path, CONFIG_FILE).is_file() else None
+
+
+def inherit_settings(folder: str | os.PathLike, projector_type: str | None, num_visual_tokens: int | None,
+                     align_stats: str | None) -> tuple[str, int, str | None]:
+    """(projector_type, num_visual_tokens, align_stats) for a run that continues the checkpoint `folder`.
+
+    A setting not given (None) is the folder's. A given one must agree with it, except num_visual_tokens
+    (a warning): the projector maps one embedding to one vector, however many positions that vector fills.
+    --align_stats may add an alignment to a folder that records none; against a recorded one it must hold
+    the same statistics (the projector learned on inputs that alignment produced). The embedding dim is no
+    flag: build_model refuses embeddings whose dim is not the projector's.
+    """
+    config, where = RevisionConfig.load(folder), Path(folder, CONFIG_FILE)
+    if projector_type is not None and projector_type != config.projector_type:
+        raise ValueError(f"--mm_projector_type {projector_type} contradicts projector_type {config.projector_type} "
+                         f"recorded in {where}; drop the flag to continue that projector")
+    if num_visual_tokens is not None and num_visual_tokens != config.num_visual_tokens:
+        logger.warning("--num_visual_tokens %d differs from num_visual_tokens %d recorded in %s: the projector's vector "
+                       "now fills %d positions", num_visual_tokens, config.num_visual_tokens, where, num_visual_tokens)
+    return (config.projector_type, config.num_visual_tokens if num_visual_tokens is None else num_visual_tokens,
+            _inherit_alignment(Path(folder), config, align_stats))
+
+
+def _inherit_alignment(folder: Path, config: RevisionConfig, align_stats: str | None) -> str | None:
+    if not config.alignment:
+        return align_stats
+    recorded = folder / config.alignment
+    if not align_stats:
+        logger.info("alignment from %s (%s)", recorded, folder / CONFIG_FILE)
+        return str(recorded)
+    from revision.align import load_alignment
+
+    given, saved = load_alignment(align_stats), load_alignment(recorded)
+    if _statistics(given) != _statistics(saved):
+        other = " with other statistics" if given.method == saved.method else ""
+        raise ValueError(f"--align_stats {align_stats} (method {given.method}{other}) contradicts the alignment "
+                         f"{recorded} (method {saved.method}) recorded in {folder / CONFIG_FILE}; drop the flag to use the "
+                         "recorded one")
+    return align_stats
+
+
+def _statistics(alignment) -> str:
+    """An alignment's method and fitted numbers (not its free-form info), comparable as a string."""
+    fitted = {k: v for k, v in alignment.to_dict().items() if k != "info"}
+    return json.dumps(fitted, sort_keys=True, default=lambda v: np.asarray(v).tolist())
 
 
 def build_projector(projector_type: str, in_dim: int, out_dim: int) -> nn.Sequential:

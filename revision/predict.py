@@ -27,13 +27,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from revision.data import EmbeddingTable, load_records
+from revision.data import EmbeddingTable
+from revision.evaluate import TASKS, evaluate_files, task_help
 from revision.infer import Predictor, Visual
+from revision.records import read_dicts
 
 
 def read_questions(path: str | Path) -> list[dict]:
     """Question rows, each checked for a question_id and a string text (errors name the file and row)."""
-    questions, seen = load_records(path), set()
+    questions, seen = read_dicts(path), set()
     for row, q in enumerate(questions):
         if "question_id" not in q:
             raise ValueError(f"{path}: row {row} has no question_id")
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--image_root", help="folder relative image paths resolve against (default: the question file's)")
     many.add_argument("--embed_folder", help="image store holding precomputed embeddings (by id or image path)")
     many.add_argument("--references", help="score the answers against this file right away (revision.evaluate)")
-    many.add_argument("--task", choices=("mc", "yesno", "short", "caption"), help="the scorer --references needs")
+    many.add_argument("--task", choices=tuple(TASKS), help=f"the scorer --references needs ({task_help()})")
     many.add_argument("--metrics", help="metrics JSON (default: next to --answers)")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=int, default=128)
@@ -156,8 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = answer_questions(predictor, questions, Path(args.answers), image_root, table, args.batch_size, **options)
         print(json.dumps(summary), file=sys.stderr)
         if args.references:
-            from revision.evaluate import evaluate_files
-
             metrics = evaluate_files(args.answers, args.references, args.task)
             metrics_path = Path(args.metrics or Path(args.answers).with_suffix(".metrics.json"))
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")

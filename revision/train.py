@@ -20,7 +20,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from revision.data import DataCollator, EmbeddingTable, SupervisedDataset, check_lengths, image_map_from
-from revision.model import CONFIG_FILE, RevisionModel, load_projector_weights
+from revision.model import (CONFIG_FILE, RevisionConfig, RevisionModel, checkpoint_config, inherit_settings,
+                            load_projector_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,12 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     model_name_or_path: str = field(default="", metadata={"help": "HF causal LM folder/id, or a ReVision checkpoint"})
     version: str = field(default="plain", metadata={"help": "template: plain (pretraining), chat, vicuna"})
-    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear or mlpNx_gelu"})
-    num_visual_tokens: int = field(default=576, metadata={"help": "positions the projected embedding fills"})
+    # None: the stage-1 folder's (--pretrain_mm_mlp_adapter) or ReVision checkpoint's, else RevisionConfig's default
+    mm_projector_type: str | None = field(default=None, metadata={"help": "linear or mlpNx_gelu (default: inherited, else mlp2x_gelu)"})
+    num_visual_tokens: int | None = field(default=None, metadata={"help": "positions the projected embedding fills (default: inherited, else 576)"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
-    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "projector weights from stage 1"})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
+        "help": "stage-1 output folder (projector, its settings and alignment) or a projector weights file"})
     attn_implementation: str | None = field(default=None, metadata={"help": "default: flash_attention_2 if usable, else sdpa"})
 
 
@@ -40,7 +43,8 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(default="", metadata={"help": "LLaVA-style JSON / JSONL"})
     embed_folder: str | None = field(default=None, metadata={"help": "embedding store (overrides data_utils.folder_path)"})
-    align_stats: str | None = field(default=None, metadata={"help": "embed_mean.py statistics: image_map for image stores"})
+    align_stats: str | None = field(default=None, metadata={
+        "help": "embed_mean.py statistics: image_map for image stores (default: inherited, or a text store's own)"})
     embed_noise_std: float = field(default=0.0, metadata={"help": "Gaussian noise on embeddings, then renormalise (C3)"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
@@ -134,6 +138,37 @@ def parse_args(argv: list[str] | None = None, default_embed_folder: str = ""):
     return model_args, data_args, training_args
 
 
+def continued_checkpoint(model_args: ModelArguments) -> str | None:
+    """The checkpoint folder this run continues: a stage-1 folder, else a ReVision --model_name_or_path."""
+    for path in (model_args.pretrain_mm_mlp_adapter, model_args.model_name_or_path):
+        if checkpoint_config(path) is not None:
+            return path
+    return None
+
+
+def settle_settings(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Fill the settings left unset from the checkpoint this run continues (checking those set), else defaults."""
+    folder = continued_checkpoint(model_args)
+    if folder is not None:
+        model_args.mm_projector_type, model_args.num_visual_tokens, data_args.align_stats = inherit_settings(
+            folder, model_args.mm_projector_type, model_args.num_visual_tokens, data_args.align_stats)
+    model_args.mm_projector_type = model_args.mm_projector_type or RevisionConfig.projector_type
+    if model_args.num_visual_tokens is None:
+        model_args.num_visual_tokens = RevisionConfig.num_visual_tokens
+
+
+def store_alignment(table: EmbeddingTable) -> str | None:
+    """The statistics file an aligned text store (embed_mean.py's output) names, so stage 1 records it."""
+    name = table.manifest.get("alignment") if table.kind == "text" else None
+    return str(table.root / name) if name and (table.root / name).is_file() else None
+
+
+def _warn_other_encoder(config: RevisionConfig, table: EmbeddingTable, where: str) -> None:
+    if table.encoder and config.encoder not in (None, table.encoder):
+        logger.warning("%s was trained on embeddings of encoder %s, but %s holds %s", where, config.encoder,
+                       table.root, table.encoder)
+
+
 def model_dtype(training_args: TrainingArguments) -> torch.dtype:
     """Half-precision weights under DeepSpeed (it keeps fp32 master copies); fp32 + autocast otherwise."""
     if training_args.deepspeed and training_args.bf16:
@@ -151,19 +186,28 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, ta
         model.revision_config.template = model_args.version
         model.revision_config.num_visual_tokens = model_args.num_visual_tokens  # what this run's data is built with
         model.check_embed_dim(table.dim, f"embeddings in {table.root}")
-        if table.encoder and model.revision_config.encoder not in (None, table.encoder):
-            logger.warning("%s was trained on embeddings of encoder %s, but %s holds %s", model_args.model_name_or_path,
-                           model.revision_config.encoder, table.root, table.encoder)
+        _warn_other_encoder(model.revision_config, table, model_args.model_name_or_path)
     else:
         model = RevisionModel.from_llm(model_args.model_name_or_path, table.dim, model_args.mm_projector_type,
                                        model_args.num_visual_tokens, model_args.version, table.encoder, dtype, attn)
     if model_args.pretrain_mm_mlp_adapter:
-        weights = load_projector_weights(model_args.pretrain_mm_mlp_adapter)
+        adapter = model_args.pretrain_mm_mlp_adapter
+        weights = load_projector_weights(adapter)
         first = weights.get("0.weight")
         if first is not None and first.shape[1] != table.dim:
-            raise ValueError(f"{model_args.pretrain_mm_mlp_adapter}: projector takes dim {first.shape[1]}, but the "
+            raise ValueError(f"{adapter}: projector takes dim {first.shape[1]}, but the "
                              f"embeddings in {table.root} have dim {table.dim} (another encoder?)")
-        model.projector.load_state_dict(weights)
+        try:
+            model.projector.load_state_dict(weights)
+        except RuntimeError as e:  # another projector type or LLM width than this model's
+            raise ValueError(f"{adapter}: these projector weights do not fit a {model_args.mm_projector_type} projector "
+                             f"{table.dim} -> {model.revision_config.hidden_size}: {e}") from None
+        stage1 = checkpoint_config(adapter)
+        if stage1 is not None:
+            _warn_other_encoder(stage1, table, adapter)
+            if stage1.base_model and stage1.base_model != model.revision_config.base_model:
+                logger.warning("%s trained its projector for LLM %s; this run uses %s", adapter, stage1.base_model,
+                               model.revision_config.base_model)
     if model_args.tune_mm_mlp_adapter:
         model.freeze_llm()
     elif training_args.lora_enable:
@@ -180,11 +224,18 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, ta
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> RevisionTrainer:
     """Run one stage; returns the trainer (its state holds the log history)."""
+    # Seed before anything random: the projector's (and LoRA's) init happen here, before Trainer seeds.
+    if training_args.full_determinism:
+        transformers.enable_full_determinism(training_args.seed)
+    else:
+        transformers.set_seed(training_args.seed)
+    settle_settings(model_args, data_args)
     check_lengths(training_args.model_max_length, model_args.num_visual_tokens)
     if not data_args.embed_folder:
         raise SystemExit("no embedding folder: pass --embed_folder or set folder_path in data_utils.py")
     with training_args.main_process_first(desc="embedding table cache"):
         table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir)
+    data_args.align_stats = data_args.align_stats or store_alignment(table)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
     model = build_model(model_args, training_args, table)

@@ -186,7 +186,7 @@ def test_list_file_forms(image_dir, tmp_path):
     assert images[0].path == Path("/data/a.png") and texts[0].text == "z"
 
     (tmp_path / "broken.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": \n')
-    with pytest.raises(InputError, match=r"broken.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(InputError, match=r"broken.jsonl:2: not valid JSON"):
         read_texts(tmp_path / "broken.jsonl")
     (tmp_path / "noimage.json").write_text(json.dumps([{"id": "a", "img": "x.png"}]))
     with pytest.raises(InputError, match=r"noimage.json: record 1 has no 'image' path"):

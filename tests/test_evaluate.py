@@ -6,7 +6,9 @@ import shutil
 import pytest
 
 from revision.evaluate import (
+    TASKS,
     EvalError,
+    Task,
     attribute_hits,
     evaluate,
     evaluate_files,
@@ -220,9 +222,32 @@ def test_bad_json_and_bad_yesno_reference(tmp_path):
     bad.write_text('{"question_id": 1, "text": "A"}\n{oops\n')
     with pytest.raises(EvalError, match=r"bad\.jsonl:2: not valid JSON"):
         load_answers(bad)
+    bad.write_bytes('{"question_id": 1, "text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(EvalError, match=r"bad\.jsonl:1: not UTF-8"):
+        load_answers(bad)
     refs = write_jsonl(tmp_path / "refs.jsonl", [{"question_id": 1, "answer": "maybe"}])
     with pytest.raises(EvalError, match=r"refs\.jsonl:1: .*neither yes nor no"):
         load_references(refs, "yesno")
+
+
+def test_a_task_registered_once_is_offered_by_evaluate_and_predict(tmp_path, monkeypatch):
+    from revision.predict import build_parser
+
+    def length_reference(ref, row, answers, where):
+        return {**ref, "length": int(row["length"])}
+
+    def score_length(pairs):
+        return {"accuracy": sum(t is not None and len(t.split()) == r["length"] for r, t in pairs) / len(pairs)}
+
+    monkeypatch.setitem(TASKS, "length", Task("answer has the right number of words", length_reference, score_length))
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"question_id": 1, "length": 2}, {"question_id": 2, "length": 1}])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 1, "text": "red circle"}, {"question_id": 2, "text": "a b"}])
+    out = tmp_path / "metrics.json"
+    assert main(["--answers", str(answers), "--references", str(refs), "--task", "length", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["accuracy"] == 0.5
+    assert build_parser().parse_args(["--model", "m", "--task", "length"]).task == "length"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--task", "nonsense"])
 
 
 def test_cli_writes_metrics_json(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Training stages through HF Trainer: what trains, what is saved, resuming, DeepSpeed, start-up errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from revision.align import make_alignment
-from revision.model import RevisionModel
-from revision.store import EmbeddingStore
+from revision.model import IMAGE_TOKEN_INDEX, RevisionModel
+from revision.store import EmbeddingStore, write_store
 from revision.train import parse_args, train
-from revision.tiny.lm import make_tiny_corpus, make_tiny_training_world
+from revision.tiny.lm import make_tiny_corpus, make_tiny_training_world, tiny_embeddings
 
 VISUAL = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,95 @@ def test_resume_gives_the_same_losses(world, tmp_path, stage):
     resumed = run(world, tmp_path / "resumed", stage, *common, "--resume_from_checkpoint", str(checkpoint))
     assert len(losses(resumed, after_step=6)) == 6  # the history up to step 6 comes from the checkpoint
     assert losses(resumed, after_step=6) == pytest.approx(losses(full, after_step=6), rel=1e-5)
+
+
+def test_same_seed_gives_the_same_losses(world, tmp_path):
+    # projector init, noise and data order all come from --seed: two runs agree step by step, another seed does not
+    common = ["--max_steps", "4", "--learning_rate", "1e-2", "--embed_noise_std", "0.05"]
+    first, second = (losses(run(world, tmp_path / name, "pretrain", *common)) for name in ("a", "b"))
+    other = losses(run(world, tmp_path / "c", "pretrain", *common, "--seed", "1"))
+    assert len(first) == 4 and first == second
+    assert other[0] != first[0]
+
+
+def fitted(world, method, path):
+    stats = make_alignment(method).fit(EmbeddingStore(world["text"][0]), EmbeddingStore(world["image"][0]))
+    stats.save(path)
+    return stats
+
+
+def without_visual_tokens(args):
+    i = args.index("--num_visual_tokens")
+    return args[:i] + args[i + 2:]
+
+
+def first_image_sample(world, trainer):
+    """The first training sample's image embedding and the raw store row it came from."""
+    row = EmbeddingStore(world["image"][0]).load_all().embeds[:1]
+    return trainer.train_dataset[0]["image_embeds"].numpy(), row
+
+
+@pytest.fixture(scope="module")
+def stage1(world, tmp_path_factory):
+    """A stage-1 folder with a linear projector, 3 visual tokens and ReAlign statistics."""
+    root = tmp_path_factory.mktemp("stage1")
+    stats = fitted(world, "realign", root / "realign.json")
+    run(world, root / "s1", "pretrain", "--max_steps", "1", "--mm_projector_type", "linear", "--num_visual_tokens", "3",
+        "--align_stats", str(root / "realign.json"))
+    return root / "s1", stats
+
+
+def test_stage2_inherits_the_stage1_folder(world, stage1, tmp_path):
+    folder, stats = stage1
+    args = without_visual_tokens(flags(world, tmp_path / "s2", "finetune", "--max_steps", "1", "--learning_rate", "1e-2",
+                                       "--pretrain_mm_mlp_adapter", str(folder)))
+    trainer = train(*parse_args(args))  # no projector type, visual tokens or alignment given
+    model = trainer.model
+    assert model.revision_config.projector_type == "linear" and [type(m).__name__ for m in model.projector] == ["Linear"]
+    assert int((trainer.train_dataset[0]["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == 3
+    embeds, row = first_image_sample(world, trainer)
+    assert np.allclose(embeds, stats.image_map(row)[0], atol=1e-6)
+    saved = RevisionModel.from_pretrained(tmp_path / "s2")
+    assert saved.alignment.method == "realign" and saved.revision_config.num_visual_tokens == 3
+    assert saved.alignment.to_dict()["mu_hat"] == stats.to_dict()["mu_hat"]
+
+
+def test_stage1_records_its_text_stores_alignment_for_stage2(world, tmp_path):
+    # embed_mean.py's aligned store names its statistics: stage 1 records them, stage 2 applies their image_map
+    stats = fitted(world, "mean_shift", tmp_path / "stats.json")
+    captions, embeds = tiny_embeddings(64, 16)
+    aligned = tmp_path / "aligned"
+    write_store(aligned, "text", [f"text{i:06d}" for i in range(64)], stats.text_map(embeds), captions,
+                encoder="tiny/random-prototypes", dtype="float32", extra={"alignment": "align_stats.json"})
+    stats.save(aligned / "align_stats.json")
+    run(world, tmp_path / "s1", "pretrain", "--max_steps", "1", "--embed_folder", str(aligned))
+    assert json.loads((tmp_path / "s1" / "revision_config.json").read_text())["alignment"] == "align_stats.json"
+    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "1", "--pretrain_mm_mlp_adapter", str(tmp_path / "s1"))
+    embeds, row = first_image_sample(world, trainer)
+    assert np.allclose(embeds, stats.image_map(row)[0], atol=1e-6)
+    assert not np.allclose(embeds, row[0] / np.linalg.norm(row[0]), atol=1e-3)  # centred: not plain normalisation
+
+
+def test_stage2_flags_that_contradict_the_stage1_folder(world, stage1, tmp_path, caplog):
+    folder, _ = stage1
+    adapter = ["--pretrain_mm_mlp_adapter", str(folder)]
+    with pytest.raises(ValueError, match="--mm_projector_type mlp2x_gelu contradicts projector_type linear recorded in "
+                                         + re.escape(str(folder / "revision_config.json"))):
+        run(world, tmp_path / "a", "finetune", *adapter, "--mm_projector_type", "mlp2x_gelu")
+    fitted(world, "mean_shift", tmp_path / "mean_shift.json")
+    with pytest.raises(ValueError, match=re.escape(f"--align_stats {tmp_path / 'mean_shift.json'} (method mean_shift) "
+                                                   f"contradicts the alignment {folder / 'align_stats.json'} (method realign)")):
+        run(world, tmp_path / "b", "finetune", *adapter, "--align_stats", str(tmp_path / "mean_shift.json"))
+    # a projector file inherits nothing (as before): the default mlp2x_gelu does not fit these linear weights
+    with pytest.raises(ValueError, match="projector.safetensors: these projector weights do not fit a mlp2x_gelu projector "
+                                         "16 -> 32"):
+        run(world, tmp_path / "d", "finetune", "--pretrain_mm_mlp_adapter", str(folder / "projector.safetensors"))
+    fitted(world, "realign", tmp_path / "same.json")  # the same statistics again: agrees
+    with caplog.at_level("WARNING", logger="revision.model"):
+        trainer = run(world, tmp_path / "c", "finetune", *adapter, "--align_stats", str(tmp_path / "same.json"),
+                      "--max_steps", "1", "--num_visual_tokens", "2")  # may differ: warned
+    assert "--num_visual_tokens 2 differs from num_visual_tokens 3" in caplog.text
+    assert trainer.model.revision_config.num_visual_tokens == 2
 
 
 def test_projector_lr_and_length_grouping(world, tmp_path):

@@ -36,6 +36,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 
 from revision.encoders import load_encoder
 from revision.gap import centroid_and_traces, knn_mixing, linear_probe_accuracy
+from revision.records import read_records
 from revision.tiny.clip import word_bpe_clip_tokenizer
 from revision.toy import add_config_arguments, config_from_arguments
 from revision.toy.world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, vocabulary
@@ -77,10 +78,6 @@ def build_model(cfg: ToyClipConfig, tokenizer) -> CLIPModel:
     vision = dict(tower, image_size=IMAGE_SIZE, patch_size=cfg.patch, num_channels=3)
     torch.manual_seed(cfg.seed)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def open_images(world_dir: Path, records: Sequence[dict]) -> list[Image.Image]:
@@ -128,7 +125,7 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
     Returns the training log: per-step losses, seconds, config."""
     cfg = cfg or ToyClipConfig()
     world_dir, out_dir = Path(world_dir), Path(out_dir)
-    pairs = read_jsonl(world_dir / "paired.jsonl")
+    pairs = read_records(world_dir / "paired.jsonl")
     if len(pairs) < 2:
         raise ValueError(f"{world_dir / 'paired.jsonl'}: need at least 2 image-caption pairs, found {len(pairs)}")
     start = time.perf_counter()
@@ -143,7 +140,7 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
 
     model = build_model(cfg, processor.tokenizer).train()
     heads = TextAttributeHeads(cfg.projection_dim)
-    scenes = {r["id"]: r["attributes"] for r in read_jsonl(world_dir / "scenes.jsonl")}
+    scenes = {r["id"]: r["attributes"] for r in read_records(world_dir / "scenes.jsonl")}
     labels = {k: torch.from_numpy(v) for k, v in attribute_labels([scenes[p["id"]] for p in pairs]).items()}
     trained = torch.nn.ModuleList([model, heads]) if cfg.text_attribute_weight else model
     optimizer = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr)
@@ -213,8 +210,8 @@ def measure(model_dir: str | Path, world_dir: str | Path, gap_rows: int = 2000, 
     model_dir, world_dir = Path(model_dir), Path(world_dir)
     encoder = load_encoder(str(model_dir), device="cpu")
     rng = np.random.default_rng(seed)
-    captions = read_jsonl(world_dir / "unpaired_texts.jsonl")
-    images = read_jsonl(world_dir / "unpaired_images.jsonl")
+    captions = read_records(world_dir / "unpaired_texts.jsonl")
+    images = read_records(world_dir / "unpaired_images.jsonl")
     captions = [captions[i] for i in np.sort(rng.permutation(len(captions))[:gap_rows])]
     images = [images[i] for i in np.sort(rng.permutation(len(images))[:gap_rows])]
     text = encoder.encode_texts([c["text"] for c in captions]).numpy()
@@ -223,7 +220,7 @@ def measure(model_dir: str | Path, world_dir: str | Path, gap_rows: int = 2000, 
     gap = {**centroid_and_traces(text, image), "linear_probe_acc": linear_probe_accuracy(text, image, rng),
            "knn_mixing": knn_mixing(text[:n], image[:n]), "rows": {"text": len(text), "image": len(image)}}
 
-    pairs = read_jsonl(world_dir / "eval_captions.jsonl")
+    pairs = read_records(world_dir / "eval_captions.jsonl")
     eval_text = encoder.encode_texts([p["caption"] for p in pairs]).numpy()
     eval_image = encoder.encode_images(open_images(world_dir, pairs)).numpy()
     return {"encoder": encoder.name, "dim": encoder.dim, "gap_unpaired": gap,

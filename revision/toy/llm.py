@@ -30,9 +30,9 @@ from transformers import get_cosine_schedule_with_warmup
 from revision.conversation import render, resolve_template
 from revision.data import tokenize
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from revision.records import read_records
 from revision.tiny.lm import build_tiny_lm, build_tokenizer
 from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.clip import read_jsonl
 from revision.toy.world import COUNT_WORDS, Scene, parse_caption, qa_conversation, vocabulary
 
 REPORT = "toy_llm_report.json"
@@ -69,10 +69,10 @@ def pretraining_samples(world_dir: str | Path, seed: int) -> list[tuple[list[dic
     """(LLaVA conversation, template, caption whose keywords fill the image slot) for every training caption:
     the caption itself (plain) and a QA conversation about its scene (chat), both keyed to text-only scenes."""
     world_dir = Path(world_dir)
-    scenes = {r["id"]: r["attributes"] for r in read_jsonl(world_dir / "scenes.jsonl")}
+    scenes = {r["id"]: r["attributes"] for r in read_records(world_dir / "scenes.jsonl")}
     max_turns = json.loads((world_dir / "world.json").read_text())["sizes"]["max_turns"]
-    captions = [(r["id"], r["caption"]) for r in read_jsonl(world_dir / "paired.jsonl")]
-    captions += [(r["id"], r["text"]) for r in read_jsonl(world_dir / "unpaired_texts.jsonl")]
+    captions = [(r["id"], r["caption"]) for r in read_records(world_dir / "paired.jsonl")]
+    captions += [(r["id"], r["text"]) for r in read_records(world_dir / "unpaired_texts.jsonl")]
     rng = np.random.default_rng([seed, 2])
     samples = []
     for item_id, caption in captions:

@@ -6,10 +6,10 @@
 Per seed (into OUT/seed-N/): build the world -> train the toy CLIP -> pre-train the toy LLM -> image_embed.py
 (unpaired images + unpaired captions, paired images, eval images) -> embed_mean.py per method -> per row:
 stage 1 (script/train/pretrain.sh), stage 2 (script/train/finetune_full.sh on instruct.json with the real
-image store and the row's align_stats), then `python -m revision.predict` on the held-out eval images:
-questions (scored by revision.evaluate's short-answer scorer) and captions from the stage-1 checkpoint
-(scored by attribute: revision.toy.world.parse_caption against the scene; the table's caption columns are
-strict: a caption naming the wrong number of objects scores nothing). The real scripts run as
+image store; projector and align_stats come from the stage-1 folder), then `python -m revision.predict` on
+the held-out eval images: questions (scored by revision.evaluate's short-answer scorer) and captions from the
+stage-1 checkpoint (scored by attribute: revision.toy.world.parse_caption against the scene; the table's
+caption columns are strict: a caption naming the wrong number of objects scores nothing). The real scripts run as
 subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
 
 Rows: none, mean_shift, c3 (mean_shift's centring + Gaussian noise 0.126 on the embeddings in stage 1),
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from revision import predict
+from revision.records import read_records
 from revision.toy import add_config_arguments, clip, config_from_arguments, llm, world as toy_world
 from revision.toy.world import parse_caption
 
@@ -167,7 +168,7 @@ def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: 
 
 def write_caption_questions(world: Path, path: Path) -> None:
     """The eval images as a question file for the captioning (plain template) checkpoint."""
-    rows = clip.read_jsonl(world / "eval_captions.jsonl")
+    rows = read_records(world / "eval_captions.jsonl")
     path.write_text("".join(json.dumps({"question_id": r["id"], "text": "", "image": r["image"]}) + "\n" for r in rows))
 
 
@@ -176,12 +177,12 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
     names most of its attributes (each parsed object used once); shares of (object, attribute) named right.
     `strict`: the same, counting a hit only when the caption names as many objects as the scene has: a model
     that always describes two objects, one big and one small, would otherwise get size right for free."""
-    refs = {r["id"]: r["attributes"] for r in clip.read_jsonl(world / "eval_captions.jsonl")}
+    refs = {r["id"]: r["attributes"] for r in read_records(world / "eval_captions.jsonl")}
     kinds = ("colour", "shape", "size", "position")
     hits: dict[str, list[bool]] = {k: [] for k in kinds}
     strict: dict[str, list[bool]] = {k: [] for k in kinds}
     all_right, count_right = [], []
-    for row in clip.read_jsonl(answers):
+    for row in read_records(answers):
         said = parse_caption(row.get("text") or "")
         objects = refs[row["question_id"]]["objects"]
         free, right = list(said), True
@@ -234,9 +235,11 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
         names.append(f"{name}.stage1")
     stage2_env = {**common, **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr),
                   "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),
-                  "ALIGN_STATS": str(align / "align_stats.json"), "OUTPUT": str(out / "stage2")}
-    if stage1_data:
+                  "OUTPUT": str(out / "stage2")}
+    if stage1_data:  # the short form: projector and alignment come from the stage-1 folder
         stage2_env["PRETRAIN_ADAPTER"] = str(out / "stage1")
+    else:
+        stage2_env["ALIGN_STATS"] = str(align / "align_stats.json")
     run(f"{name}.stage2", ["bash", "script/train/finetune_full.sh"], stage2_env)
     names.append(f"{name}.stage2")
 

@@ -17,8 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from revision.align import load_alignment
+from revision.records import read_records
 from revision.store import EmbeddingStore
-from revision.toy.clip import ATTRIBUTES, attribute_labels, read_jsonl
+from revision.toy.clip import ATTRIBUTES, attribute_labels
 
 
 def ridge_readout(x: np.ndarray, labels: np.ndarray, classes: int, ridge: float = 1e-2) -> np.ndarray:
@@ -45,7 +46,7 @@ def _single_object_rows(store: EmbeddingStore, scenes: dict) -> tuple[np.ndarray
 def transfer(run_dir: str | Path, methods: Sequence[str]) -> dict[str, dict[str, float]]:
     """{method or 'image->image': {attribute: accuracy}} for one pipeline run folder (OUT/seed-N)."""
     run_dir = Path(run_dir)
-    scenes = {r["id"]: r["attributes"] for r in read_jsonl(run_dir / "world" / "scenes.jsonl")}
+    scenes = {r["id"]: r["attributes"] for r in read_records(run_dir / "world" / "scenes.jsonl")}
     images, image_labels = _single_object_rows(EmbeddingStore(run_dir / "embeds" / "unpaired" / "image"), scenes)
     half = len(images) // 2
     results = {"image->image": {k: readout_accuracy(images[:half], y[:half], images[half:], y[half:], len(ATTRIBUTES[k]))
