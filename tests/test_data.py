@@ -264,3 +264,32 @@ def test_empty_and_non_utf8_data_files_are_named(tmp_path, text_corpus, tokenize
     (tmp_path / "latin1.jsonl").write_bytes(b'{"id": "text000001", "caption": "a red star"}\n{"id": "x", "caption": "caf\xe9"}\n')
     with pytest.raises(InputError, match=r"latin1.jsonl: line 2: not UTF-8 text \(byte 0xe9"):
         dataset(tmp_path / "latin1.jsonl", tokenizer, store)
+
+
+def test_data_utils_check_reports_unusable_rows(tmp_path, tokenizer, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "ref").mkdir()
+    embeds = np.eye(3, 4, dtype=np.float32)
+    embeds[2] = np.inf
+    write_reference_shard(tmp_path / "ref" / "text_embeds_1.pkl", Shard("text", ["a", "b", "c"], embeds, ["x"] * 3), "float32")
+    data = write_json(tmp_path / "d.json", [{"id": i, "caption": "a red star"} for i in "abc"])
+    script = str(Path(__file__).resolve().parents[1] / "data_utils.py")
+
+    def check(*extra):
+        argv = ["data_utils.py", "--data_path", str(data), "--embed_folder", str(tmp_path / "ref"),
+                "--model_name_or_path", str(tmp_path / "tok"), "--num_visual_tokens", str(VISUAL), *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(script, run_name="__main__")
+        return capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        check()
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert "1 unusable rows (NaN / Inf / all zero), e.g. " in out and "text_embeds_1.pkl row 2 (id 'c'): Inf" in out
+    assert err.count("\n") == 1 and "d.json: sample 2 id 'c': unusable embedding" in err
+    out, _ = check("--skip_bad_embeddings")
+    assert "d.json: 2 samples (2 with an embedding; skipped: 0 with no embedding, 1 with an unusable one" in out
