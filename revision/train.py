@@ -259,7 +259,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
-    model = build_model(model_args, training_args, table)
+    try:
+        model = build_model(model_args, training_args, table)
+    except ValueError as e:  # a checkpoint, projector or LLM that does not fit this run's embeddings or flags
+        raise InputError(str(e)) from e
     image_map = image_map_from(data_args.align_stats) if table.kind == "image" else None
     dataset = SupervisedDataset(data_args.data_path, tokenizer, table, model_args.version, model_args.num_visual_tokens,
                                 training_args.model_max_length, image_map, data_args.embed_noise_std, data_args.skip_missing,

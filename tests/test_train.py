@@ -223,3 +223,37 @@ def test_training_stops_at_a_non_finite_gradient_norm(world, tmp_path, monkeypat
     with pytest.raises(TrainingDivergedError, match=r"step 1: the gradient norm is (inf|nan); stopped before the optimizer step"):
         run(world, tmp_path / "out", "pretrain", "--max_steps", "2")
     assert not (tmp_path / "out" / "projector.safetensors").exists()
+
+
+def test_bad_input_prints_one_line_and_exits_2(world, tmp_path):
+    store, data = world["text"]
+    samples = json.loads(Path(data).read_text())[:4]
+    files = {"empty.json": b"", "bad.json": b'[{"id": 1,', "latin1.jsonl": b'{"id": "text000001", "caption": "caf\xe9"}\n',
+             "ghost.json": json.dumps(samples + [{"id": "ghost", "caption": "a red star"}]).encode(),
+             "silent.json": json.dumps([{**s, "conversations": s["conversations"][:1]} for s in samples]).encode()}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    nan_folder, nan_data = nan_store(world, tmp_path / "nan")
+    cases = [  # (flags, what the one line says)
+        (["--data_path", str(tmp_path / "empty.json")], "empty.json: empty file (no samples)"),
+        (["--data_path", str(tmp_path / "bad.json")], "bad.json: not valid JSON / JSONL"),
+        (["--data_path", str(tmp_path / "latin1.jsonl")], "latin1.jsonl: line 1: not UTF-8 text (byte 0xe9"),
+        (["--data_path", str(tmp_path / "ghost.json")], "ghost.json: sample 4 id 'ghost' has no embedding in"),
+        (["--data_path", str(tmp_path / "silent.json")], "silent.json: no sample left to train on (4 samples: 4 with no assistant turn"),
+        (["--data_path", nan_data, "--embed_folder", nan_folder], "d.json: sample 3 id 'text000003': unusable embedding in"),
+        (["--embed_folder", str(tmp_path / "nowhere")], "nowhere: no such store folder"),
+        (["--pretrain_mm_mlp_adapter", str(tmp_path / "nowhere")], "nowhere: no projector weights here"),
+    ]
+    # One child runs train.py's main for every case (imports are the slow part); the last case ends the process.
+    child = ("import json, sys\nfrom revision.train import main\ncases = json.loads(sys.argv[1])\n"
+             "for argv in cases[:-1]:\n    try:\n        main(argv)\n    except SystemExit as e:\n"
+             "        print(f'EXIT {e.code}', file=sys.stderr, flush=True)\nmain(cases[-1])\n")
+    argvs = [flags(world, tmp_path / "out", "pretrain", "--max_steps", "1") + extra for extra, _ in cases]
+    done = subprocess.run([sys.executable, "-c", child, json.dumps(argvs)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    outputs = (done.stderr + "EXIT 2").split("EXIT ")
+    for (_, message), output in zip(cases, outputs):
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], output[-2000:]
+    assert [o.split("\n", 1)[0] for o in outputs[1:]] == ["2"] * len(cases)
