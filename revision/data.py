@@ -12,13 +12,16 @@ the alignment's image_map. Either may get Gaussian noise (C3's corruption) befor
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -26,11 +29,28 @@ from torch.utils.data import Dataset
 
 from revision.conversation import count_images, normalise_turns, render, resolve_template
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from revision.records import read_dicts
-from revision.store import EmbeddingStore, StoreError, normalize_rows
+from revision.records import RecordsError, read_dicts
+from revision.store import EmbeddingStore, StoreError, bad_rows, describe_bad_row, normalize_rows
 
 MIN_TEXT_TOKENS = 8  # model_max_length must leave at least this much room next to the visual block
+CACHE_VERSION = "2"  # 2: the cache records the store's unusable (NaN / Inf / all-zero) rows
+BAD_ROW_CHUNK = 8192  # rows checked at once when the cache is built (bounds the temporaries)
 logger = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Bad training input (data file, sample, embedding): the message names the file and the sample or row.
+    train.py prints it as one line instead of a traceback."""
+
+
+class MissingEmbeddingError(InputError, LookupError):
+    """A sample whose id has no embedding in the store."""
+
+
+def exit_with(error: Exception, code: int = 2) -> NoReturn:
+    """For CLIs: print an input error as one line on stderr and exit, instead of a traceback."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 class EmbeddingTable:
@@ -48,6 +68,8 @@ class EmbeddingTable:
         self.id_rows = np.load(cache / "id_rows.npy", mmap_mode="r")
         self.sources = np.load(cache / "sources.npy", mmap_mode="r") if (cache / "sources.npy").exists() else None
         self.source_rows = np.load(cache / "source_rows.npy", mmap_mode="r") if self.sources is not None else None
+        self.unusable_rows = np.load(cache / "bad_rows.npy")  # sorted rows holding NaN / Inf or all zeros
+        self.shards = json.loads((cache / "shards.json").read_text())  # [[shard file, rows], ...] in store order
         self.dim = int(self.embeds.shape[1])
 
     def __len__(self) -> int:
@@ -75,12 +97,27 @@ class EmbeddingTable:
     def __getitem__(self, row: int) -> np.ndarray:
         return np.array(self.embeds[row], dtype=np.float32)  # a copy: the memmap is read-only
 
+    def is_bad(self, rows: np.ndarray) -> np.ndarray:
+        """Which of `rows` hold NaN / Inf or are all zero (no direction: unusable)."""
+        return np.isin(np.asarray(rows), self.unusable_rows)
+
+    def describe(self, row: int) -> str:
+        """Where a row lives and what is wrong with it: 'STORE/SHARD row R (id ID): NaN'."""
+        ends = np.cumsum([n for _, n in self.shards])
+        shard = int(np.searchsorted(ends, row, side="right"))
+        in_shard = row - (int(ends[shard - 1]) if shard else 0)
+        hits = np.flatnonzero(np.asarray(self.id_rows) == row)
+        key = self.ids[hits[0]].decode() if len(hits) else "?"
+        return (f"{self.root / self.shards[shard][0]} row {in_shard} (id {key!r}): "
+                f"{describe_bad_row(np.asarray(self.embeds[row], np.float64))}")
+
 
 def _cache_key(store: EmbeddingStore) -> str:
     if store.manifest:
         parts = [f"{e['name']}:{e['sha256']}" for e in store.manifest["shards"]]
     else:
         parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in store.shard_paths]
+    parts.append(f"cache-version:{CACHE_VERSION}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -103,11 +140,14 @@ def _build_cache(store: EmbeddingStore, cache: Path) -> None:
     try:
         count = len(store)
         dtype = np.dtype(store.manifest.get("dtype", "float16")) if store.manifest else None
-        embeds, ids, sources, offset = None, [], [], 0
-        for shard in store.iter_shards():
+        embeds, ids, sources, offset, bad, shards = None, [], [], 0, [], []
+        for path, shard in zip(store.shard_paths, store.iter_shards()):
             if embeds is None:
                 embeds = np.lib.format.open_memmap(tmp / "embeds.npy", "w+", dtype or shard.embeds.dtype, (count, store.dim))
             embeds[offset: offset + len(shard)] = shard.embeds
+            for lo in range(0, len(shard), BAD_ROW_CHUNK):
+                bad.append(offset + lo + bad_rows(np.asarray(shard.embeds[lo: lo + BAD_ROW_CHUNK], np.float32)))
+            shards.append([path.name, len(shard)])
             offset += len(shard)
             ids += shard.ids
             sources += shard.sources
@@ -115,6 +155,8 @@ def _build_cache(store: EmbeddingStore, cache: Path) -> None:
             raise StoreError(f"{store.root}: the store holds no embeddings")
         embeds.flush()
         del embeds
+        np.save(tmp / "bad_rows.npy", np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64))
+        (tmp / "shards.json").write_text(json.dumps(shards))
         for name, keys, unique in (("ids", ids, True), ("sources", sources if store.kind == "image" else None, False)):
             if keys is not None:
                 index, rows = _sorted_index(keys, str(store.root), unique)
@@ -129,18 +171,32 @@ def _build_cache(store: EmbeddingStore, cache: Path) -> None:
 
 
 def image_map_from(align_stats: str | os.PathLike | None) -> Callable[[np.ndarray], np.ndarray]:
-    """The alignment's image_map from its statistics file (embed_mean.py's output); none given: normalise."""
+    """The alignment's image_map from its statistics file (embed_mean.py's output); none given: normalise.
+    Statistics holding NaN / Inf are refused here, naming the file and the statistic."""
     if not align_stats:
         return normalize_rows
     from revision.align import load_alignment
 
-    return load_alignment(align_stats).image_map
+    alignment = load_alignment(align_stats)
+    for name, value in alignment.state().items():
+        if not np.isfinite(np.asarray(value, np.float64)).all():
+            raise InputError(f"{align_stats}: alignment statistic {name!r} holds NaN or Inf; refit it with embed_mean.py")
+    return alignment.image_map
 
 
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """A JSON list or JSONL file of sample dicts (revision.records); an empty file is an error naming it."""
+    try:
+        records = read_dicts(path)
+    except RecordsError as e:
+        raise InputError(str(e)) from None
+    if not records:
+        raise InputError(f"{path}: empty file (no samples)")
+    return records
 def check_lengths(model_max_length: int, num_visual_tokens: int) -> None:
     """Refuse at start a length that cannot hold the visual block and some text."""
     if model_max_length < num_visual_tokens + MIN_TEXT_TOKENS:
-        raise ValueError(f"model_max_length {model_max_length} leaves no room for text: the visual block alone takes "
+        raise InputError(f"model_max_length {model_max_length} leaves no room for text: the visual block alone takes "
                          f"num_visual_tokens={num_visual_tokens} positions (need at least {num_visual_tokens + MIN_TEXT_TOKENS})")
 
 
@@ -178,7 +234,8 @@ class SupervisedDataset(Dataset):
 
     def __init__(self, data_path: str | os.PathLike, tokenizer, table: EmbeddingTable | None, template: str,
                  num_visual_tokens: int, model_max_length: int, image_map: Callable | None = None,
-                 embed_noise_std: float = 0.0, skip_missing: bool = False, noise_seed: int = 0):
+                 embed_noise_std: float = 0.0, skip_missing: bool = False, noise_seed: int = 0,
+                 skip_bad_embeddings: bool = False):
         check_lengths(model_max_length, num_visual_tokens)
         # resolved once here, not per sample (it may log a fallback warning)
         self.data_path, self.tokenizer, self.table = Path(data_path), tokenizer, table
@@ -186,8 +243,8 @@ class SupervisedDataset(Dataset):
         self.num_visual_tokens, self.model_max_length, self.embed_noise_std = num_visual_tokens, model_max_length, embed_noise_std
         # Real image embeddings go through the alignment's image_map; aligned text embeddings are ready as they are.
         self.image_map = (image_map or normalize_rows) if table is not None and table.kind == "image" else None
-        self.skip_missing, self.noise_seed, self.epoch = skip_missing, noise_seed, 0
-        raw = read_dicts(data_path)
+        self.skip_missing, self.skip_bad_embeddings, self.noise_seed, self.epoch = skip_missing, skip_bad_embeddings, noise_seed, 0
+        raw = load_records(data_path)
         self.records, self.rows = self._resolve(raw, [self._conversations(rec, row) for row, rec in enumerate(raw)])
         self.lengths = [sum(len(t["content"].split()) for t in turns) + (num_visual_tokens if row >= 0 else 0)
                         for turns, row in zip(self.records, self.rows)]
@@ -201,29 +258,41 @@ class SupervisedDataset(Dataset):
         """Distinct samples whose text was cut to model_max_length so far, in this process and its loader workers."""
         return int(np.frombuffer(self._cut, dtype=np.int8).sum())
 
-    def _conversations(self, rec: dict, row: int) -> list[dict]:
+    def _conversations(self, rec: dict, row: int) -> list[dict] | None:
+        """The sample's turns; None when it has nothing to train on (no assistant text): skipped and counted."""
         where = f"{self.data_path}: sample {row} (id {rec.get('id')!r})"
         if "conversations" in rec:
             try:
                 turns = normalise_turns(rec["conversations"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+            except (ValueError, TypeError) as e:
+                raise InputError(f"{where}: {e}") from None
         elif "caption" in rec:
+            if not isinstance(rec["caption"], str):
+                raise InputError(f"{where}: 'caption' is a {type(rec['caption']).__name__}, expected a string")
             turns = [{"role": "user", "content": IMAGE_TOKEN + "\n"}, {"role": "assistant", "content": rec["caption"]}]
         else:
-            raise ValueError(f"{where}: has neither 'conversations' nor 'caption'")
+            raise InputError(f"{where}: has neither 'conversations' nor 'caption'")
+        if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
+            return None  # an empty conversation, or no answer: 0 tokens to learn from (and 0-token batches crash)
         images = count_images(turns)
         if images > 1:
-            raise ValueError(f"{where}: {images} {IMAGE_TOKEN} placeholders; a sample carries one image embedding")
+            raise InputError(f"{where}: {images} {IMAGE_TOKEN} placeholders; a sample carries one image embedding")
         if images == 0 and ("image" in rec or self.template == "plain"):
-            raise ValueError(f"{where}: no {IMAGE_TOKEN} placeholder, but "
+            raise InputError(f"{where}: no {IMAGE_TOKEN} placeholder, but "
                              + ("it names an image" if "image" in rec else "pretraining (plain) needs one per sample"))
         return turns
 
-    def _resolve(self, raw: list[dict], records: list[list[dict]]) -> tuple[list[list[dict]], np.ndarray]:
-        needs = [count_images(turns) == 1 for turns in records]
+    def _resolve(self, raw: list[dict], records: list[list[dict] | None]) -> tuple[list[list[dict]], np.ndarray]:
+        """Drop (and count) samples with nothing to train on, no embedding (--skip_missing) or an unusable one
+        (--skip_bad_embeddings); without the flag, the first such sample is an error."""
+        empty = [i for i, turns in enumerate(records) if turns is None]
+        self.skipped_empty = len(empty)
+        if empty:
+            logger.warning("%s: skipped %d samples with no assistant turn to train on (e.g. sample %d, id %r)",
+                           self.data_path, len(empty), empty[0], raw[empty[0]].get("id"))
+        needs = [turns is not None and count_images(turns) == 1 for turns in records]
         if any(needs) and self.table is None:
-            raise ValueError(f"{self.data_path}: samples have {IMAGE_TOKEN} but no embedding folder was given")
+            raise InputError(f"{self.data_path}: samples have {IMAGE_TOKEN} but no embedding folder was given")
         keys = [str(rec.get("image", rec.get("id"))) for rec in raw]
         rows = np.full(len(records), -1, np.int64)
         if self.table is not None:
@@ -231,17 +300,29 @@ class SupervisedDataset(Dataset):
             fallback = self.table.rows([str(rec.get("id")) for rec in raw])  # "image" not in the store: try the id
             rows = np.where(rows >= 0, rows, fallback)
         missing = [i for i, need in enumerate(needs) if need and rows[i] < 0]
-        if missing and not self.skip_missing:
-            first = missing[0]
-            raise LookupError(f"{self.data_path}: sample {first} id {keys[first]!r} has no embedding in "
-                           f"{self.table.root}" + (f" ({len(missing)} samples lack one)" if len(missing) > 1 else "")
-                           + "; pass --skip_missing to skip such samples")
-        self.skipped = len(missing)
-        if missing:
-            logger.warning("%s: skipped %d samples with no embedding in %s (e.g. id %r)",
-                           self.data_path, len(missing), self.table.root, keys[missing[0]])
-        keep = [i for i in range(len(records)) if not (needs[i] and rows[i] < 0)]
+        self.skipped = self._refuse_or_skip(missing, self.skip_missing, "--skip_missing", MissingEmbeddingError,
+                                            lambda i: f"id {keys[i]!r} has no embedding in {self.table.root}")
+        bad = [int(i) for i in np.flatnonzero(self.table.is_bad(np.where(needs, rows, -1)))] if self.table is not None else []
+        self.skipped_bad = self._refuse_or_skip(bad, self.skip_bad_embeddings, "--skip_bad_embeddings", InputError,
+                                                lambda i: f"id {keys[i]!r}: unusable embedding in {self.table.describe(int(rows[i]))}")
+        drop = set(empty) | set(missing) | set(bad)
+        keep = [i for i in range(len(records)) if i not in drop]
+        if not keep:
+            raise InputError(f"{self.data_path}: no sample left to train on ({len(records)} samples: {len(empty)} with no "
+                             f"assistant turn, {len(missing)} with no embedding, {len(bad)} with an unusable one)")
+        self.ids = [str(raw[i].get("id")) for i in keep]  # for error messages (the trainer's NaN guard)
         return [records[i] for i in keep], np.where(np.array(needs, bool), rows, -1)[keep]
+
+    def _refuse_or_skip(self, samples: list[int], skip: bool, flag: str, error: type[InputError],
+                        problem: Callable[[int], str]) -> int:
+        """Without `skip`, raise naming the first of `samples` and the flag that skips them; with it, warn. The count."""
+        if samples and not skip:
+            raise error(f"{self.data_path}: sample {samples[0]} {problem(samples[0])}"
+                        + (f" ({len(samples)} samples like it)" if len(samples) > 1 else "") + f"; pass {flag} to skip such samples")
+        if samples:
+            logger.warning("%s: skipped %d samples (%s), e.g. sample %d %s", self.data_path, len(samples), flag,
+                           samples[0], problem(samples[0]))
+        return len(samples)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -254,6 +335,9 @@ class SupervisedDataset(Dataset):
         vec = self.table[row][None]
         if self.image_map is not None:
             vec = np.asarray(self.image_map(vec), dtype=np.float32)
+            if not np.isfinite(vec).all():
+                raise InputError(f"{self.data_path}: sample {index} id {self.ids[index]!r}: the alignment's image_map "
+                                 f"turned {self.table.root} row {row} into NaN / Inf (bad --align_stats?)")
         vec = vec[0].astype(np.float64)
         if self.embed_noise_std > 0:  # C3: corrupt, then back onto the sphere
             # Seeded by (seed, epoch, sample), not the global RNG: a resumed run draws the same noise.
@@ -271,16 +355,18 @@ class SupervisedDataset(Dataset):
                 logger.warning("%s: sample %d is longer than model_max_length=%d; its text is truncated "
                                "(the visual block is kept)", self.data_path, i, self.model_max_length)
         row = int(self.rows[i])
-        return {"input_ids": input_ids, "labels": labels, "image_embeds": self.embedding(row, i) if row >= 0 else None}
+        return {"input_ids": input_ids, "labels": labels, "image_embeds": self.embedding(row, i) if row >= 0 else None,
+                "index": i}
 
 
 class DataCollator:
     """Right-pads input_ids / labels and stacks embeddings (zeros for image-free samples, so the projector
     always takes part in the graph and DDP/ZeRO see its gradients in every step)."""
 
-    def __init__(self, pad_token_id: int | None, embed_dim: int):
+    def __init__(self, pad_token_id: int | None, embed_dim: int, sample_index: bool = False):
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.embed_dim = embed_dim
+        self.sample_index = sample_index  # also pass the dataset indices (the trainer names a bad batch's ids)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         def pad(key: str, value: int) -> torch.Tensor:
@@ -289,9 +375,12 @@ class DataCollator:
         input_ids = pad("input_ids", self.pad_token_id)
         lengths = torch.tensor([len(f["input_ids"]) for f in features])
         zeros = torch.zeros(self.embed_dim)
-        return {
+        batch = {
             "input_ids": input_ids,
             "labels": pad("labels", IGNORE_INDEX),
             "attention_mask": torch.arange(input_ids.shape[1])[None] < lengths[:, None],
             "image_embeds": torch.stack([zeros if f["image_embeds"] is None else f["image_embeds"] for f in features]),
         }
+        if self.sample_index:
+            batch["sample_index"] = torch.tensor([f.get("index", -1) for f in features])
+        return batch

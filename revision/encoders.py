@@ -297,9 +297,15 @@ class LLM2CLIPEncoder(Encoder):
 
 
 def load_encoder(
-    spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", batch_size: int = 64
+    spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", batch_size: int = 64,
+    trust_remote_code: bool = True,
 ) -> Encoder:
-    """Build the encoder a spec names (see the module docstring); a bare path or hub id means Hugging Face."""
+    """Build the encoder a spec names (see the module docstring); a bare path or hub id means Hugging Face.
+    `trust_remote_code=False` refuses encoders that run code from their repository (llm2clip:); prediction
+    passes it, so a checkpoint's config alone never runs such code."""
+    if spec.startswith("llm2clip:") and not trust_remote_code:
+        raise ValueError(f"encoder {spec!r} runs code from its model repository (trust_remote_code); pass "
+                         "--trust_remote_code if you trust it")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     kind, sep, rest = spec.partition(":")

@@ -438,7 +438,20 @@ def evaluate(answers: dict[str, str | None], references: list[dict], task: str, 
         "extra": len(set(answers) - {ref["question_id"] for ref in references}),
     }
     summary["answered"] = summary["n"] - summary["errors"] - summary["missing"]
+    if summary["missing"] or summary["extra"]:
+        logger.warning("answer ids do not match reference ids: %s", id_mismatch(answers, references))
     return {**summary, **TASKS[task].score(pairs, **options)}
+
+
+def id_mismatch(answers: dict[str, str | None], references: list[dict]) -> str:
+    """What differs between the answers' and the references' question ids, with examples ('' when nothing)."""
+    wanted = [ref["question_id"] for ref in references]
+    missing = [q for q in wanted if q not in answers]
+    extra = sorted(set(answers) - set(wanted))
+    if not missing and not extra:
+        return ""
+    return (f"{len(missing)} of {len(wanted)} references have no answer (e.g. {missing[:3]}) and {len(extra)} answers "
+            f"match no reference (e.g. {extra[:3]}); the missing ones score 0. Were these answers made for these references?")
 
 
 def evaluate_files(answers: str | Path, references: str | Path, task: str, **options: Any) -> dict[str, Any]:
@@ -460,13 +473,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the metrics JSON")
     parser.add_argument("--caption-tokenizer", default="auto", choices=("auto", "ptb", "simple"),
                         help="tokenizer for caption metrics: ptb needs java; auto uses it when java is found")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail (exit 3, no metrics written) when answer ids and reference ids do not match")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = {"tokenizer": args.caption_tokenizer} if args.task == "caption" else {}
     try:
         metrics = evaluate_files(args.answers, args.references, args.task, **options)
     except (EvalError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.strict and (metrics["missing"] or metrics["extra"]):
+        print(f"error: {args.answers} vs {args.references}: answer ids do not match reference ids (--strict)", file=sys.stderr)
+        return 3
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")

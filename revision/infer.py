@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
+from revision.checkpoint import check_loadable
 from revision.conversation import Segment, render_prompt, resolve_template
 from revision.data import tokenize
 from revision.embed import load_image
@@ -39,11 +40,15 @@ class Predictor:
     """A loaded checkpoint that answers questions about images (see the module docstring)."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
-                 encoder: str | None = None, base_model: str | None = None, encoder_batch_size: int = 64):
+                 encoder: str | None = None, base_model: str | None = None, encoder_batch_size: int = 64,
+                 trust_remote_code: bool = False):
         self.folder = Path(checkpoint)
+        check_loadable(self.folder)  # an interrupted save (a mix of two saves) or files changed since: refused
         if not (self.folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{self.folder}: not a ReVision checkpoint: {CONFIG_FILE} is missing "
                                     "(a folder written by train.py / RevisionModel.save_pretrained has one)")
+        # The encoder a checkpoint names may ship code (llm2clip:): it runs only when the user says so.
+        self.trust_remote_code = trust_remote_code
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = RevisionModel.from_pretrained(self.folder, dtype=self.dtype, base_model=base_model).to(self.device).eval()
@@ -67,7 +72,8 @@ class Predictor:
             if not self.encoder_spec:
                 raise ValueError(f"{self.folder / CONFIG_FILE} names no encoder: pass one (--encoder) or give "
                                  "precomputed image embeddings")
-            encoder = load_encoder(self.encoder_spec, self.device, "auto", self.encoder_batch_size)
+            encoder = load_encoder(self.encoder_spec, self.device, "auto", self.encoder_batch_size,
+                                   trust_remote_code=self.trust_remote_code)
             if encoder.dim != self.embed_dim:
                 raise ValueError(f"encoder {self.encoder_spec!r} gives {encoder.dim}-dim embeddings, but the projector in "
                                  f"{self.folder} takes {self.embed_dim} (the checkpoint was trained on another encoder)")
@@ -104,6 +110,10 @@ class Predictor:
         present = [i for i, v in enumerate(prepared) if v is not None]
         if present:
             raw[present] = self.model.image_map(raw[present])
+        bad = [i for i in present if not np.isfinite(raw[i]).all()]
+        if bad:  # an encoder overflow (fp16) or broken alignment statistics: never answer from NaN
+            what = visuals[bad[0]] if isinstance(visuals[bad[0]], (str, os.PathLike)) else f"visual {bad[0]} of the batch"
+            raise ValueError(f"{what}: its embedding holds NaN / Inf after the encoder and {self.folder}'s image_map")
         return raw
 
     # ---- the text side ----------------------------------------------------------------------------

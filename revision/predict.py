@@ -52,6 +52,8 @@ def store_embedding(table: EmbeddingTable, key: str) -> np.ndarray:
     row = int(table.lookup([key])[0])
     if row < 0:
         raise LookupError(f"{key!r} is not an id or image path in {table.root}")
+    if table.is_bad([row])[0]:
+        raise ValueError(f"{key!r}: unusable embedding in {table.describe(row)}")
     return table[row]
 
 
@@ -130,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16")
     run.add_argument("--encoder", help="override the encoder the checkpoint names (e.g. its folder moved)")
     run.add_argument("--base_model", help="override the base LLM of a LoRA / projector-only checkpoint")
+    run.add_argument("--trust_remote_code", action="store_true",
+                     help="allow an encoder that runs code from its repository (llm2clip:); off: refused")
     return parser
 
 
@@ -145,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    num_beams=args.num_beams)
     torch.manual_seed(args.seed)
     try:
-        predictor = Predictor(args.model, args.device, args.dtype, encoder=args.encoder, base_model=args.base_model)
+        predictor = Predictor(args.model, args.device, args.dtype, encoder=args.encoder, base_model=args.base_model,
+                              trust_remote_code=args.trust_remote_code)
         if not args.questions:
             visual = np.load(args.embedding) if args.embedding else args.image
             print(predictor.answer(args.prompt, predictor.prepare(visual), **options))
@@ -162,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_path = Path(args.metrics or Path(args.answers).with_suffix(".metrics.json"))
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
             print(json.dumps({k: metrics[k] for k in ("task", "n", "answered", "errors", "accuracy") if k in metrics}))
-    except (ValueError, LookupError, OSError) as e:  # bad checkpoint, question file or references: one clear line
+    except (ValueError, LookupError, OSError) as e:  # bad checkpoint (CheckpointError), question file or references: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

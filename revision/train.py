@@ -9,6 +9,7 @@ Flag names follow Bunny / ReVision where they exist.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,14 @@ import torch
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from revision.data import DataCollator, EmbeddingTable, SupervisedDataset, check_lengths, image_map_from
+from revision import checkpoint
+from revision.data import (DataCollator, EmbeddingTable, InputError, SupervisedDataset, check_lengths, exit_with,
+                           image_map_from)
 from revision.model import (CONFIG_FILE, RevisionConfig, RevisionModel, checkpoint_config, inherit_settings,
                             load_projector_weights)
+from revision.store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class DataArguments:
     embed_noise_std: float = field(default=0.0, metadata={"help": "Gaussian noise on embeddings, then renormalise (C3)"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
+    skip_bad_embeddings: bool = field(default=False, metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})
 
 
 @dataclass
@@ -72,9 +77,14 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm became NaN / Inf: training stops before that step updates the weights."""
+
+
 class RevisionTrainer(Trainer):
-    """Trainer that saves/loads the ReVision checkpoint layout, groups by estimated length, and can give
-    the projector its own learning rate."""
+    """Trainer that saves/loads the ReVision checkpoint layout (atomically, with a hash manifest: see
+    revision/checkpoint.py), groups by estimated length, can give the projector its own learning rate,
+    and stops at the first non-finite loss or gradient norm."""
 
     def __init__(self, *args, align_stats: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -106,6 +116,67 @@ class RevisionTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
+    # ---- NaN guard: the loss of every micro-batch, the gradient norm of every step ----------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index = inputs.pop("sample_index", None)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if model.training and not torch.isfinite(loss.detach()).all():
+            ids = getattr(self.train_dataset, "ids", None)
+            named = [ids[i] for i in index.tolist() if 0 <= i < len(ids)] if index is not None and ids else []
+            raise TrainingDivergedError(
+                f"step {self.state.global_step + 1}: the loss is {loss.item()} on the batch of samples "
+                f"{named[:8] or '(ids unknown)'}; stopped before updating the weights (no checkpoint of this state). "
+                "Check the data (python data_utils.py ...), or lower --learning_rate")
+        return result
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        value = float(grad_norm) if grad_norm is not None else None
+        # fp16's loss scaler meets Inf gradients on purpose and skips those steps; every other case is divergence
+        if value is not None and not math.isfinite(value) and not self.args.fp16:
+            raise TrainingDivergedError(
+                f"step {self.state.global_step + 1}: the gradient norm is {value}; stopped before the optimizer step "
+                "(no checkpoint of this state). Lower --learning_rate or check the data (python data_utils.py ...)")
+        return grad_norm
+
+    # ---- saving: staged, manifest last, renamed into place ----------------------------------------
+
+    def _fresh_staging(self, staging: Path) -> None:
+        if self.args.should_save:
+            checkpoint.fresh_staging(staging)
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{checkpoint.STAGING_PREFIX}{name}"
+        self._fresh_staging(staging)
+        self._get_output_dir = lambda trial=None: str(staging)  # HF writes staging/checkpoint-N, every rank
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoint.publish_checkpoint(staging / name, run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:  # inside _save_checkpoint: already staged
+            return super().save_model(output_dir, _internal_call)
+        out = Path(output_dir or self.args.output_dir)
+        staging = out / checkpoint.FINAL_STAGING
+        self._fresh_staging(staging)
+        super().save_model(str(staging), _internal_call)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoint.publish_final(staging, out)
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return
@@ -113,6 +184,7 @@ class RevisionTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(output_dir, state_dict=state_dict, tokenizer=self.processing_class, alignment=self.align_stats)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        checkpoint.pause_point(f"model-saved:{Path(output_dir).name}")  # tests kill the run here
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         (model or self.model).load_trainable(resume_from_checkpoint)
@@ -238,20 +310,29 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     data_args.align_stats = data_args.align_stats or store_alignment(table)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
-    model = build_model(model_args, training_args, table)
+    try:
+        model = build_model(model_args, training_args, table)
+    except ValueError as e:  # a checkpoint, projector or LLM that does not fit this run's embeddings or flags
+        raise InputError(str(e)) from e
     image_map = image_map_from(data_args.align_stats) if table.kind == "image" else None
     dataset = SupervisedDataset(data_args.data_path, tokenizer, table, model_args.version, model_args.num_visual_tokens,
                                 training_args.model_max_length, image_map, data_args.embed_noise_std, data_args.skip_missing,
-                                training_args.seed)
+                                training_args.seed, data_args.skip_bad_embeddings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("%d samples (%d skipped); %d trainable parameters of %d", len(dataset), dataset.skipped, trainable,
-                sum(p.numel() for p in model.parameters()))
+    logger.info("%d samples (%d skipped: %d no embedding, %d unusable embedding, %d no assistant turn); "
+                "%d trainable parameters of %d", len(dataset), dataset.skipped + dataset.skipped_bad + dataset.skipped_empty,
+                dataset.skipped, dataset.skipped_bad, dataset.skipped_empty, trainable, sum(p.numel() for p in model.parameters()))
     trainer = RevisionTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                              data_collator=DataCollator(tokenizer.pad_token_id, table.dim), align_stats=data_args.align_stats,
-                              callbacks=[EpochToDataset(dataset)])
-    resume = training_args.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(training_args.output_dir)
+                              data_collator=DataCollator(tokenizer.pad_token_id, table.dim, sample_index=True),
+                              align_stats=data_args.align_stats, callbacks=[EpochToDataset(dataset)])
+    # Only a complete checkpoint whose every file this run wrote, unchanged, is resumed from (checkpoint.py).
+    # The main process hashes every file first; the others then find it complete by names and sizes.
+    local = training_args.save_on_each_node
+    with training_args.main_process_first(local=local, desc="verify the checkpoint"):
+        is_main = (training_args.local_process_index if local else training_args.process_index) == 0
+        if training_args.should_save:
+            checkpoint.remove_stale_staging(training_args.output_dir)
+        resume = checkpoint.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, hashes=is_main)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
@@ -262,4 +343,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
 def main(argv: list[str] | None = None, default_embed_folder: str = "") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(*parse_args(argv, default_embed_folder))
+    try:
+        train(*parse_args(argv, default_embed_folder))
+    except (InputError, StoreError, checkpoint.CheckpointError, TrainingDivergedError, OSError) as e:
+        exit_with(e)  # bad input, a checkpoint that must not load, divergence: one line, no traceback

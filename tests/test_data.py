@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from revision.data import DataCollator, EmbeddingTable, SupervisedDataset, check_lengths, tokenize
+from revision.data import DataCollator, EmbeddingTable, InputError, SupervisedDataset, check_lengths, image_map_from, tokenize
 from revision.conversation import Segment
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
@@ -211,3 +211,85 @@ def test_a_million_row_table_is_memory_mapped(tmp_path):
     assert int(anon) < 2 * 2**20, f"private RSS grew by {int(anon) / 2**20:.1f} MiB"
     assert int(file_backed) < 0.25 * int(table_bytes), f"mapped {int(file_backed) / 2**20:.1f} MiB of the table"
     assert rows.strip() == "[7, 999999, 500000]"
+
+
+def test_unusable_rows_name_file_shard_row_and_id_or_are_skipped(tmp_path, tokenizer):
+    # a reference-layout store (no manifest, no row checks when written): NaN, Inf and all-zero rows get through
+    (tmp_path / "ref").mkdir()
+    ids = [f"t{i}" for i in range(6)]
+    embeds = np.eye(6, 4, dtype=np.float32) + 0.5
+    embeds[1, 2], embeds[4, 0] = np.nan, np.inf
+    write_reference_shard(tmp_path / "ref" / "text_embeds_1.pkl", Shard("text", ids[:3], embeds[:3], ["c"] * 3), "float32")
+    embeds[5] = 0
+    write_reference_shard(tmp_path / "ref" / "text_embeds_2.pkl", Shard("text", ids[3:], embeds[3:], ["c"] * 3), "float32")
+    data = write_json(tmp_path / "d.json", [{"id": i, "caption": "a red star"} for i in ids])
+    table = EmbeddingTable(tmp_path / "ref")
+    assert table.unusable_rows.tolist() == [1, 4, 5]
+    with pytest.raises(InputError, match=r"d.json: sample 1 id 't1': unusable embedding in .*ref/text_embeds_1.pkl row 1 "
+                                         r"\(id 't1'\): NaN \(3 samples like it\); pass --skip_bad_embeddings"):
+        dataset(data, tokenizer, tmp_path / "ref")
+    assert table.describe(4).endswith("text_embeds_2.pkl row 1 (id 't4'): Inf")
+    assert table.describe(5).endswith("text_embeds_2.pkl row 2 (id 't5'): all-zero vector")
+    ds = dataset(data, tokenizer, tmp_path / "ref", skip_bad_embeddings=True)
+    assert (len(ds), ds.skipped_bad, ds.ids) == (3, 3, ["t0", "t2", "t3"])
+    assert all(torch.isfinite(ds[i]["image_embeds"]).all() for i in range(len(ds)))
+
+
+def test_non_finite_alignment_statistics_are_refused(tmp_path):
+    dim = 4
+    stats = {"format": "revision.align/1", "method": "realign", "dim": dim, "info": {}, "mu_text": [0.1] * dim,
+             "mu_image": [0.2] * dim, "mu_hat": [0.2] * dim, "scale": float("nan")}
+    (tmp_path / "align_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(InputError, match=r"align_stats.json: alignment statistic 'scale' holds NaN or Inf"):
+        image_map_from(tmp_path / "align_stats.json")
+
+
+def test_empty_conversations_and_samples_with_no_answer_are_skipped_and_counted(tmp_path, image_corpus, tokenizer):
+    store, _ = image_corpus
+    good = {"id": "image000001", "conversations": [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]}
+    samples = [good, {"id": "image000002", "conversations": []},
+               {"id": "image000003", "conversations": [{"from": "human", "value": "<image>\nwhat ?"}]},
+               {"id": "image000004", "conversations": [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": " "}]}]
+    ds = dataset(write_json(tmp_path / "d.json", samples), tokenizer, store, "chat")
+    assert (len(ds), ds.skipped_empty, ds.ids) == (1, 3, ["image000001"])
+    with pytest.raises(InputError, match=r"none.json: no sample left to train on \(3 samples: 3 with no assistant turn"):
+        dataset(write_json(tmp_path / "none.json", samples[1:]), tokenizer, store, "chat")
+
+
+def test_empty_and_non_utf8_data_files_are_named(tmp_path, text_corpus, tokenizer):
+    store, _ = text_corpus
+    (tmp_path / "empty.json").write_text("\n")
+    with pytest.raises(InputError, match=r"empty.json: empty file \(no samples\)"):
+        dataset(tmp_path / "empty.json", tokenizer, store)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"id": "text000001", "caption": "a red star"}\n{"id": "x", "caption": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9"):
+        dataset(tmp_path / "latin1.jsonl", tokenizer, store)
+
+
+def test_data_utils_check_reports_unusable_rows(tmp_path, tokenizer, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "ref").mkdir()
+    embeds = np.eye(3, 4, dtype=np.float32)
+    embeds[2] = np.inf
+    write_reference_shard(tmp_path / "ref" / "text_embeds_1.pkl", Shard("text", ["a", "b", "c"], embeds, ["x"] * 3), "float32")
+    data = write_json(tmp_path / "d.json", [{"id": i, "caption": "a red star"} for i in "abc"])
+    script = str(Path(__file__).resolve().parents[1] / "data_utils.py")
+
+    def check(*extra):
+        argv = ["data_utils.py", "--data_path", str(data), "--embed_folder", str(tmp_path / "ref"),
+                "--model_name_or_path", str(tmp_path / "tok"), "--num_visual_tokens", str(VISUAL), *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(script, run_name="__main__")
+        return capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        check()
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert "1 unusable rows (NaN / Inf / all zero), e.g. " in out and "text_embeds_1.pkl row 2 (id 'c'): Inf" in out
+    assert err.count("\n") == 1 and "d.json: sample 2 id 'c': unusable embedding" in err
+    out, _ = check("--skip_bad_embeddings")
+    assert "d.json: 2 samples (2 with an embedding; skipped: 0 with no embedding, 1 with an unusable one" in out

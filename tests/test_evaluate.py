@@ -261,3 +261,23 @@ def test_cli_writes_metrics_json(tmp_path, capsys):
     missing_file = str(tmp_path / "nope.jsonl")
     assert main(["--answers", missing_file, "--references", str(refs), "--task", "yesno", "--out", str(out)]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_mismatched_ids_warn_loudly_and_fail_with_strict(tmp_path, capsys, caplog):
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"question_id": q, "answer": "yes"} for q in (1, 2, 3)])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": f"q{q}", "text": "yes"} for q in (1, 2, 3)])
+    out = tmp_path / "metrics.json"
+    argv = ["--answers", str(answers), "--references", str(refs), "--task", "yesno", "--out", str(out)]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert "3 of 3 references have no answer (e.g. ['1', '2', '3']) and 3 answers match no reference" in caplog.text
+    assert json.loads(out.read_text())["accuracy"] == 0
+    out.unlink()
+    assert main([*argv, "--strict"]) == 3 and not out.exists()
+    assert "answer ids do not match reference ids (--strict)" in capsys.readouterr().err
+
+
+def test_non_utf8_files_name_file_and_line(tmp_path):
+    (tmp_path / "refs.jsonl").write_bytes(b'{"question_id": 1, "answer": "yes"}\n{"question_id": 2, "answer": "s\xed"}\n')
+    with pytest.raises(EvalError, match=r"refs\.jsonl:2: not UTF-8 text"):
+        load_references(tmp_path / "refs.jsonl", "yesno")

@@ -168,6 +168,23 @@ def test_bad_visuals_give_clear_errors(world, predictor, tmp_path):
         predictor.prepare(np.full(16, np.nan))
 
 
+def test_non_finite_image_embeddings_never_reach_the_model(world, predictor, monkeypatch):
+    monkeypatch.setattr(predictor.model, "image_map", lambda x: x * np.nan)  # e.g. an fp16 encoder overflow
+    with pytest.raises(ValueError, match=r"red.png: its embedding holds NaN / Inf after the encoder"):
+        predictor.answer(QUESTION, world["images"]["red"])
+
+
+def test_an_encoder_with_remote_code_needs_trust_remote_code(world, tmp_path):
+    folder = shutil.copytree(world["ckpt"], tmp_path / "remote")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "encoder": "llm2clip:microsoft/LLM2CLIP-Openai-L-14-336"}))
+    with pytest.raises(ValueError, match="runs code from its model repository .*pass --trust_remote_code"):
+        Predictor(folder, device="cpu").encoder
+    assert cli(["--model", folder, "--image", world["images"]["red"], "--prompt", QUESTION]) == 2
+    with pytest.raises(ImportError, match="llm2vec"):  # trusted: it goes on to load it (here llm2vec is not installed)
+        Predictor(folder, device="cpu", trust_remote_code=True).encoder
+
+
 def test_checkpoint_without_config_is_refused(world, tmp_path):
     folder = shutil.copytree(world["ckpt"], tmp_path / "no-config")
     (folder / CONFIG_FILE).unlink()

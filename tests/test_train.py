@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from revision.align import make_alignment
+from revision.data import InputError, SupervisedDataset
 from revision.model import IMAGE_TOKEN_INDEX, RevisionModel
-from revision.store import EmbeddingStore, write_store
-from revision.train import parse_args, train
+from revision.store import EmbeddingStore, Shard, write_reference_shard, write_store
+from revision.train import TrainingDivergedError, parse_args, train
 from revision.tiny.lm import make_tiny_corpus, make_tiny_training_world, tiny_embeddings
 
 VISUAL = 2
@@ -84,6 +85,7 @@ def test_stage2_trains_the_right_sets(world, tmp_path, mode):
         assert (tmp_path / "s2" / "adapter_model.safetensors").exists()
     reloaded = RevisionModel.from_pretrained(tmp_path / "s2")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert batch.pop("sample_index").tolist() == [0, 1, 2]  # the trainer's NaN guard names the batch's ids with it
     with torch.no_grad():
         assert torch.allclose(reloaded.eval()(**batch).logits, model.eval()(**batch).logits, atol=1e-5)
 
@@ -253,3 +255,95 @@ def test_pretrain_launcher_runs_the_embedded_default(tmp_path):
     assert (config["template"], config["num_visual_tokens"], config["llm_weights"]) == ("plain", 4, "base")
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["log_history"][0]["learning_rate"] <= 5e-4
+
+
+def nan_store(world, root, bad_row=3, n=8):
+    """The first n text rows as a reference-layout store (written without row checks), row bad_row NaN, and a
+    data file of those n samples."""
+    store, data = world["text"]
+    shard = EmbeddingStore(store).load_all()
+    embeds = np.array(shard.embeds[:n], np.float32)
+    embeds[bad_row, 5] = np.nan
+    (root / "nan").mkdir(parents=True)
+    write_reference_shard(root / "nan" / "text_embeds_1.pkl", Shard("text", shard.ids[:n], embeds, shard.sources[:n]), "float32")
+    (root / "d.json").write_text(json.dumps(json.loads(Path(data).read_text())[:n]))
+    return str(root / "nan"), str(root / "d.json")
+
+
+def test_nan_rows_are_refused_or_skipped_never_trained_on(world, tmp_path):
+    store, data = nan_store(world, tmp_path)
+    with pytest.raises(InputError, match=r"d.json: sample 3 id 'text000003': unusable embedding in .*nan/text_embeds_1.pkl "
+                                         r"row 3 \(id 'text000003'\): NaN; pass --skip_bad_embeddings"):
+        run(world, tmp_path / "a", "pretrain", "--embed_folder", store, "--data_path", data, "--max_steps", "2")
+    assert not (tmp_path / "a" / "projector.safetensors").exists()
+    trainer = run(world, tmp_path / "b", "pretrain", "--embed_folder", store, "--data_path", data, "--max_steps", "2",
+                  "--skip_bad_embeddings")
+    assert (len(trainer.train_dataset), trainer.train_dataset.skipped_bad) == (7, 1)
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "b" / "projector.safetensors")).values())
+
+
+def test_training_stops_at_the_first_non_finite_loss(world, tmp_path, monkeypatch):
+    embedding = SupervisedDataset.embedding
+
+    def poisoned(self, row, index):  # a NaN that gets past the data checks (e.g. from a broken image_map)
+        vec = embedding(self, row, index)
+        return vec * float("nan") if self.ids[index] == "text000005" else vec
+
+    monkeypatch.setattr(SupervisedDataset, "embedding", poisoned)
+    _, data = nan_store(world, tmp_path, bad_row=0)
+    clean = [s for s in json.loads(Path(data).read_text()) if s["id"] != "text000000"]
+    Path(data).write_text(json.dumps(clean))
+    with pytest.raises(TrainingDivergedError, match=r"step 1: the loss is nan on the batch of samples \[.*'text000005'"):
+        run(world, tmp_path / "out", "pretrain", "--data_path", data, "--max_steps", "3",
+            "--save_strategy", "steps", "--save_steps", "1")
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "projector.safetensors").exists()
+
+
+def test_training_stops_at_a_non_finite_gradient_norm(world, tmp_path, monkeypatch):
+    import revision.train as train_module
+
+    build = train_module.build_model
+
+    def with_inf_gradients(*args):  # a finite loss whose backward overflows
+        model = build(*args)
+        model.projector[0].weight.register_hook(lambda grad: grad * float("inf"))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", with_inf_gradients)
+    with pytest.raises(TrainingDivergedError, match=r"step 1: the gradient norm is (inf|nan); stopped before the optimizer step"):
+        run(world, tmp_path / "out", "pretrain", "--max_steps", "2")
+    assert not (tmp_path / "out" / "projector.safetensors").exists()
+
+
+def test_bad_input_prints_one_line_and_exits_2(world, tmp_path):
+    store, data = world["text"]
+    samples = json.loads(Path(data).read_text())[:4]
+    files = {"empty.json": b"", "bad.json": b'[{"id": 1,', "latin1.jsonl": b'{"id": "text000001", "caption": "caf\xe9"}\n',
+             "ghost.json": json.dumps(samples + [{"id": "ghost", "caption": "a red star"}]).encode(),
+             "silent.json": json.dumps([{**s, "conversations": s["conversations"][:1]} for s in samples]).encode()}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    nan_folder, nan_data = nan_store(world, tmp_path / "nan")
+    cases = [  # (flags, what the one line says)
+        (["--data_path", str(tmp_path / "empty.json")], "empty.json: empty file (no samples)"),
+        (["--data_path", str(tmp_path / "bad.json")], "bad.json:1: not valid JSON"),
+        (["--data_path", str(tmp_path / "latin1.jsonl")], "latin1.jsonl:1: not UTF-8 (byte 0xe9"),
+        (["--data_path", str(tmp_path / "ghost.json")], "ghost.json: sample 4 id 'ghost' has no embedding in"),
+        (["--data_path", str(tmp_path / "silent.json")], "silent.json: no sample left to train on (4 samples: 4 with no assistant turn"),
+        (["--data_path", nan_data, "--embed_folder", nan_folder], "d.json: sample 3 id 'text000003': unusable embedding in"),
+        (["--embed_folder", str(tmp_path / "nowhere")], "nowhere: no such store folder"),
+        (["--pretrain_mm_mlp_adapter", str(tmp_path / "nowhere")], "nowhere: no projector weights here"),
+    ]
+    # One child runs train.py's main for every case (imports are the slow part); the last case ends the process.
+    child = ("import json, sys\nfrom revision.train import main\ncases = json.loads(sys.argv[1])\n"
+             "for argv in cases[:-1]:\n    try:\n        main(argv)\n    except SystemExit as e:\n"
+             "        print(f'EXIT {e.code}', file=sys.stderr, flush=True)\nmain(cases[-1])\n")
+    argvs = [flags(world, tmp_path / "out", "pretrain", "--max_steps", "1") + extra for extra, _ in cases]
+    done = subprocess.run([sys.executable, "-c", child, json.dumps(argvs)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    outputs = (done.stderr + "EXIT 2").split("EXIT ")
+    for (_, message), output in zip(cases, outputs):
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], output[-2000:]
+    assert [o.split("\n", 1)[0] for o in outputs[1:]] == ["2"] * len(cases)

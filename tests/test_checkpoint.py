@@ -1,0 +1,143 @@
+"""Atomic checkpoints: a run killed while saving leaves nothing that loads as complete; resume verifies hashes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from revision import checkpoint
+from revision.checkpoint import MANIFEST, CheckpointError, check_resumable, latest_complete, write_manifest
+from revision.infer import Predictor
+from revision.predict import main as predict_main
+from revision.tiny.lm import make_tiny_training_world
+from revision.train import parse_args, train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_tiny_training_world(tmp_path_factory.mktemp("world"))
+
+
+def flags(world, out, *extra):
+    store, data = world["text"]
+    return ["--model_name_or_path", world["model"], "--data_path", data, "--embed_folder", store, "--output_dir", str(out),
+            "--num_visual_tokens", "2", "--model_max_length", "48", "--per_device_train_batch_size", "16",
+            "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "0",
+            "--tune_mm_mlp_adapter", "--version", "plain", "--learning_rate", "1e-2", *extra]
+
+
+def run(world, out, *extra):
+    return train(*parse_args(flags(world, out, *extra)))
+
+
+def killed_at(world, out, pause, *extra):
+    """Run train.py in a subprocess, SIGKILL it when it reaches the named point of a save."""
+    env = {**os.environ, checkpoint.PAUSE_ENV: pause, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    child = "import sys\nfrom revision.train import main\nmain(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", child, *flags(world, out, *extra)], env=env, cwd=REPO,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline, seen = time.time() + 240, []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith(f"REVISION_TEST_PAUSED {pause}"):
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert time.time() < deadline, "the run never reached the pause point"
+        else:
+            pytest.fail(f"the run ended without reaching {pause!r}: {''.join(seen)[-2000:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill_during_an_intermediate_save_resumes_from_the_last_complete_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    killed_at(world, out, "model-saved:checkpoint-4", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", "tmp-"))) == ["checkpoint-2", "tmp-checkpoint-4"]
+    checkpoint.verify(out / "checkpoint-2")  # complete: every hash matches
+    # a partial checkpoint-N as older versions (or a copy) leave it: newer, but not complete
+    partial = out / "checkpoint-5"
+    partial.mkdir()
+    (partial / "projector.safetensors").write_bytes((out / "checkpoint-2" / "projector.safetensors").read_bytes())
+    assert latest_complete(out) == out / "checkpoint-2"
+    resumed = run(world, out, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+                  "--resume_from_checkpoint", "latest")
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # 1-2 from checkpoint-2
+    assert not (out / "tmp-checkpoint-4").exists()  # the killed save's staging folder is cleaned up
+    for name in ("checkpoint-4", "checkpoint-6"):
+        checkpoint.verify(out / name)
+    Predictor(out, device="cpu")  # the final save is complete
+
+
+def test_kill_during_the_final_save_into_an_existing_folder_is_refused_by_predict(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "1", "--save_strategy", "no")
+    old = json.loads((out / MANIFEST).read_text())["files"]
+    assert {"projector.safetensors", "revision_config.json", "training_args.bin"} <= set(old)
+    Predictor(out, device="cpu")
+    killed_at(world, out, "final-publish", "--max_steps", "2", "--save_strategy", "no", "--learning_rate", "5e-2")
+    assert not (out / MANIFEST).exists() and (out / checkpoint.FINAL_STAGING).exists()
+    with pytest.raises(CheckpointError, match=r"out: a save into this folder was interrupted \(tmp-final is there"):
+        Predictor(out, device="cpu")
+    assert predict_main(["--model", str(out), "--embedding", "x.npy", "--device", "cpu"]) == 2
+    assert "a save into this folder was interrupted" in capsys.readouterr().err
+
+
+def test_a_killed_final_save_before_publishing_leaves_the_previous_model(world, tmp_path):
+    out = tmp_path / "out"
+    first = run(world, out, "--max_steps", "1", "--save_strategy", "no").model.projector[0].weight.detach().clone()
+    (out / checkpoint.FINAL_STAGING).mkdir()  # what a kill while writing the new save leaves (its files half written)
+    (out / checkpoint.FINAL_STAGING / "projector.safetensors").write_bytes(b"half")
+    assert torch.equal(Predictor(out, device="cpu").model.projector[0].weight, first)  # old, complete, consistent
+
+
+def test_tampered_or_extended_checkpoints_are_refused_at_resume(world, tmp_path):
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    ckpt = out / "checkpoint-2"
+    check_resumable(ckpt)
+    data = bytearray((ckpt / "optimizer.pt").read_bytes())
+    data[-20] ^= 1
+    (ckpt / "optimizer.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoint-2/optimizer.pt: sha256 .* differs from checkpoint_manifest.json"):
+        run(world, out, "--max_steps", "4", "--resume_from_checkpoint", str(ckpt))
+    with pytest.raises(CheckpointError, match="sha256"):  # latest finds it complete by names and sizes, then refuses it
+        run(world, out, "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    data[-20] ^= 1
+    (ckpt / "optimizer.pt").write_bytes(bytes(data))
+    (ckpt / "global_step2").mkdir()
+    (ckpt / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(b"an object that runs code when unpickled")
+    with pytest.raises(CheckpointError, match=r"global_step2/mp_rank_00_model_states.pt: not in checkpoint_manifest.json"):
+        check_resumable(ckpt)
+
+
+def test_checkpoints_without_optimizer_or_scheduler_state_are_refused(tmp_path):
+    for name in ("trainer_state.json", "projector.safetensors", "scheduler.pt"):
+        (tmp_path / name).write_text("x")
+    write_manifest(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds no optimizer state \(saved with --save_only_model\?\)"):
+        check_resumable(tmp_path)
+    (tmp_path / "optimizer.pt").write_text("x")
+    (tmp_path / "scheduler.pt").unlink()
+    write_manifest(tmp_path)
+    with pytest.raises(CheckpointError, match="holds no scheduler state"):
+        check_resumable(tmp_path)
+    (tmp_path / "scheduler.pt").write_text("x")
+    write_manifest(tmp_path)
+    assert check_resumable(tmp_path) == tmp_path
+
+
+def test_manifest_names_outside_the_folder_are_refused(tmp_path):
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": checkpoint.FORMAT, "files": {"../x": {"size": 1, "sha256": ""}}}))
+    with pytest.raises(CheckpointError, match=r"lists '../x', which is not a file inside the checkpoint"):
+        checkpoint.verify(tmp_path)
