@@ -4,17 +4,20 @@
 # through the alignment's image_map (ALIGN_STATS: embed_mean.py's statistics).
 # Variables (all optional): MODEL DATA EMBED_FOLDER ALIGN_STATS PRETRAIN_ADAPTER (stage-1 output or its
 #   projector.safetensors) OUTPUT GPUS NODES HOSTFILE DEEPSPEED LR BATCH GLOBAL_BATCH EPOCHS MAX_LENGTH
-#   VISUAL_TOKENS VERSION EXTRA. Unset MODEL: the embedded toy world (after pretrain.sh's default run if any).
+#   VISUAL_TOKENS PROJECTOR VERSION EXTRA PRESET DRY_RUN. Defaults: the official ReVision stage 2 (16 per device,
+#   global 256, lr 1e-5, ZeRO-2). Unset MODEL: the embedded toy world (after pretrain.sh's default run if any).
 source "$(dirname "$0")/launch.sh"
+BATCH=${BATCH:-16}
 if [ -z "${MODEL:-}" ]; then
   default_world image "finetune${LORA:+-lora}"
   if [ -f "$DEFAULT_DIR/pretrain/projector.safetensors" ]; then PRETRAIN_ADAPTER=${PRETRAIN_ADAPTER:-$DEFAULT_DIR/pretrain}; fi
 fi
 : "${DATA:?set DATA to the instruction JSON}"
 OUTPUT=${OUTPUT:-outputs/revision-finetune${LORA:+-lora}}
-GLOBAL_BATCH=${GLOBAL_BATCH:-128}
-DEEPSPEED=${DEEPSPEED:-script/deepspeed/zero3.json}
-flags=(--version "${VERSION:-chat}" --learning_rate "${LR:-1e-5}")
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+DEEPSPEED=${DEEPSPEED:-script/deepspeed/zero2.json}
+flags=(--version "${VERSION:-chat}" --learning_rate "${LR:-1e-5}" --num_visual_tokens "${VISUAL_TOKENS:-576}"
+  --mm_projector_type "${PROJECTOR:-mlp2x_gelu}")
 [ -n "${PRETRAIN_ADAPTER:-}" ] && flags+=(--pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER")
 [ -n "${ALIGN_STATS:-}" ] && flags+=(--align_stats "$ALIGN_STATS")
 [ -n "${LORA:-}" ] && flags+=(--lora_enable --lora_r "${LORA_R:-128}" --lora_alpha "${LORA_ALPHA:-256}" --mm_projector_lr "${PROJECTOR_LR:-2e-5}")
