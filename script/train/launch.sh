@@ -2,7 +2,7 @@
 # Picks the launcher: `deepspeed` over GPUS x NODES (HOSTFILE for several nodes) when GPUs are there,
 # else one process on CPU. With MODEL unset, builds the embedded default (the toy world, revision/toy).
 # Defaults are the official ReVision scripts' (README "Training" lists each one and its source).
-# PRESET=paper: the paper's whole configuration (Llama-3-8B-Instruct, 576 visual tokens, tf32, no clipping).
+# PRESET=paper: the paper's whole configuration (Llama-3-8B-Instruct, 576 visual tokens, tf32).
 # DRY_RUN=1: print the command as a JSON list of its arguments instead of running it (nothing is built).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -29,19 +29,26 @@ EXTRA=${EXTRA:-}               # any further train.py flags, quoted as in a shel
 default_world() {
   DEFAULT_DIR=${DEFAULT_DIR:-outputs/toy-world}
   echo "MODEL not set: training on the embedded toy world (${TOY_PRESET:-default} preset, built once in $DEFAULT_DIR)" >&2
-  [ -n "$DRY_RUN" ] || "$PY" -m revision.toy.pipeline --prepare_only --out "$DEFAULT_DIR" --preset "${TOY_PRESET:-default}" >&2
+  # revision.toy.prepare builds the world and its stores and never calls a launcher (the full pipeline does)
+  [ -n "$DRY_RUN" ] || "$PY" -m revision.toy.prepare --out "$DEFAULT_DIR" --preset "${TOY_PRESET:-default}" >&2
   MODEL=$DEFAULT_DIR/llm
   if [ "$1" = text ]; then
     DATA=${DATA:-$DEFAULT_DIR/world/pretrain.json}
     EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/align/realign}
     ALIGN_STATS=${ALIGN_STATS:-$DEFAULT_DIR/align/realign/align_stats.json}
+    VISUAL_TOKENS=${VISUAL_TOKENS:-1}
   else
     DATA=${DATA:-$DEFAULT_DIR/world/instruct.json}
     EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/embeds/unpaired/image}
-    ALIGN_STATS=${ALIGN_STATS:-$DEFAULT_DIR/align/realign/align_stats.json}
+    if [ -f "$DEFAULT_DIR/pretrain/projector.safetensors" ]; then
+      PRETRAIN_ADAPTER=${PRETRAIN_ADAPTER:-$DEFAULT_DIR/pretrain}  # stage 2 inherits its tokens and alignment
+    else
+      ALIGN_STATS=${ALIGN_STATS:-$DEFAULT_DIR/align/realign/align_stats.json}
+      VISUAL_TOKENS=${VISUAL_TOKENS:-1}
+    fi
   fi
   OUTPUT=${OUTPUT:-$DEFAULT_DIR/$2}
-  VISUAL_TOKENS=${VISUAL_TOKENS:-1} MAX_LENGTH=$TOY_MAX_LENGTH
+  MAX_LENGTH=$TOY_MAX_LENGTH
   GLOBAL_BATCH=${GLOBAL_BATCH:-$BATCH}   # a small corpus: one device batch per step
 }
 
@@ -71,21 +78,26 @@ launch() {
   [ -n "${EMBED_FOLDER:-}" ] && common+=(--embed_folder "$EMBED_FOLDER")
   if [ "$PRESET" = paper ]; then
     paper_checks
-    # the official runs: tf32 matmuls; no clipping (their zero2.json has no gradient_clipping: DeepSpeed's 0 = off)
-    common+=(--tf32 true --max_grad_norm 0)
+    common+=(--tf32 true)  # as the official runs (transformers turns tf32 on only under torch.compile)
   fi
+  # EXTRA split as a shell would (quotes kept together) but never evaluated: shlex.quote'd words, then eval
+  local words extra=()
+  words=$("$PY" -c 'import shlex, sys
+try: print(" ".join(map(shlex.quote, shlex.split(sys.argv[1]))))
+except ValueError as e: sys.exit(f"EXTRA={sys.argv[1]!r} is not a shell word list: {e}")' "$EXTRA") || exit 2
+  eval "extra=($words)"
   local cmd
   if (( GPUS > 0 )); then
     local where=(--num_gpus "$GPUS"); [ -n "$HOSTFILE" ] && where=(--hostfile "$HOSTFILE" --num_nodes "$NODES")
     cmd=(deepspeed "${where[@]}" train.py --deepspeed "$DEEPSPEED" --bf16 true --activation_checkpointing true
-      --dataloader_num_workers 4 "${common[@]}" "$@" $EXTRA)
+      --dataloader_num_workers 4 "${common[@]}" "$@" "${extra[@]}")
   else
-    cmd=("$PY" train.py "${common[@]}" "$@" $EXTRA)
+    cmd=("$PY" train.py "${common[@]}" "$@" "${extra[@]}")
   fi
   if [ -n "$DRY_RUN" ]; then
     "$PY" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "${cmd[@]}"
     return
   fi
-  echo "+ ${cmd[*]}" >&2
+  echo "+ $(printf '%q ' "${cmd[@]}")" >&2
   "${cmd[@]}"
 }
