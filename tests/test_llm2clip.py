@@ -250,3 +250,13 @@ def test_a_checkpoint_in_another_layout_is_refused(checkpoints, tmp_path):
             (broken / f).write_text((vision / f).read_text())
         with pytest.raises(ValueError, match="visual_projection|missing|unexpected"):
             load_encoder(f"llm2clip:{broken}?text={text}", device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_cuda_matches_fp32_on_cpu(checkpoints, encoder):
+    vision, text, *_ = checkpoints
+    gpu = load_encoder(f"llm2clip:{vision}?text={text}", device="cuda")
+    assert gpu.device.type == "cuda" and gpu.dtype in (torch.bfloat16, torch.float16)
+    for cpu_rows, gpu_rows in ((encoder.encode_images(_images(4)), gpu.encode_images(_images(4))),
+                               (encoder.encode_texts(TEXTS), gpu.encode_texts(TEXTS))):
+        assert F.cosine_similarity(cpu_rows, gpu_rows.float(), dim=-1).min() > 0.99
