@@ -15,7 +15,7 @@ Encoder specs accepted by `load_encoder`:
   hf:ORG/NAME or hf:/path, or a bare folder/hub id   Hugging Face CLIP / SigLIP (AutoModel + AutoProcessor)
   open_clip:ARCH/PRETRAINED                            open_clip (extra `openclip`); PRETRAINED is a tag or a
   open_clip:hf-hub:ORG/NAME, open_clip:local-dir:DIR   checkpoint file
-  llm2clip:VISION[?text=LLM&processor=CLIP]            LLM2CLIP (the paper's encoder; needs `llm2vec`)
+  llm2clip:VISION[?text=LLM&processor=CLIP]            LLM2CLIP (the paper's encoder), loaded without its remote code
 """
 from __future__ import annotations
 
@@ -247,53 +247,48 @@ class OpenCLIPEncoder(Encoder):
 
 
 class LLM2CLIPEncoder(Encoder):
-    """LLM2CLIP: a CLIP vision tower fine-tuned against an LLM2Vec text encoder (the ReVision paper's encoder).
+    """LLM2CLIP: a CLIP vision tower fine-tuned against an LLM2Vec text encoder (the ReVision paper's encoder),
+    loaded natively on transformers 5 (revision/llm2clip.py): its weights go into CLIPVisionModelWithProjection,
+    LlamaModel and a plain torch adapter; the checkpoints' own Python is never imported or run.
 
-    Image side: `AutoModel.from_pretrained(VISION, trust_remote_code=True).get_image_features(pixels)` with the
-    matching OpenAI CLIP image processor. Text side: the LLM2Vec-finetuned Llama embeds each caption (mean
-    pooling, up to 512 tokens), then the checkpoint's `get_text_features` projects it into the shared space.
-    Spec: `llm2clip:VISION[?text=LLM&processor=CLIP_PROCESSOR]`; defaults follow the LLM2CLIP model cards.
-    Needs `pip install llm2vec` and a GPU with room for an 8B LLM; the remote code targets transformers 4.x.
-    Not exercised by the tests (no hub access, no GPU there).
+    Image side: the vision tower and its projection, with the matching OpenAI CLIP image processor. Text side:
+    the LLM2Vec Llama embeds each caption (bidirectional attention, mean pooling, up to 512 tokens, as LLM2Vec),
+    then the checkpoint's text adapter maps it into the shared space.
+    Spec: `llm2clip:VISION[?text=LLM&processor=CLIP_PROCESSOR]` (folders or hub ids); defaults follow the
+    LLM2CLIP model cards; the processor defaults to VISION's own preprocessor_config.json when it has one.
+    Verified on random-weight tiny checkpoints in LLM2CLIP's key layout (tests/test_llm2clip.py), not on the
+    real weights (docs/recipe.md).
     """
 
     def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64):
-        try:
-            from llm2vec import LLM2Vec
-        except ImportError as e:
-            raise ImportError(f"encoder 'llm2clip:{spec}' needs the llm2vec package: pip install llm2vec") from e
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPImageProcessor
+        from transformers import AutoImageProcessor
+
+        from revision.llm2clip import LLM2VecText, load_vision, local_folder
 
         vision, _, query = spec.partition("?")
         options = {k: v[-1] for k, v in parse_qs(query).items()}
         text_model = options.get("text", LLM2CLIP_TEXT_MODEL)
-        processor = options.get("processor") or LLM2CLIP_IMAGE_PROCESSOR.get(vision.rstrip("/"))
+        folder = local_folder(vision)
+        processor = options.get("processor") or (str(folder) if (folder / "preprocessor_config.json").is_file()
+                                                 else LLM2CLIP_IMAGE_PROCESSOR.get(vision.rstrip("/")))
         if processor is None:
             raise ValueError(f"llm2clip:{spec}: name the image processor, e.g. ?processor=openai/clip-vit-large-patch14-336")
-        self.name = f"llm2clip:{vision}?text={text_model}"
+        if Path(text_model).expanduser().is_dir():
+            text_model = str(Path(text_model).expanduser().resolve())
+        source = str(folder) if Path(vision).expanduser().is_dir() else vision
+        self.name = f"llm2clip:{source}?text={text_model}"
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self.model = AutoModel.from_pretrained(vision, dtype=dtype, trust_remote_code=True).to(device).eval()
-        self.preprocess = HFImageTransform(CLIPImageProcessor.from_pretrained(processor))
+        self.model, self.adapter = (m.to(device) for m in load_vision(folder, dtype))
+        self.text = LLM2VecText(text_model, dtype).to(device).eval()
+        self.preprocess = HFImageTransform(AutoImageProcessor.from_pretrained(processor))
         self.pixel_affine = self.preprocess.affine()
-        config = AutoConfig.from_pretrained(text_model, trust_remote_code=True)
-        llm = AutoModel.from_pretrained(text_model, config=config, dtype=dtype, trust_remote_code=True).to(device).eval()
-        if config.model_type == "llama":
-            # LLM2Vec wraps each text in the Llama-3 chat template only when the model carries its base
-            # model's name; the finetuned repo's name is not one it knows (the LLM2CLIP model card does this too).
-            llm.config._name_or_path = "meta-llama/Meta-Llama-3-8B-Instruct"
-        tokenizer = AutoTokenizer.from_pretrained(text_model)
-        tokenizer.padding_side = "left"  # LLM2Vec's mean pooling assumes left padding
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-        self.l2v = LLM2Vec(llm, tokenizer, pooling_mode="mean", max_length=512, doc_max_length=512)
         self._finish_init()
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_image_features(pixels))
+        return self.model(pixel_values=pixels).image_embeds
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
-        embeds = self.l2v.encode(texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False,
-                                 device=str(self.device))
-        return _pooled(self.model.get_text_features(embeds.to(self.device, self.dtype)))
+        return self.adapter(self.text(texts))
 
 
 def load_encoder(

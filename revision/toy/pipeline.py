@@ -1,7 +1,6 @@
 """The whole paradigm on the toy world, end to end, and the table comparing the alignment methods.
 
     python -m revision.toy.pipeline --out outputs/toy-demo [--seeds 0,1,2] [--preset default|mini]
-    python -m revision.toy.pipeline --out outputs/toy-world --prepare_only     # what the launchers' default uses
 
 Per seed (into OUT/seed-N/): build the world -> train the toy CLIP -> pre-train the toy LLM -> image_embed.py
 (unpaired images + unpaired captions, paired images, eval images) -> embed_mean.py per method -> per row:
@@ -348,18 +347,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
     parser.add_argument("--ablation_visual_tokens", type=int, default=0,
                         help="also run realign with this many visual tokens (0: no ablation row)")
-    parser.add_argument("--prepare_only", action="store_true",
-                        help="build world, CLIP, LLM, the unpaired stores and the realign text store directly in --out")
     add_config_arguments(parser, Budget(), overrides_only=True, skip=("world",))  # the world is the preset's
     args = parser.parse_args(argv)
     budget = config_from_arguments(args, BUDGETS[args.preset])
     torch.set_num_threads(budget.threads)  # the in-process stages (toy CLIP, toy LLM, prediction)
     out = Path(args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.prepare_only:
-        paths = prepare(Runner(out, seeds[0], budget), seeds[0], budget, ("realign",), paired_store=False, eval_store=False)
-        print("\n".join(f"{k} {v}" for k, v in paths.items()))
-        return
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

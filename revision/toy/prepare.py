@@ -1,0 +1,42 @@
+"""The launchers' embedded default: the toy world with everything a training stage reads, built once.
+
+    python -m revision.toy.prepare --out outputs/toy-world [--preset default|mini] [--seed 0]
+
+Into OUT: world/ (scenes, captions, instruction data), clip/ (the toy CLIP), llm/ (the toy LLM),
+embeds/unpaired/{image,text} (the stores) and align/realign (the ReAligned caption store and its
+align_stats.json). script/train/*.sh call this when MODEL is unset. It runs the world's own steps,
+image_embed.py and embed_mean.py, and never a launcher: the whole pipeline (revision.toy.pipeline) calls
+the launchers, so the launchers do not call it. A finished step is not run again.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from revision.toy import add_config_arguments, config_from_arguments
+from revision.toy.pipeline import BUDGETS, Budget, Runner, prepare
+
+
+def prepare_default_world(out: Path, budget: Budget, seed: int = 0) -> dict[str, Path]:
+    """World, toy CLIP, toy LLM, the unpaired stores and the realign text store, directly in `out`; their paths."""
+    return prepare(Runner(out, seed, budget), seed, budget, ("realign",), paired_store=False, eval_store=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/toy-world")
+    parser.add_argument("--preset", choices=sorted(BUDGETS), default="default")
+    parser.add_argument("--seed", type=int, default=0)
+    add_config_arguments(parser, Budget(), overrides_only=True, skip=("world",))  # the world is the preset's
+    args = parser.parse_args(argv)
+    budget = config_from_arguments(args, BUDGETS[args.preset])
+    torch.set_num_threads(budget.threads)  # the in-process steps (toy CLIP, toy LLM)
+    paths = prepare_default_world(Path(args.out).resolve(), budget, args.seed)
+    print("\n".join(f"{k} {v}" for k, v in paths.items()))
+
+
+if __name__ == "__main__":
+    main()
