@@ -1,11 +1,16 @@
-"""Training-step time of RevisionModel against the bare LLM fed inputs_embeds of the same length.
+"""Training-step figures of RevisionModel, in three sections (all by default):
 
-The multimodal step adds the projector (once per sample) and the splice; the target is <= 5% over the
-bare LLM. Also shows how step time grows with num_visual_tokens (1, 64, 576 by default). On CPU it
-uses a small Llama config in float32; with CUDA, a ~0.5B Qwen2-shaped config in bf16 with SDPA (and
+overhead: step time against the bare LLM fed inputs_embeds of the same length. The multimodal step adds the
+  projector (once per sample) and the splice; the target is <= 5% over the bare LLM. Also shows how step time
+  grows with num_visual_tokens (1, 64, 576 by default).
+padding: the share of pad positions in stage-1 and stage-2 batches, on the toy world and on a LLaVA-Pretrain-like
+  caption length distribution, with 1 and 576 visual tokens: padded (random batches, as the default sampler
+  draws them), length-grouped (--group_by_length) and packed (--packing) batches.
+
+On CPU a small Llama config in float32; with CUDA, a ~0.5B Qwen2-shaped config in bf16 with SDPA (and
 flash-attn 2 when installed), reporting tokens/s.
 
-    python bench/train_step.py [--steps 10] [--visual 1 64 576] [--threads 1]
+    python bench/train_step.py [--sections overhead padding] [--steps 10] [--visual 1 64 576] [--threads 1]
 """
 from __future__ import annotations
 
@@ -14,10 +19,15 @@ import importlib.util
 import statistics
 import time
 
+import numpy as np
 import torch
 
+from revision.conversation import normalise_turns, render
+from revision.data import estimate_length, tokenize
 from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel
-from revision.tiny.lm import tiny_config
+from revision.packing import EpochLengthGroupedSampler, padding_share
+from revision.tiny.lm import build_tokenizer, tiny_config
+from revision.toy.world import WorldSizes, make_world, vocabulary
 from transformers import AutoModelForCausalLM
 
 CPU_CONFIG = dict(family="llama", vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4)
@@ -83,18 +93,82 @@ def report(model: RevisionModel, args, device: str, label: str) -> None:
               f"{args.batch * seq / (mm_ms / 1e3):>10.0f}")
 
 
+# ---- padding share -------------------------------------------------------------------------------------
+
+# LLaVA-Pretrain (LCS-558K, BLIP captions of LAION/CC/SBU images) caption lengths, from published statistics:
+# - ShareGPT4V (arXiv 2311.12793), Table 1: BLIP-LCS 558K captions average 54 characters (COCO-Caption: 52);
+# - BLIP3-KALE (arXiv 2411.07461), Table 1: LAION-COCO, BLIP captions of LAION images, average 8.99 words;
+# so about 10 words a caption. Not published, so assumed: a log-normal spread with sigma 0.35 (BLIP captions are
+# one short sentence; this puts 90% of captions between 5.6 and 17.8 words), clipped to 3..40 words, and 1.3
+# Llama-family BPE tokens per English word. Plain template: bos + visual block + caption + eos.
+LLAVA_WORDS_MEAN, LLAVA_WORDS_SIGMA, LLAVA_TOKENS_PER_WORD = 10.0, 0.35, 1.3
+
+
+def llava_pretrain_lengths(visual: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(token lengths, the dataset's length estimates) of n LLaVA-Pretrain-like stage-1 samples."""
+    rng = np.random.default_rng(seed)
+    mu = np.log(LLAVA_WORDS_MEAN) - LLAVA_WORDS_SIGMA ** 2 / 2  # so the mean is LLAVA_WORDS_MEAN
+    words = np.clip(np.round(rng.lognormal(mu, LLAVA_WORDS_SIGMA, n)), 3, 40).astype(int)
+    tokens = np.ceil(words * LLAVA_TOKENS_PER_WORD).astype(int) + visual + 2
+    return tokens.tolist(), (words + visual).tolist()
+
+
+def toy_lengths(stage: int, visual: int, n: int, max_length: int) -> tuple[list[int], list[int]]:
+    """(token lengths, the dataset's length estimates) of n toy-world samples of stage 1 (captions, plain template)
+    or stage 2 (QA conversations and image-free chats, the tokenizer's chat template), tokenized as training does."""
+    world = make_world(0, WorldSizes(paired=0, unpaired_images=n, unpaired_texts=n, instruct=n, text_only=n // 40, eval=0))
+    tokenizer = build_tokenizer(vocabulary())
+    if stage == 1:
+        samples = [[{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": item.caption}]
+                   for item in world.unpaired_texts]
+    else:
+        samples = [rec["conversations"] for rec in world.instruct]
+    template = "plain" if stage == 1 else "chat"
+    tokens, estimates = [], []
+    for conversation in samples:
+        has_image = any("<image>" in turn["value"] for turn in conversation)
+        ids, _, _ = tokenize(render(conversation, template, tokenizer), tokenizer, visual, max_length)
+        tokens.append(len(ids))
+        estimates.append(estimate_length(normalise_turns(conversation), visual if has_image else 0))
+    return tokens, estimates
+
+
+def padding_report(args) -> None:
+    print(f"\npadding share: batches of {args.batch} samples (per_device_train_batch_size), model_max_length "
+          f"{args.max_length}; padded = random batches, grouped = --group_by_length order, packed = --packing rows")
+    print(f"{'data':<26} {'visual':>6} {'mean len':>8} {'padded':>7} {'grouped':>8} {'packed':>7}")
+    for visual in (1, 576):
+        sources = [("toy stage 1 (captions)", toy_lengths(1, visual, args.samples, args.max_length)),
+                   ("toy stage 2 (QA)", toy_lengths(2, visual, args.samples, args.max_length)),
+                   ("LLaVA-Pretrain-like", llava_pretrain_lengths(visual, args.samples))]
+        for name, (tokens, estimates) in sources:
+            tokens = np.asarray(tokens)
+            shuffled = tokens[np.random.default_rng(0).permutation(len(tokens))].tolist()
+            grouped = tokens[list(EpochLengthGroupedSampler(args.batch, estimates))].tolist()
+            print(f"{name:<26} {visual:>6} {tokens.mean():>8.1f} {padding_share(shuffled, args.batch):>7.1%} "
+                  f"{padding_share(grouped, args.batch):>8.1%} {padding_share(shuffled, args.batch, args.max_length):>7.1%}")
+    print("(packed with flash-attn: one row per step, no padding at all)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8, help="samples per step (launch.sh's BATCH)")
     parser.add_argument("--text_len", type=int, default=64)
     parser.add_argument("--visual", type=int, nargs="+", default=[1, 64, 576])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--sections", nargs="+", default=["overhead", "padding"], choices=["overhead", "padding"])
+    parser.add_argument("--max_length", type=int, default=2048, help="model_max_length for padding and packing")
+    parser.add_argument("--samples", type=int, default=2000, help="samples per length distribution")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
+    if "padding" in args.sections:
+        padding_report(args)
+    if "overhead" not in args.sections:
+        return
     report(build(CPU_CONFIG, "sdpa", "cpu", torch.float32), args, "cpu", "cpu fp32 sdpa")
     if torch.cuda.is_available():
         attns = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
