@@ -2,9 +2,10 @@
 
 Packing works per step, as transformers' padding-free path (`DataCollatorWithFlattening`) does: the samples a
 step draws are concatenated into rows of at most `model_max_length` tokens (first fit, longest first; one sample
-a row where that pads less), each sample whole, so a visual block is never split across rows. position_ids restart at 0 for every sample and the
-first label of every sample is masked (it would be predicted from the previous sample's last token). With the
-same samples a packed step computes the same loss and gradients as a padded one; only the padding is gone.
+a row where that pads less), each sample whole, so a visual block is never split across rows. position_ids
+restart at 0 for every sample and the first label of every sample is masked (it would be predicted from the
+previous sample's last token). With the same samples a packed step computes the same loss and gradients as a
+padded one; only the padding is gone.
 So the sampler, the number of steps, resuming and the optimisation are those of the padded run; to fill rows,
 raise per_device_train_batch_size and lower gradient_accumulation_steps by the same factor.
 
@@ -74,7 +75,8 @@ class PackingCollator:
     """Packs a step's samples into rows (see the module docstring); `flatten` makes one row for flash-attn varlen.
 
     Returns input_ids, labels, position_ids [R, L], image_embeds [N, D] (one per sample, zeros for image-free
-    ones, as DataCollator) and image_index [R, L] (the image_embeds row of each position's sample), plus with
+    ones, as DataCollator) and image_index [R, L] (the image_embeds row of each position's sample, -1 on row
+    padding), plus with
     `flatten` cu_seq_lens_q/k (int32) and max_length_q/k.
     """
 
@@ -98,7 +100,7 @@ class PackingCollator:
             columns["labels"].append(torch.cat(labels + [torch.full((pad,), IGNORE_INDEX)]))
             columns["position_ids"].append(torch.cat([torch.arange(lengths[i]) for i in row] + [torch.arange(pad)]))
             columns["image_index"].append(torch.cat([torch.full((lengths[i],), i) for i in row]
-                                                    + [torch.zeros(pad, dtype=torch.long)]))
+                                                    + [torch.full((pad,), -1)]))
         batch: dict[str, torch.Tensor | int] = {k: torch.stack(v) for k, v in columns.items()}
         batch["image_embeds"] = stack_image_embeds(features, self.embed_dim)
         if self.flatten:
@@ -112,11 +114,14 @@ def uses_flash_attention(model) -> bool:
     return "flash" in str(getattr(model.config, "_attn_implementation", ""))
 
 
-def make_collator(packing: bool, pad_token_id: int | None, embed_dim: int, max_length: int, model=None):
-    """DataCollator, or with `packing` a PackingCollator (flattened for flash-attn varlen when the model uses it)."""
-    if not packing:
+def make_collator(training_args, pad_token_id: int | None, embed_dim: int, model) -> DataCollator | PackingCollator:
+    """DataCollator, or with --packing a PackingCollator (one flattened row when the model uses flash-attn)."""
+    if not training_args.packing:
         return DataCollator(pad_token_id, embed_dim)
-    return PackingCollator(pad_token_id, embed_dim, max_length, flatten=model is not None and uses_flash_attention(model))
+    if training_args.n_gpu > 1:  # nn.DataParallel would split rows and image_embeds apart
+        raise ValueError("--packing needs one GPU per process (torchrun / deepspeed), not DataParallel over "
+                         f"{training_args.n_gpu} GPUs")
+    return PackingCollator(pad_token_id, embed_dim, training_args.model_max_length, flatten=uses_flash_attention(model))
 
 
 class EpochLengthGroupedSampler(LengthGroupedSampler):
@@ -128,8 +133,11 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
 
     def __init__(self, batch_size: int, lengths: Sequence[int], seed: int = 0):
         super().__init__(batch_size, lengths=list(lengths), generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed + epoch)
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)  # the same order however often an epoch is iterated
+        return super().__iter__()

@@ -19,8 +19,9 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallba
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from revision.data import DataCollator, EmbeddingTable, SupervisedDataset, check_lengths, image_map_from
+from revision.data import EmbeddingTable, SupervisedDataset, check_lengths, image_map_from
 from revision.model import CONFIG_FILE, RevisionModel, load_projector_weights
+from revision.packing import make_collator
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_dropout: float = 0.05
     mm_projector_lr: float | None = field(default=None, metadata={"help": "projector learning rate (default: --learning_rate)"})
     group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length"})
+    packing: bool = field(default=False, metadata={"help": "pack each step's samples into rows of model_max_length, "
+                                                           "no attention across samples (revision/packing.py)"})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Bunny/LLaVA spelling of a fractional --warmup_steps"})
     remove_unused_columns: bool = False
 
@@ -195,8 +198,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d samples (%d skipped); %d trainable parameters of %d", len(dataset), dataset.skipped, trainable,
                 sum(p.numel() for p in model.parameters()))
+    collator = make_collator(training_args, tokenizer.pad_token_id, table.dim, model)
     trainer = RevisionTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                              data_collator=DataCollator(tokenizer.pad_token_id, table.dim), align_stats=data_args.align_stats,
+                              data_collator=collator, align_stats=data_args.align_stats,
                               callbacks=[EpochToDataset(dataset)])
     resume = training_args.resume_from_checkpoint
     if resume == "latest":
