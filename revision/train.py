@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from revision.data import EmbeddingTable, SupervisedDataset, check_lengths, image_map_from
 from revision.model import CONFIG_FILE, RevisionModel, load_projector_weights
-from revision.packing import make_collator
+from revision.packing import EpochLengthGroupedSampler, make_collator
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +82,9 @@ class RevisionTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             # The dataset estimates lengths without tokenizing; HF's default would tokenize every sample first.
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=dataset.lengths)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                             dataset.lengths, seed)
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):

@@ -218,3 +218,23 @@ def test_flash_varlen_packing_matches_padded_on_gpu():
         losses_packed = per_sample_losses(model(**to_gpu(packed)).logits.float().cpu(), packed, len(FEATURES))
     assert torch.allclose(losses_packed, losses_padded, atol=2e-2)
 
+
+def test_length_grouped_resume_in_a_later_epoch_gives_the_same_losses(world, tmp_path):
+    """68 samples, batches of 8: 9 steps an epoch; resuming at step 11 replays epoch 2's length-grouped order."""
+    common = ["--max_steps", "14", "--learning_rate", "1e-2", "--group_by_length", "--packing"]
+    full = run(world, tmp_path / "full", "finetune", *common, "--save_strategy", "steps", "--save_steps", "11")
+    resumed = run(world, tmp_path / "resumed", "finetune", *common,
+                  "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-11"))
+    assert losses(resumed, after_step=11) == pytest.approx(losses(full, after_step=11), rel=1e-5)
+    assert full._get_train_sampler().lengths == full.train_dataset.lengths  # the estimates: no tokenizing
+
+
+def test_length_grouped_sampler_orders_by_seed_and_epoch():
+    lengths = torch.randint(1, 100, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    sampler = EpochLengthGroupedSampler(8, lengths, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(400)) and list(sampler) == first
+    assert list(EpochLengthGroupedSampler(8, lengths, seed=3)) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert padding_share([lengths[i] for i in first], 8) < 0.1 < 0.4 < padding_share(lengths, 8)
