@@ -6,11 +6,16 @@ overhead: step time against the bare LLM fed inputs_embeds of the same length. T
 padding: the share of pad positions in stage-1 and stage-2 batches, on the toy world and on a LLaVA-Pretrain-like
   caption length distribution, with 1 and 576 visual tokens: padded (random batches, as the default sampler
   draws them), length-grouped (--group_by_length) and packed (--packing) batches.
+throughput: stage-1 real (non-pad) tokens/s on LLaVA-Pretrain-like captions for padded, length-grouped and
+  packed batches of the same samples, and packed batches of --fill times as many samples (what packing allows at
+  the same memory: the same optimisation with gradient accumulation lowered as much), interleaved in one run;
+  ratios against padded.
 
 On CPU a small Llama config in float32; with CUDA, a ~0.5B Qwen2-shaped config in bf16 with SDPA (and
-flash-attn 2 when installed), reporting tokens/s.
+flash-attn 2 when installed: packed steps then go through the varlen kernel), reporting tokens/s.
 
-    python bench/train_step.py [--sections overhead padding] [--steps 10] [--visual 1 64 576] [--threads 1]
+    python bench/train_step.py [--sections overhead padding throughput] [--steps 10] [--visual 1 64 576]
+        [--throughput_visual 1 576] [--fill 4] [--threads 1]
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ import numpy as np
 import torch
 
 from revision.conversation import normalise_turns, render
-from revision.data import estimate_length, tokenize
+from revision.data import DataCollator, estimate_length, tokenize
 from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel
-from revision.packing import EpochLengthGroupedSampler, padding_share
+from revision.packing import EpochLengthGroupedSampler, PackingCollator, padding_share, uses_flash_attention
 from revision.tiny.lm import build_tokenizer, tiny_config
 from revision.toy.world import WorldSizes, make_world, vocabulary
 from transformers import AutoModelForCausalLM
@@ -34,6 +39,7 @@ CPU_CONFIG = dict(family="llama", vocab_size=8000, hidden_size=256, num_layers=4
 GPU_CONFIG = dict(family="qwen2", vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
                   num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True)
 EMBED_DIM = 768
+SECTIONS = ["overhead", "padding", "throughput"]
 
 
 def build(config: dict, attn: str, device: str, dtype: torch.dtype) -> RevisionModel:
@@ -46,6 +52,19 @@ def build(config: dict, attn: str, device: str, dtype: torch.dtype) -> RevisionM
     return RevisionModel(llm, revision_config).to(device)
 
 
+def step_seconds(fn, optimizer: torch.optim.Optimizer, device: str) -> float:
+    """Seconds of one training step: fn() (a forward returning .loss), backward, optimizer step."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn().loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def step_times(model: RevisionModel, visual: int, args, device: str) -> tuple[list[float], list[float]]:
     """Interleaved timings (seconds) of multimodal and bare steps, so machine load drifts hit both alike."""
     g = torch.Generator().manual_seed(0)
@@ -55,18 +74,7 @@ def step_times(model: RevisionModel, visual: int, args, device: str) -> tuple[li
     embeds = torch.randn(args.batch, EMBED_DIM, generator=g).to(device)
     text_ids = ids.clamp(min=0)  # the same length, visual positions replaced by token 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def timed(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn().loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
+    timed = lambda fn: step_seconds(fn, optimizer, device)  # noqa: E731
     multimodal = lambda: model(input_ids=ids, labels=labels, image_embeds=embeds)  # noqa: E731
     # The bare LLM gets inputs_embeds from its own embedding layer, so both steps train the same LLM weights.
     bare = lambda: model.llm(inputs_embeds=model.llm.get_input_embeddings()(text_ids), labels=labels)  # noqa: E731
@@ -150,6 +158,63 @@ def padding_report(args) -> None:
     print("(packed with flash-attn: one row per step, no padding at all)")
 
 
+# ---- real tokens/s ---------------------------------------------------------------------------------------
+
+
+def caption_samples(lengths: list[int], visual: int, vocab_size: int, seed: int = 0) -> list[dict]:
+    """Stage-1-shaped samples of the given lengths (bos, visual block, caption, eos), as the dataset returns them."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for n in lengths:
+        text = torch.randint(10, vocab_size, (n - visual,), generator=g)
+        ids = torch.cat([text[:1], torch.full((visual,), IMAGE_TOKEN_INDEX), text[1:]])
+        labels = torch.where(torch.arange(n) > visual, ids, -100)
+        samples.append({"input_ids": ids, "labels": labels, "image_embeds": torch.randn(EMBED_DIM, generator=g)})
+    return samples
+
+
+def layouts(samples: list[dict], estimates: list[int], args, flatten: bool) -> dict[str, tuple[object, list[list[int]]]]:
+    """name -> (collator, batches of sample indices): padded (random batches), length-grouped, packed with the same
+    samples a step, and packed with `--fill` times as many (gradient accumulation lowered as much: the same
+    optimisation in fewer, fuller steps)."""
+    def batches(indices: list[int], size: int) -> list[list[int]]:
+        return [indices[i: i + size] for i in range(0, len(indices) - size + 1, size)][: args.steps + args.warmup]
+
+    order = np.random.default_rng(0).permutation(len(samples)).tolist()
+    grouped = list(EpochLengthGroupedSampler(args.batch, estimates))
+    padded, packing = DataCollator(0, EMBED_DIM), PackingCollator(0, EMBED_DIM, args.max_length, flatten)
+    return {"padded": (padded, batches(order, args.batch)), "grouped": (padded, batches(grouped, args.batch)),
+            "packed": (packing, batches(order, args.batch)),
+            f"packed x{args.fill}": (packing, batches(order, args.batch * args.fill))}
+
+
+def throughput_report(model: RevisionModel, args, device: str, label: str) -> None:
+    print(f"\n{label}: stage-1 real (non-pad) tokens/s, LLaVA-Pretrain-like captions, {args.batch} samples a step "
+          f"(packed x{args.fill}: {args.batch * args.fill}), model_max_length {args.max_length}")
+    print(f"{'visual':>6} {'layout':<11} {'last tensor':>12} {'pad':>6} {'ms/step':>8} {'real tok/s':>11} {'vs padded':>9}")
+    model.freeze_llm()  # stage 1, where captions are short: the projector trains, gradients pass through the LLM
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for visual in args.throughput_visual:
+        tokens, estimates = llava_pretrain_lengths(visual, (args.steps + args.warmup) * args.batch * args.fill)
+        samples = caption_samples(tokens, visual, model.config.vocab_size)
+        steps = {}  # name -> [(inputs on the device, real tokens)]
+        for name, (collate, batches) in layouts(samples, estimates, args, uses_flash_attention(model)).items():
+            steps[name] = [({k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([samples[i] for i in b]).items()},
+                            sum(tokens[i] for i in b)) for b in batches]
+        seconds = {name: [] for name in steps}
+        for j in range(args.steps + args.warmup):  # interleaved, so load drifts hit every layout alike
+            for name, batches in steps.items():
+                seconds[name].append(step_seconds(lambda: model(**batches[j][0]), optimizer, device))
+        rate = {}
+        for name, batches in steps.items():
+            timed, measured = seconds[name][args.warmup:], batches[args.warmup:]
+            real = sum(n for _, n in measured)
+            pad = 1 - real / sum(inputs["input_ids"].numel() for inputs, _ in measured)
+            rate[name] = real / sum(timed)
+            print(f"{visual:>6} {name:<11} {str(tuple(measured[-1][0]['input_ids'].shape)):>12} {pad:>6.1%} "
+                  f"{1e3 * statistics.median(timed):>8.1f} {rate[name]:>11.0f} {rate[name] / rate['padded']:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -158,7 +223,9 @@ def main() -> None:
     parser.add_argument("--text_len", type=int, default=64)
     parser.add_argument("--visual", type=int, nargs="+", default=[1, 64, 576])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--sections", nargs="+", default=["overhead", "padding"], choices=["overhead", "padding"])
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    parser.add_argument("--throughput_visual", type=int, nargs="+", default=[1, 576])
+    parser.add_argument("--fill", type=int, default=4, help="packed xN: N times the samples a step")
     parser.add_argument("--max_length", type=int, default=2048, help="model_max_length for padding and packing")
     parser.add_argument("--samples", type=int, default=2000, help="samples per length distribution")
     args = parser.parse_args()
@@ -167,13 +234,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
     if "padding" in args.sections:
         padding_report(args)
-    if "overhead" not in args.sections:
-        return
-    report(build(CPU_CONFIG, "sdpa", "cpu", torch.float32), args, "cpu", "cpu fp32 sdpa")
-    if torch.cuda.is_available():
-        attns = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
-        for attn in attns:
-            report(build(GPU_CONFIG, attn, "cuda", torch.bfloat16), args, "cuda", f"cuda bf16 {attn} ({torch.cuda.get_device_name()})")
+    for section, run in (("overhead", report), ("throughput", throughput_report)):
+        if section not in args.sections:
+            continue
+        run(build(CPU_CONFIG, "sdpa", "cpu", torch.float32), args, "cpu", "cpu fp32 sdpa")
+        if torch.cuda.is_available():
+            for attn in ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []):
+                run(build(GPU_CONFIG, attn, "cuda", torch.bfloat16), args, "cuda",
+                    f"cuda bf16 {attn} ({torch.cuda.get_device_name()})")
 
 
 if __name__ == "__main__":

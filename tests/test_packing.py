@@ -172,7 +172,7 @@ def test_training_with_packing_matches_padded_training(world, tmp_path, stage):
     torch.manual_seed(0)  # the projector is drawn before the Trainer seeds: the same one in both runs
     padded = run(world, tmp_path / "padded", stage, *common)
     torch.manual_seed(0)
-    packed = run(world, tmp_path / "packed", stage, *common, "--packing")
+    packed = run(world, tmp_path / "packed", stage, *common, "--packing", "--gradient_checkpointing")
     batch = packed.data_collator([packed.train_dataset[i] for i in range(12)])
     assert len(batch["input_ids"]) < 12  # several samples a row
     assert type(packed.data_collator).__name__ == "PackingCollator"
