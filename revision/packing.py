@@ -76,8 +76,7 @@ class PackingCollator:
 
     Returns input_ids, labels, position_ids [R, L], image_embeds [N, D] (one per sample, zeros for image-free
     ones, as DataCollator) and image_index [R, L] (the image_embeds row of each position's sample, -1 on row
-    padding), plus with
-    `flatten` cu_seq_lens_q/k (int32) and max_length_q/k.
+    padding), plus with `flatten` cu_seq_lens_q/k (int32) and max_length_q/k.
     """
 
     def __init__(self, pad_token_id: int | None, embed_dim: int, max_length: int, flatten: bool = False):
