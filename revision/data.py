@@ -225,6 +225,11 @@ def tokenize(segments, tokenizer, num_visual_tokens: int, max_length: int) -> tu
     return input_ids[keep], label_ids[keep], True
 
 
+def estimate_length(turns: list[dict], num_visual_tokens: int) -> int:
+    """A sample's length for --group_by_length without tokenizing: its words plus its visual block."""
+    return sum(len(t["content"].split()) for t in turns) + num_visual_tokens
+
+
 class SupervisedDataset(Dataset):
     """Samples of one data file; the embedding of each is looked up at init (so a missing one fails at start).
 
@@ -246,7 +251,7 @@ class SupervisedDataset(Dataset):
         self.skip_missing, self.skip_bad_embeddings, self.noise_seed, self.epoch = skip_missing, skip_bad_embeddings, noise_seed, 0
         raw = load_records(data_path)
         self.records, self.rows = self._resolve(raw, [self._conversations(rec, row) for row, rec in enumerate(raw)])
-        self.lengths = [sum(len(t["content"].split()) for t in turns) + (num_visual_tokens if row >= 0 else 0)
+        self.lengths = [estimate_length(turns, num_visual_tokens if row >= 0 else 0)
                         for turns, row in zip(self.records, self.rows)]
         # One flag per sample in shared memory: __getitem__ runs in DataLoader workers, whose own counters the
         # trainer never sees; flags also count a sample once however many epochs cut it.
@@ -374,13 +379,18 @@ class DataCollator:
 
         input_ids = pad("input_ids", self.pad_token_id)
         lengths = torch.tensor([len(f["input_ids"]) for f in features])
-        zeros = torch.zeros(self.embed_dim)
         batch = {
             "input_ids": input_ids,
             "labels": pad("labels", IGNORE_INDEX),
             "attention_mask": torch.arange(input_ids.shape[1])[None] < lengths[:, None],
-            "image_embeds": torch.stack([zeros if f["image_embeds"] is None else f["image_embeds"] for f in features]),
+            "image_embeds": stack_image_embeds(features, self.embed_dim),
         }
         if self.sample_index:
             batch["sample_index"] = torch.tensor([f.get("index", -1) for f in features])
         return batch
+
+
+def stack_image_embeds(features: list[dict], embed_dim: int) -> torch.Tensor:
+    """[N, D]: each sample's embedding, zeros for image-free samples (the projector stays in every step's graph)."""
+    zeros = torch.zeros(embed_dim)
+    return torch.stack([zeros if f["image_embeds"] is None else f["image_embeds"] for f in features])

@@ -207,8 +207,12 @@ class RevisionModel(nn.Module):
             raise ValueError(f"{where} have dim {dim}, but the projector takes {self.revision_config.embed_dim} "
                              "(embeddings from another encoder than the projector was built for?)")
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs_embeds with each sample's projected embedding at its IMAGE_TOKEN_INDEX positions."""
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds with each sample's projected embedding at its IMAGE_TOKEN_INDEX positions.
+
+        Without `image_index` row b is sample b; packed rows (revision.packing) hold several samples, and
+        image_index [B, L] names the image_embeds row of the sample at each position."""
         is_visual = input_ids == IMAGE_TOKEN_INDEX
         text_embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_visual, 0))
         if image_embeds is None:
@@ -217,12 +221,20 @@ class RevisionModel(nn.Module):
             return text_embeds
         self.check_embed_dim(image_embeds.shape[-1], "image_embeds")
         projected = self.projector(image_embeds.to(self.projector[0].weight.dtype))  # [B, d]: once per sample
+        if image_index is not None:  # packed: each visual position takes its own sample's projection
+            per_position = projected[image_index[is_visual]].to(text_embeds.dtype)
+            return text_embeds.masked_scatter(is_visual.unsqueeze(-1), per_position)
         # Broadcasting [B, 1, d] over the sequence is the repeat; gradients from every position sum into it.
         return torch.where(is_visual.unsqueeze(-1), projected.unsqueeze(1).to(text_embeds.dtype), text_embeds)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None, **kwargs):
-        inputs_embeds = self.embed(input_ids, image_embeds)
+                labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None, **kwargs):
+        inputs_embeds = self.embed(input_ids, image_embeds, image_index)
+        if kwargs.get("position_ids") is not None and attention_mask is None:
+            # Packed rows: transformers builds the block-diagonal mask from position_ids only when no KV cache
+            # is made, and the LLM's config makes one by default (tests/test_packing.py shows both).
+            kwargs["use_cache"] = False
         if labels is not None:
             labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)

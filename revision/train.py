@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from revision import checkpoint
-from revision.data import (DataCollator, EmbeddingTable, InputError, SupervisedDataset, check_lengths, exit_with,
-                           image_map_from)
+from revision.data import EmbeddingTable, InputError, SupervisedDataset, check_lengths, exit_with, image_map_from
 from revision.model import (CONFIG_FILE, RevisionConfig, RevisionModel, checkpoint_config, inherit_settings,
                             load_projector_weights)
+from revision.packing import EpochLengthGroupedSampler, make_collator
 from revision.store import StoreError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +63,8 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_dropout: float = 0.05
     mm_projector_lr: float | None = field(default=None, metadata={"help": "projector learning rate (default: --learning_rate)"})
     group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length"})
+    packing: bool = field(default=False, metadata={"help": "pack each step's samples into rows of model_max_length, "
+                                                           "no attention across samples (revision/packing.py)"})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Bunny/LLaVA spelling of a fractional --warmup_steps"})
     remove_unused_columns: bool = False
 
@@ -94,8 +95,9 @@ class RevisionTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             # The dataset estimates lengths without tokenizing; HF's default would tokenize every sample first.
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=dataset.lengths)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                             dataset.lengths, seed)
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
@@ -322,8 +324,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     logger.info("%d samples (%d skipped: %d no embedding, %d unusable embedding, %d no assistant turn); "
                 "%d trainable parameters of %d", len(dataset), dataset.skipped + dataset.skipped_bad + dataset.skipped_empty,
                 dataset.skipped, dataset.skipped_bad, dataset.skipped_empty, trainable, sum(p.numel() for p in model.parameters()))
+    collator = make_collator(training_args, tokenizer.pad_token_id, table.dim, model)
     trainer = RevisionTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                              data_collator=DataCollator(tokenizer.pad_token_id, table.dim, sample_index=True),
+                              data_collator=collator,
                               align_stats=data_args.align_stats, callbacks=[EpochToDataset(dataset)])
     # Only a complete checkpoint whose every file this run wrote, unchanged, is resumed from (checkpoint.py).
     # The main process hashes every file first; the others then find it complete by names and sizes.

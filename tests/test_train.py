@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from revision.align import make_alignment
 from revision.data import InputError, SupervisedDataset
@@ -212,7 +213,7 @@ def test_projector_lr_and_length_grouping(world, tmp_path):
     projector = {id(p) for p in trainer.model.projector.parameters()}
     assert {g["initial_lr"] for g in groups if id(g["params"][0]) in projector} == {2e-4}
     assert {g["initial_lr"] for g in groups if id(g["params"][0]) not in projector} == {1e-5}
-    assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
 
 
 def test_start_up_errors(world, tmp_path):
