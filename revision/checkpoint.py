@@ -239,6 +239,18 @@ def resolve_resume(resume: str | bool | None, output_dir: str | os.PathLike, has
     return str(check_resumable(resume, hashes))
 
 
+def resume_for(args) -> str | None:
+    """The checkpoint this process resumes from (HF TrainingArguments `args`), verified. The main process (each
+    node's with --save_on_each_node) drops killed saves' staging folders and hashes every file first; the
+    others then find the same checkpoint complete by names and sizes."""
+    local = args.save_on_each_node
+    with args.main_process_first(local=local, desc="verify the checkpoint"):
+        if args.should_save:
+            remove_stale_staging(args.output_dir)
+        is_main = (args.local_process_index if local else args.process_index) == 0
+        return resolve_resume(args.resume_from_checkpoint, args.output_dir, hashes=is_main)
+
+
 def remove_stale_staging(output_dir: str | os.PathLike) -> None:
     """Drop the staging folders of killed saves (they hold no complete checkpoint)."""
     folder = Path(output_dir)

@@ -259,6 +259,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
+    if Path(model_args.model_name_or_path).is_dir():  # a ReVision output folder whose save was interrupted: refused
+        checkpoint.check_loadable(model_args.model_name_or_path)
     try:
         model = build_model(model_args, training_args, table)
     except ValueError as e:  # a checkpoint, projector or LLM that does not fit this run's embeddings or flags
@@ -275,14 +277,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                               data_collator=DataCollator(tokenizer.pad_token_id, table.dim, sample_index=True),
                               align_stats=data_args.align_stats, callbacks=[EpochToDataset(dataset)])
     # Only a complete checkpoint whose every file this run wrote, unchanged, is resumed from (checkpoint.py).
-    # The main process hashes every file first; the others then find it complete by names and sizes.
-    local = training_args.save_on_each_node
-    with training_args.main_process_first(local=local, desc="verify the checkpoint"):
-        is_main = (training_args.local_process_index if local else training_args.process_index) == 0
-        if training_args.should_save:
-            checkpoint.remove_stale_staging(training_args.output_dir)
-        resume = checkpoint.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, hashes=is_main)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=checkpoint.resume_for(training_args))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if dataset.truncated:
