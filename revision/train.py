@@ -178,6 +178,10 @@ class RevisionTrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
+        weights = model.state_dict() if state_dict is None else state_dict
+        bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:  # the last line of defence: a NaN model is never written
+            raise TrainingDivergedError(f"step {self.state.global_step}: weight {bad} holds NaN / Inf; nothing saved")
         model.save_pretrained(output_dir, state_dict=state_dict, tokenizer=self.processing_class, alignment=self.align_stats)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         checkpoint.pause_point(f"model-saved:{Path(output_dir).name}")  # tests kill the run here

@@ -195,6 +195,11 @@ def test_nan_rows_are_refused_or_skipped_never_trained_on(world, tmp_path):
                   "--skip_bad_embeddings")
     assert (len(trainer.train_dataset), trainer.train_dataset.skipped_bad) == (7, 1)
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "b" / "projector.safetensors")).values())
+    with torch.no_grad():
+        trainer.model.projector[0].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match=r"step 2: weight projector.0.weight holds NaN / Inf; nothing saved"):
+        trainer.save_model(str(tmp_path / "c"))
+    assert not (tmp_path / "c" / "projector.safetensors").exists()
 
 
 def test_training_stops_at_the_first_non_finite_loss(world, tmp_path, monkeypatch):
