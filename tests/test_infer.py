@@ -263,3 +263,17 @@ def test_cli_clear_errors_for_bad_checkpoint_and_question_file(world, tmp_path, 
     qfile.write_text(json.dumps({"question_id": 1, "embedding": "x", "text": "?"}) + "\n")
     assert cli(["--model", world["ckpt"], "--questions", qfile, "--answers", tmp_path / "a.jsonl"]) == 0
     assert "no --embed_folder" in json.loads((tmp_path / "a.jsonl").read_text())["error"]
+
+
+def test_an_unusable_store_row_is_named_not_answered(tmp_path):
+    from revision.data import EmbeddingTable
+    from revision.predict import store_embedding
+    from revision.store import Shard, write_reference_shard
+
+    embeds = np.eye(3, 16, dtype=np.float32)
+    embeds[1, 4] = np.nan
+    (tmp_path / "s").mkdir()  # the reference layout: written without row checks
+    write_reference_shard(tmp_path / "s" / "image_embeds_1.pkl", Shard("image", ["a", "b", "c"], embeds, ["a.png", "b.png", "c.png"]),
+                          "float32")
+    with pytest.raises(ValueError, match=r"'b.png': unusable embedding in .*s/image_embeds_1.pkl row 1 \(id 'b'\): NaN"):
+        store_embedding(EmbeddingTable(tmp_path / "s"), "b.png")
