@@ -160,7 +160,10 @@ def publish_final(staging: Path, out: Path) -> None:
     The old manifest goes first, the new one comes last: while files move, `out` has no manifest and the
     staging folder is there, so nothing loads a mix of old and new files (predict refuses it)."""
     manifest = write_manifest(staging)
-    old = read_manifest(out) if (out / MANIFEST).exists() else None
+    try:
+        old = read_manifest(out)
+    except CheckpointError:  # unreadable: its files cannot be told apart, they stay (the new ones overwrite theirs)
+        old = None
     (out / MANIFEST).unlink(missing_ok=True)
     _fsync_dir(out)
     for name in (old or {}).get("files", {}):
@@ -254,7 +257,7 @@ def resume_for(args) -> str | None:
 def remove_stale_staging(output_dir: str | os.PathLike) -> None:
     """Drop the staging folders of killed saves (they hold no complete checkpoint)."""
     folder = Path(output_dir)
-    for stale in folder.glob(f"{STAGING_PREFIX}checkpoint-*") if folder.is_dir() else []:
+    for stale in folder.glob(f"{STAGING_PREFIX}*checkpoint-*") if folder.is_dir() else []:
         logger.warning("removing %s: a checkpoint save that did not finish", stale)
         shutil.rmtree(stale, ignore_errors=True)
 
