@@ -160,7 +160,10 @@ def publish_final(staging: Path, out: Path) -> None:
     The old manifest goes first, the new one comes last: while files move, `out` has no manifest and the
     staging folder is there, so nothing loads a mix of old and new files (predict refuses it)."""
     manifest = write_manifest(staging)
-    old = read_manifest(out) if (out / MANIFEST).exists() else None
+    try:
+        old = read_manifest(out)
+    except CheckpointError:  # unreadable: its files cannot be told apart, they stay (the new ones overwrite theirs)
+        old = None
     (out / MANIFEST).unlink(missing_ok=True)
     _fsync_dir(out)
     for name in (old or {}).get("files", {}):
@@ -239,10 +242,22 @@ def resolve_resume(resume: str | bool | None, output_dir: str | os.PathLike, has
     return str(check_resumable(resume, hashes))
 
 
+def resume_for(args) -> str | None:
+    """The checkpoint this process resumes from (HF TrainingArguments `args`), verified. The main process (each
+    node's with --save_on_each_node) drops killed saves' staging folders and hashes every file first; the
+    others then find the same checkpoint complete by names and sizes."""
+    local = args.save_on_each_node
+    with args.main_process_first(local=local, desc="verify the checkpoint"):
+        if args.should_save:
+            remove_stale_staging(args.output_dir)
+        is_main = (args.local_process_index if local else args.process_index) == 0
+        return resolve_resume(args.resume_from_checkpoint, args.output_dir, hashes=is_main)
+
+
 def remove_stale_staging(output_dir: str | os.PathLike) -> None:
     """Drop the staging folders of killed saves (they hold no complete checkpoint)."""
     folder = Path(output_dir)
-    for stale in folder.glob(f"{STAGING_PREFIX}checkpoint-*") if folder.is_dir() else []:
+    for stale in folder.glob(f"{STAGING_PREFIX}*checkpoint-*") if folder.is_dir() else []:
         logger.warning("removing %s: a checkpoint save that did not finish", stale)
         shutil.rmtree(stale, ignore_errors=True)
 

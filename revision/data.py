@@ -34,7 +34,6 @@ from revision.store import EmbeddingStore, StoreError, bad_rows, describe_bad_ro
 
 MIN_TEXT_TOKENS = 8  # model_max_length must leave at least this much room next to the visual block
 CACHE_VERSION = "2"  # 2: the cache records the store's unusable (NaN / Inf / all-zero) rows
-BAD_ROW_CHUNK = 8192  # rows checked at once when the cache is built (bounds the temporaries)
 logger = logging.getLogger(__name__)
 
 
@@ -132,6 +131,14 @@ def _sorted_index(keys: list[str], where: str, unique: bool) -> tuple[np.ndarray
     return encoded, order.astype(np.int64)
 
 
+def _unusable_rows(embeds: np.ndarray) -> np.ndarray:
+    """Rows holding NaN / Inf or all zeros, in one pass: a row's float32 sum is non-finite exactly when the row
+    holds NaN / Inf, and 0 for a zero row; only rows like that (or summing to 0 by chance) are checked closely."""
+    sums = embeds.sum(axis=1, dtype=np.float32 if embeds.dtype.itemsize < 8 else np.float64)
+    suspects = np.flatnonzero(~np.isfinite(sums) | (sums == 0))
+    return suspects[bad_rows(np.asarray(embeds[suspects], np.float64))] if len(suspects) else suspects
+
+
 def _build_cache(store: EmbeddingStore, cache: Path) -> None:
     """Write embeds.npy (store order) and sorted id / image-path indexes into `cache`, atomically."""
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +152,7 @@ def _build_cache(store: EmbeddingStore, cache: Path) -> None:
             if embeds is None:
                 embeds = np.lib.format.open_memmap(tmp / "embeds.npy", "w+", dtype or shard.embeds.dtype, (count, store.dim))
             embeds[offset: offset + len(shard)] = shard.embeds
-            for lo in range(0, len(shard), BAD_ROW_CHUNK):
-                bad.append(offset + lo + bad_rows(np.asarray(shard.embeds[lo: lo + BAD_ROW_CHUNK], np.float32)))
+            bad.append(offset + _unusable_rows(shard.embeds))
             shards.append([path.name, len(shard)])
             offset += len(shard)
             ids += shard.ids

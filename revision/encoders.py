@@ -299,8 +299,8 @@ def load_encoder(
     `trust_remote_code=False` refuses encoders that run code from their repository (llm2clip:); prediction
     passes it, so a checkpoint's config alone never runs such code."""
     if spec.startswith("llm2clip:") and not trust_remote_code:
-        raise ValueError(f"encoder {spec!r} runs code from its model repository (trust_remote_code); pass "
-                         "--trust_remote_code if you trust it")
+        raise ValueError(f"encoder {spec!r} runs code from its model repository; if you trust it, pass "
+                         "--trust_remote_code (revision.predict; trust_remote_code=True in Python and lmms-eval)")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     kind, sep, rest = spec.partition(":")

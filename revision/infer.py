@@ -108,13 +108,19 @@ class Predictor:
             if isinstance(v, np.ndarray):
                 raw[i] = v
         present = [i for i, v in enumerate(prepared) if v is not None]
+        self._check_finite(raw, present, visuals, "the encoder")  # e.g. an fp16 overflow
         if present:
             raw[present] = self.model.image_map(raw[present])
-        bad = [i for i in present if not np.isfinite(raw[i]).all()]
-        if bad:  # an encoder overflow (fp16) or broken alignment statistics: never answer from NaN
-            what = visuals[bad[0]] if isinstance(visuals[bad[0]], (str, os.PathLike)) else f"visual {bad[0]} of the batch"
-            raise ValueError(f"{what}: its embedding holds NaN / Inf after the encoder and {self.folder}'s image_map")
+        self._check_finite(raw, present, visuals, f"{self.folder}'s image_map")
         return raw
+
+    @staticmethod
+    def _check_finite(rows: np.ndarray, present: list[int], visuals: Sequence[Visual], after: str) -> None:
+        """Never answer from NaN: name the first visual whose embedding is not finite."""
+        bad = [i for i in present if not np.isfinite(rows[i]).all()]
+        if bad:
+            what = visuals[bad[0]] if isinstance(visuals[bad[0]], (str, os.PathLike)) else f"visual {bad[0]} of the batch"
+            raise ValueError(f"{what}: its embedding holds NaN / Inf after {after}")
 
     # ---- the text side ----------------------------------------------------------------------------
 

@@ -105,11 +105,13 @@ class ReVision(_LMMSBase):
     is_simple = True
 
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 1,
-                 max_batch_size: int | str | None = None, encoder: str | None = None, base_model: str | None = None):
+                 max_batch_size: int | str | None = None, encoder: str | None = None, base_model: str | None = None,
+                 trust_remote_code: bool = False):
         if _LMMSBase is object:
             raise ImportError("the lmms-eval adapter needs lmms-eval: pip install 'revision[lmms]'")
         super().__init__()
-        self.predictor = Predictor(pretrained, device, dtype, encoder=encoder, base_model=base_model)
+        self.predictor = Predictor(pretrained, device, dtype, encoder=encoder, base_model=base_model,
+                                   trust_remote_code=trust_remote_code)
         batch = str(batch_size)
         self.batch_size = int(batch) if batch.isdigit() else int(max_batch_size or DEFAULT_BATCH_SIZE)
 

@@ -184,6 +184,10 @@ class RevisionTrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
+        weights = model.state_dict() if state_dict is None else state_dict
+        bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:  # the last line of defence: a NaN model is never written
+            raise TrainingDivergedError(f"step {self.state.global_step}: weight {bad} holds NaN / Inf; nothing saved")
         model.save_pretrained(output_dir, state_dict=state_dict, tokenizer=self.processing_class, alignment=self.align_stats)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         checkpoint.pause_point(f"model-saved:{Path(output_dir).name}")  # tests kill the run here
@@ -312,6 +316,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     data_args.align_stats = data_args.align_stats or store_alignment(table)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
+    if Path(model_args.model_name_or_path).is_dir():  # a ReVision output folder whose save was interrupted: refused
+        checkpoint.check_loadable(model_args.model_name_or_path)
     try:
         model = build_model(model_args, training_args, table)
     except ValueError as e:  # a checkpoint, projector or LLM that does not fit this run's embeddings or flags
@@ -329,14 +335,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                               data_collator=collator,
                               align_stats=data_args.align_stats, callbacks=[EpochToDataset(dataset)])
     # Only a complete checkpoint whose every file this run wrote, unchanged, is resumed from (checkpoint.py).
-    # The main process hashes every file first; the others then find it complete by names and sizes.
-    local = training_args.save_on_each_node
-    with training_args.main_process_first(local=local, desc="verify the checkpoint"):
-        is_main = (training_args.local_process_index if local else training_args.process_index) == 0
-        if training_args.should_save:
-            checkpoint.remove_stale_staging(training_args.output_dir)
-        resume = checkpoint.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, hashes=is_main)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=checkpoint.resume_for(training_args))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if dataset.truncated:

@@ -169,8 +169,11 @@ def test_bad_visuals_give_clear_errors(world, predictor, tmp_path):
 
 
 def test_non_finite_image_embeddings_never_reach_the_model(world, predictor, monkeypatch):
-    monkeypatch.setattr(predictor.model, "image_map", lambda x: x * np.nan)  # e.g. an fp16 encoder overflow
-    with pytest.raises(ValueError, match=r"red.png: its embedding holds NaN / Inf after the encoder"):
+    monkeypatch.setattr(predictor.model, "image_map", lambda x: x * np.nan)  # e.g. broken statistics
+    with pytest.raises(ValueError, match=r"red.png: its embedding holds NaN / Inf after .*ckpt's image_map"):
+        predictor.answer(QUESTION, world["images"]["red"])
+    monkeypatch.setattr(predictor.encoder, "encode_images", lambda images: torch.full((len(images), 16), torch.inf))
+    with pytest.raises(ValueError, match=r"red.png: its embedding holds NaN / Inf after the encoder"):  # an fp16 overflow
         predictor.answer(QUESTION, world["images"]["red"])
 
 
@@ -178,7 +181,7 @@ def test_an_encoder_with_remote_code_needs_trust_remote_code(world, tmp_path):
     folder = shutil.copytree(world["ckpt"], tmp_path / "remote")
     config = json.loads((folder / CONFIG_FILE).read_text())
     (folder / CONFIG_FILE).write_text(json.dumps({**config, "encoder": "llm2clip:microsoft/LLM2CLIP-Openai-L-14-336"}))
-    with pytest.raises(ValueError, match="runs code from its model repository .*pass --trust_remote_code"):
+    with pytest.raises(ValueError, match="runs code from its model repository; if you trust it, pass --trust_remote_code"):
         Predictor(folder, device="cpu").encoder
     assert cli(["--model", folder, "--image", world["images"]["red"], "--prompt", QUESTION]) == 2
     with pytest.raises(ImportError, match="llm2vec"):  # trusted: it goes on to load it (here llm2vec is not installed)
@@ -263,3 +266,17 @@ def test_cli_clear_errors_for_bad_checkpoint_and_question_file(world, tmp_path, 
     qfile.write_text(json.dumps({"question_id": 1, "embedding": "x", "text": "?"}) + "\n")
     assert cli(["--model", world["ckpt"], "--questions", qfile, "--answers", tmp_path / "a.jsonl"]) == 0
     assert "no --embed_folder" in json.loads((tmp_path / "a.jsonl").read_text())["error"]
+
+
+def test_an_unusable_store_row_is_named_not_answered(tmp_path):
+    from revision.data import EmbeddingTable
+    from revision.predict import store_embedding
+    from revision.store import Shard, write_reference_shard
+
+    embeds = np.eye(3, 16, dtype=np.float32)
+    embeds[1, 4] = np.nan
+    (tmp_path / "s").mkdir()  # the reference layout: written without row checks
+    write_reference_shard(tmp_path / "s" / "image_embeds_1.pkl", Shard("image", ["a", "b", "c"], embeds, ["a.png", "b.png", "c.png"]),
+                          "float32")
+    with pytest.raises(ValueError, match=r"'b.png': unusable embedding in .*s/image_embeds_1.pkl row 1 \(id 'b'\): NaN"):
+        store_embedding(EmbeddingTable(tmp_path / "s"), "b.png")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from revision.align import make_alignment
+from revision.checkpoint import check_resumable
 from revision.data import InputError, SupervisedDataset
 from revision.model import IMAGE_TOKEN_INDEX, RevisionModel
 from revision.store import EmbeddingStore, Shard, write_reference_shard, write_store
@@ -235,7 +236,7 @@ def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path):
     child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
              "from revision.train import main; main(sys.argv[1:])")
     args = flags(world, tmp_path / "ds", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
-                 "--deepspeed", str(REPO / "script" / "deepspeed" / "zero2.json"))
+                 "--deepspeed", str(REPO / "script" / "deepspeed" / "zero2.json"), "--save_strategy", "steps", "--save_steps", "3")
     done = subprocess.run([sys.executable, "-c", child, *args], env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "ds" / "trainer_state.json").read_text())
@@ -244,6 +245,10 @@ def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path):
     before = RevisionModel.from_llm(world["model"], 16)
     assert not torch.equal(model.llm.lm_head.weight, before.llm.lm_head.weight)
     assert torch.equal(load_file(str(tmp_path / "ds" / "projector.safetensors"))["0.weight"], model.projector[0].weight)
+    # DeepSpeed's own files (global_step3/*.pt, unpickled with weights_only=False at resume) are in the manifest
+    check_resumable(tmp_path / "ds" / "checkpoint-3")
+    manifest = json.loads((tmp_path / "ds" / "checkpoint-3" / "checkpoint_manifest.json").read_text())["files"]
+    assert any(n.startswith("global_step3/") and n.endswith("optim_states.pt") for n in manifest)
 
 
 def test_pretrain_launcher_runs_the_embedded_default(tmp_path):
@@ -281,6 +286,11 @@ def test_nan_rows_are_refused_or_skipped_never_trained_on(world, tmp_path):
                   "--skip_bad_embeddings")
     assert (len(trainer.train_dataset), trainer.train_dataset.skipped_bad) == (7, 1)
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "b" / "projector.safetensors")).values())
+    with torch.no_grad():
+        trainer.model.projector[0].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match=r"step 2: weight projector.0.weight holds NaN / Inf; nothing saved"):
+        trainer.save_model(str(tmp_path / "c"))
+    assert not (tmp_path / "c" / "projector.safetensors").exists()
 
 
 def test_training_stops_at_the_first_non_finite_loss(world, tmp_path, monkeypatch):
