@@ -137,6 +137,19 @@ def image_map_from(align_stats: str | os.PathLike | None) -> Callable[[np.ndarra
     return load_alignment(align_stats).image_map
 
 
+def embed_noise(noise_std: float | None, align_stats: str | os.PathLike | None, kind: str) -> tuple[float, str]:
+    """The Gaussian noise std for the embeddings and where it comes from (for the log): the flag when given, else
+    the statistics file's own (C3 carries one) for aligned text embeddings (stage 1); real images get none."""
+    if noise_std is not None:
+        return noise_std, "--embed_noise_std"
+    if align_stats and kind == "text":
+        from revision.align import load_alignment
+
+        alignment = load_alignment(align_stats)
+        return alignment.noise_std, f"{align_stats} ({alignment.method})"
+    return 0.0, "default: none" + (" on real image embeddings" if align_stats else "")
+
+
 def load_records(path: str | os.PathLike) -> list[dict]:
     """A JSON list or JSONL file of sample dicts."""
     path = Path(path)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallba
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from revision.data import DataCollator, EmbeddingTable, SupervisedDataset, check_lengths, image_map_from
+from revision.data import DataCollator, EmbeddingTable, SupervisedDataset, check_lengths, embed_noise, image_map_from
 from revision.model import CONFIG_FILE, RevisionModel, load_projector_weights
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class DataArguments:
     data_path: str = field(default="", metadata={"help": "LLaVA-style JSON / JSONL"})
     embed_folder: str | None = field(default=None, metadata={"help": "embedding store (overrides data_utils.folder_path)"})
     align_stats: str | None = field(default=None, metadata={"help": "embed_mean.py statistics: image_map for image stores"})
-    embed_noise_std: float = field(default=0.0, metadata={"help": "Gaussian noise on embeddings, then renormalise (C3)"})
+    embed_noise_std: float | None = field(default=None, metadata={
+        "help": "Gaussian noise on embeddings, then renormalise (C3); default: the --align_stats file's (C3: 0.126) in stage 1, else 0"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
 
@@ -189,8 +190,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                                               model_max_length=training_args.model_max_length, padding_side="right")
     model = build_model(model_args, training_args, table)
     image_map = image_map_from(data_args.align_stats) if table.kind == "image" else None
+    noise_std, noise_source = embed_noise(data_args.embed_noise_std, data_args.align_stats, table.kind)
+    logger.info("embedding noise std %g (from %s)", noise_std, noise_source)
     dataset = SupervisedDataset(data_args.data_path, tokenizer, table, model_args.version, model_args.num_visual_tokens,
-                                training_args.model_max_length, image_map, data_args.embed_noise_std, data_args.skip_missing,
+                                training_args.model_max_length, image_map, noise_std, data_args.skip_missing,
                                 training_args.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d samples (%d skipped); %d trainable parameters of %d", len(dataset), dataset.skipped, trainable,
