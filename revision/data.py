@@ -1,4 +1,4 @@
-"""Training data: LLaVA-style samples keyed into a memory-mapped embedding table (DESIGN.md, "Data").
+"""Training data: LLaVA-style samples keyed into a memory-mapped embedding table (docs/design.md, "Training").
 
 The embedding store (pkl shards) is converted once into a contiguous cache next to it: `embeds.npy`
 [N, D] in store order, plus the ids (and, for image stores, the image paths) sorted, with the row each
