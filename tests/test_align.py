@@ -270,3 +270,19 @@ def test_pass_cache_keeps_shards_in_ram_within_budget_and_spills_the_rest(tmp_pa
     np.testing.assert_array_equal(spilled[10:37], first[2][10:37])
     np.testing.assert_array_equal(spilled[99], first[2][99])
     assert spilled[95:200].shape == (5, 48)
+
+
+def test_threads_change_no_number(tmp_path, small, monkeypatch):
+    """Chunks are shared between threads at chunk boundaries and reduced in order: the same bits as one thread."""
+    import revision.align.streams as streams
+
+    t, v = small
+    texts, images = stores(tmp_path, t, v, shard_size=650)  # 3 chunks and a short one per shard
+    fitted = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(streams, "WORKERS", workers)
+        alignment = make_alignment("realign").fit(texts, images)
+        fitted[workers] = (alignment.to_dict(), alignment.text_map(t), alignment.image_map(v))
+    assert fitted[1][0] == fitted[3][0]
+    np.testing.assert_array_equal(fitted[1][1], fitted[3][1])
+    np.testing.assert_array_equal(fitted[1][2], fitted[3][2])

@@ -14,5 +14,6 @@ from revision.align.base import (  # noqa: F401
 from revision.align.methods import C3, C3_NOISE_STD, Anchor, AnchorTrace, MeanShift, ReAlign  # noqa: F401
 from revision.align.run import align_stores  # noqa: F401
 from revision.align.streams import (  # noqa: F401
-    CHUNK_ROWS, DEFAULT_MEMORY_BUDGET, BadRows, PassCache, RowSampler, SpilledRows, chunks, sample_rows, unit_mean,
+    CHUNK_ROWS, DEFAULT_MEMORY_BUDGET, WORKERS, BadRows, PassCache, RowSampler, SpilledRows, chunks, map_chunks, sample_rows,
+    unit_mean,
 )

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from revision.align.streams import BadRows, Stream, chunks, sample_rows
+from revision.align.streams import BadRows, Stream, map_chunks, sample_rows
 from revision.store import Shard, StoreError
 
 STATS_FILE = "align_stats.json"
@@ -153,23 +153,25 @@ class Alignment:
         return self._map(_as_input(x, "image"), self._image_rows, BadRows())[0]
 
     def map_text_rows(
-        self, shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None,
-        out: np.ndarray | None = None, scratch: np.ndarray | None = None,
+        self, shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """text_map of rows lo:hi of a shard under a bad-row policy: (float32 rows, mask of usable rows).
-        `out` ([hi - lo, dim] float32) and `scratch` (see `chunks`) are reused buffers, if given."""
-        return self._map(shard, self._text_rows, bad, lo, hi, out, scratch)
+        `out` ([hi - lo, dim] float32) is a reused buffer, if given."""
+        return self._map(shard, self._text_rows, bad, lo, hi, out)
 
     def _map(self, shard: Shard, rows_fn: Callable, bad: BadRows, lo: int = 0, hi: int | None = None,
-             out: np.ndarray | None = None, scratch: np.ndarray | None = None):
+             out: np.ndarray | None = None):
         if self.dim is not None and shard.embeds.shape[1] != self.dim:
             raise StoreError(f"{shard.path}: embeddings of dim {shard.embeds.shape[1]}, alignment was fitted on {self.dim}")
         hi = len(shard.embeds) if hi is None else hi
         out = np.empty((hi - lo, shard.embeds.shape[1]), np.float32) if out is None else out
         keep = np.ones(hi - lo, bool)
-        for start, rows, inv_norm in chunks(shard, bad, lo, hi, scratch):
+
+        def one_chunk(start: int, rows: np.ndarray, inv_norm: np.ndarray) -> None:  # writes only its own rows
             rows_fn(rows, inv_norm, out[start - lo : start - lo + len(rows)])
             keep[start - lo : start - lo + len(rows)] = inv_norm > 0
+
+        map_chunks(shard, bad, one_chunk, lo, hi)
         return out, keep
 
     def _text_rows(self, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from revision.align.base import Alignment, non_negative, positive, register, vector
-from revision.align.streams import BadRows, Stream, chunks, unit_mean
+from revision.align.streams import BadRows, Stream, map_chunks, unit_mean
 
 C3_NOISE_STD = math.sqrt(0.016)  # C3's default corruption (σ ≈ 0.126), added to stage 1's text embeddings
 
@@ -106,13 +106,17 @@ class ReAlign(AnchorTrace):
     def _fit(self, texts: Stream, images: Stream, bad: BadRows) -> None:
         super()._fit(texts, images, bad)
         c = self._shift()
+
+        def sums(_, rows: np.ndarray, inv_norm: np.ndarray) -> tuple[np.ndarray, float, int]:
+            inv_r = self._inv_r(rows, inv_norm, c)
+            return (inv_r * inv_norm) @ rows, float(inv_r.sum()), int(np.count_nonzero(inv_norm))
+
         sum_x_over_r, sum_inv_r, count = np.zeros(self.dim), 0.0, 0
         for shard in texts():
-            for _, rows, inv_norm in chunks(shard, bad):
-                inv_r = self._inv_r(rows, inv_norm, c)
-                sum_x_over_r += (inv_r * inv_norm) @ rows
-                sum_inv_r += float(inv_r.sum())
-                count += int(np.count_nonzero(inv_norm))
+            for x_over_r, inv_r, rows in map_chunks(shard, bad, sums):  # in chunk order: the same sums as one thread
+                sum_x_over_r += x_over_r
+                sum_inv_r += inv_r
+                count += rows
             del shard
         self.mu_hat = (self.scale * sum_x_over_r + sum_inv_r * c) / count
 

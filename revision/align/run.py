@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from revision.align.base import REGISTRY, STATS_FILE, Alignment, load_alignment, make_alignment, method_names
-from revision.align.streams import CHUNK_ROWS, DEFAULT_MEMORY_BUDGET, BadRows, PassCache
+from revision.align.streams import DEFAULT_MEMORY_BUDGET, BadRows, PassCache
 from revision.store import EmbeddingStore, StoreError, StoreWriter
 
 
@@ -153,14 +153,14 @@ def _return_free_heap() -> None:
 def _write_aligned(alignment: Alignment, texts: PassCache, writer: StoreWriter, bad: BadRows, block: int = 16_384) -> None:
     """The last pass: text_map every row (block by block: memory stays one shard) into the writer."""
     done = set(writer.done_ids)  # written by an earlier, interrupted run
-    out, scratch = np.empty((block, texts.dim), np.float32), np.empty((CHUNK_ROWS, texts.dim))  # reused: no fresh pages
+    out = np.empty((block, texts.dim), np.float32)  # reused: no fresh pages
     for shard in texts.iter_shards():
         for lo in range(0, len(shard), block):
             hi = min(lo + block, len(shard))
             ids = shard.ids[lo:hi]
             if done and all(i in done for i in ids):
                 continue
-            rows, keep = alignment.map_text_rows(shard, bad, lo, hi, out[: hi - lo], scratch)
+            rows, keep = alignment.map_text_rows(shard, bad, lo, hi, out[: hi - lo])
             _check_unit(rows, keep, shard, lo, alignment)
             if done:
                 keep &= np.array([i not in done for i in ids])

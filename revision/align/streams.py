@@ -5,9 +5,12 @@ Memory is bounded by one shard (and `memory_budget` of cached text), never by th
 """
 from __future__ import annotations
 
+import os
 import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -16,6 +19,7 @@ from revision.store import EmbeddingStore, Shard, StoreError, bad_rows, describe
 
 DEFAULT_MEMORY_BUDGET = 1 << 29  # bytes of decoded text embeddings kept in RAM between passes (beyond: a temp disk cache)
 CHUNK_ROWS = 256  # float64 working set of one chunk: 256 x 1280 x 8 B = 2.6 MB, stays in the L2 cache
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads sharing a shard's chunks (numpy releases the GIL in them)
 
 Stream = Callable[[], Iterable[Shard]]  # a fresh pass over a store's shards on every call
 
@@ -64,14 +68,48 @@ def chunks(
         yield start, rows, inv_norm
 
 
+_pool: ThreadPoolExecutor | None = None
+_local = threading.local()  # each thread's chunk buffer, reused: no fresh pages per shard
+
+
+def _buffer(dim: int) -> np.ndarray:
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[1] != dim:
+        buf = _local.buf = np.empty((CHUNK_ROWS, dim))
+    return buf
+
+
+def map_chunks(shard: Shard, bad: BadRows, fn: Callable[[int, np.ndarray, np.ndarray], Any],
+               lo: int = 0, hi: int | None = None) -> list:
+    """[fn(first row, float64 rows, 1/‖row‖) for every chunk of rows lo:hi], in chunk order. The range is split
+    between WORKERS threads at chunk boundaries: every chunk, hence every number, is the one a single thread
+    would see, and callers reduce the results in order (the same sums, bit for bit)."""
+    global _pool
+    hi = len(shard.embeds) if hi is None else hi
+    count = -(-(hi - lo) // CHUNK_ROWS)
+    parts = min(WORKERS, count)
+    dim = shard.embeds.shape[1]
+
+    def run(a: int, b: int) -> list:
+        return [fn(*chunk) for chunk in chunks(shard, bad, a, b, _buffer(dim))]
+
+    if parts <= 1:
+        return run(lo, hi)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="align")
+    bounds = [lo + (count * k // parts) * CHUNK_ROWS for k in range(parts)] + [hi]
+    futures = [_pool.submit(run, a, b) for a, b in zip(bounds, bounds[1:])]
+    wait(futures)  # all done before anything is raised: no thread still writes into a caller's buffer
+    return [result for future in futures for result in future.result()]  # the first part's error first
+
+
 def unit_mean(stream: Stream, bad: BadRows, what: str) -> tuple[np.ndarray, int]:
     """Mean of n(x) over every usable row of a stream (one pass), and how many rows that was."""
     total, count = None, 0
     for shard in stream():
-        for _, rows, inv_norm in chunks(shard, bad):
-            part = inv_norm @ rows  # sum of the unit rows of this chunk
-            total = part if total is None else total + part
-            count += int(np.count_nonzero(inv_norm))
+        for part, rows in map_chunks(shard, bad, lambda _, x, inv_norm: (inv_norm @ x, int(np.count_nonzero(inv_norm)))):
+            total = part if total is None else total + part  # sum of the unit rows, chunk by chunk, in order
+            count += rows
         del shard
     if not count:
         raise StoreError(f"{what}: no usable rows to fit alignment statistics on (empty store, or every row dropped)")
