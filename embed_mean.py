@@ -1,7 +1,8 @@
-"""Turn text embeddings into synthetic image embeddings without training (DESIGN.md "Alignment").
+"""Turn text embeddings into synthetic image embeddings without training (docs/design.md "Alignment").
 
     python embed_mean.py --text emb/text --image emb/image --out emb/text_realign            # ReAlign (default)
     python embed_mean.py --text emb/text --image emb/image --out emb/text_ms --method mean_shift
+    # methods: none, mean_shift, c3 (its noise is applied in stage 1), anchor, anchor_trace (the paper's ablation), realign
     python embed_mean.py --text new/text --out new/text_realign --apply_stats emb/text_realign/align_stats.json
 
 Writes to --out: the aligned text store (same ids and captions, float32 by default), align_stats.json
@@ -16,16 +17,17 @@ import os
 # The passes are memory-bound matrix-vector products: extra BLAS threads only spin against the main one.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from revision.align import DEFAULT_MEMORY_BUDGET, METHODS, align_stores  # noqa: E402
+from revision.align import DEFAULT_MEMORY_BUDGET, align_stores, method_names  # noqa: E402
 from revision.store import StoreError  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", required=True, help="text embedding store (folder)")
     p.add_argument("--image", help="image embedding store (folder); not needed with --apply_stats")
     p.add_argument("--out", required=True, help="folder for the aligned text store (must differ from the inputs)")
-    p.add_argument("--method", choices=METHODS, default="realign")
+    p.add_argument("--method", choices=method_names(), default="realign",
+                   help="the registered alignment methods (revision/align/methods.py)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="dtype of the written embeddings")
     p.add_argument("--stats_sample", type=int, default=None, help="fit on a uniform sample of N rows per side")
     p.add_argument("--apply_stats", help="reuse statistics from an earlier run (align_stats.json or its folder)")
@@ -40,7 +42,7 @@ def main() -> None:
                    help="GiB of decoded text embeddings kept in RAM between passes; the rest is cached on disk in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         summary = align_stores(
             args.text, args.image, args.out, method=args.method, dtype=args.dtype, stats_sample=args.stats_sample,

@@ -1,15 +1,19 @@
-"""End-to-end cost of `embed_mean.py --method realign`: wall time and peak RSS of the whole process.
+"""`embed_mean.py --method realign` against the official `embed_ReAlign.py`, side by side in the same run.
 
-    python bench/realign.py                     # 400k texts + 200k images (1280-d float16), then twice that
-    python bench/realign.py --texts 40000 --images 20000 --shard 20000   # a quick look
+    # the official script is not part of this repository: take it from github Yu-xm/ReVision, e.g.
+    git -C ReVision show HEAD:embed_ReAlign.py > /tmp/embed_ReAlign.py
+    python bench/realign.py --official /tmp/embed_ReAlign.py                      # 200k + 100k, then 400k + 200k
+    python bench/realign.py --official /tmp/embed_ReAlign.py --sizes 40000:20000 --shard 20000   # a quick look
 
-It writes synthetic shards with a planted gap in the official record layout (a list of {"id", "caption"
-| "image_path", "embed"} per pickle, 200k records per shard) to a temp folder, runs embed_mean.py as a
-subprocess under /usr/bin/time -v, with and without the gap report, then again on twice the corpus and on
-the same corpus in our columnar layout. The baseline measured in the same run is one plain read of every
-input shard (the unpickling floor: no statistics, nothing written). The official embed_ReAlign.py took
-128 s and 11.6 GB on the 400k + 200k input on this machine (issue 3; not re-run here).
-Everything is deleted afterwards, unless --inputs DIR keeps the inputs for the next run (delete DIR yourself).
+Per size it writes synthetic shards with a planted gap in the official record layout (a list of {"id",
+"caption" | "image_path", "embed"} per pickle, `--shard` records per file, 1280-d float16) to a temp folder, then
+runs, each as a subprocess under /usr/bin/time -v (wall seconds, peak RSS): one plain read of every input
+shard (the unpickling floor), ours (no gap report: the official script draws none) before and after the
+official script (the load of a shared machine drifts over its minutes), and the official script. Both outputs
+are then compared row by row (cosine; ids). Wall and CPU seconds are reported. The table gives speed (official / ours) and peak
+RSS (ours / official) per size, and ours at the larger size over ours at the smaller (memory stays flat).
+Without --official only our runs are measured. Everything is deleted afterwards, unless --inputs DIR keeps
+the inputs for the next run (delete DIR yourself).
 """
 from __future__ import annotations
 
@@ -29,10 +33,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from revision.store import EmbeddingStore, Shard, StoreWriter, write_reference_shard  # noqa: E402
+from revision.store import EmbeddingStore, Shard, safe_load, write_reference_shard  # noqa: E402
 
-OFFICIAL = {"wall_s": 128.0, "peak_rss_gb": 11.6}  # issue 3, 400k + 200k, the official script
-TARGET = {"wall_s": 13.0, "peak_rss_gb": 2.9}
+TARGET = {"speed": 10.0, "rss": 0.25, "cosine": 0.99999}
 
 
 def planted_shard(kind: str, first: int, rows: int, dim: int, seed: int) -> Shard:
@@ -50,38 +53,22 @@ def planted_shard(kind: str, first: int, rows: int, dim: int, seed: int) -> Shar
     return Shard(kind, ids, x.astype(np.float16), [f"{key} {i}" for i in range(first, first + rows)])
 
 
-def make_inputs(folder: Path, kind: str, total: int, shard: int, dim: int, reuse: Path | None = None) -> None:
-    """Reference-layout shards kind_embeds_1.pkl...; shards already in `reuse` are linked, not regenerated."""
-    folder.mkdir(parents=True)
+def make_inputs(folder: Path, pool: Path, kind: str, total: int, shard: int, dim: int) -> None:
+    """Reference-layout shards kind_embeds_1.pkl... in `folder`, hard links into `pool`: a shard (kind, index,
+    rows) is generated once and shared by every size that holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pool.mkdir(parents=True, exist_ok=True)
     for index, first in enumerate(range(0, total, shard)):
-        name = f"{kind}_embeds_{index + 1}.pkl"
-        if reuse is not None and (reuse / name).exists():
-            os.link(reuse / name, folder / name)
-            continue
         rows = min(shard, total - first)
-        write_reference_shard(folder / name, planted_shard(kind, first, rows, dim, seed=index + (0 if kind == "text" else 1000)))
-
-
-def to_columnar(source: Path, folder: Path) -> None:
-    store = EmbeddingStore(source)
-    writer = StoreWriter(folder, store.kind, "bench", store.dim, "float16", shard_size=200_000)
-    for shard in store.iter_shards():
-        writer.add(shard.ids, shard.embeds, shard.sources)
-    writer.close()
-
-
-def make_all_inputs(tmp: Path, args: argparse.Namespace) -> None:
-    make_inputs(tmp / "x1" / "text", "text", args.texts, args.shard, args.dim)
-    make_inputs(tmp / "x1" / "image", "image", args.images, args.shard, args.dim)
-    make_inputs(tmp / "x2" / "text", "text", 2 * args.texts, args.shard, args.dim, reuse=tmp / "x1" / "text")
-    make_inputs(tmp / "x2" / "image", "image", 2 * args.images, args.shard, args.dim, reuse=tmp / "x1" / "image")
-    to_columnar(tmp / "x1" / "text", tmp / "col" / "text")
-    to_columnar(tmp / "x1" / "image", tmp / "col" / "image")
-    os.sync()  # the inputs' write-back must not compete with the timed runs
+        pooled = pool / f"{kind}_{index + 1}_{rows}.pkl"
+        if not pooled.exists():
+            write_reference_shard(pooled, planted_shard(kind, first, rows, dim, seed=index + (0 if kind == "text" else 1000)))
+        if not (folder / f"{kind}_embeds_{index + 1}.pkl").exists():
+            os.link(pooled, folder / f"{kind}_embeds_{index + 1}.pkl")
 
 
 def measure(cmd: list[str]) -> dict:
-    """Run under /usr/bin/time -v: wall seconds and peak RSS of the process."""
+    """Run under /usr/bin/time -v: wall seconds and peak RSS of the process (and the load average before)."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
@@ -89,7 +76,8 @@ def measure(cmd: list[str]) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    return {"wall_s": wall, "peak_rss_gb": rss_kb / 1e6, "load_before": load, "stdout": done.stdout}
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr).group(1)) for kind in ("User", "System"))
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_gb": rss_kb / 1e6, "load_before": load, "stdout": done.stdout}
 
 
 def read_once_cmd(*folders: Path) -> list[str]:
@@ -98,81 +86,123 @@ def read_once_cmd(*folders: Path) -> list[str]:
     return [sys.executable, "-c", code, *map(str, folders)]
 
 
-def align_cmd(text: Path, image: Path, out: Path, report: bool) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "embed_mean.py"), "--text", str(text), "--image", str(image), "--out", str(out),
-           "--method", "realign", "--overwrite", "--quiet"]
-    return cmd + ([] if report else ["--no_report"])
+def ours_cmd(text: Path, image: Path, out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "embed_mean.py"), "--text", str(text), "--image", str(image), "--out", str(out),
+            "--method", "realign", "--overwrite", "--quiet", "--no_report"]
+
+
+def official_cmd(script: Path, text: Path, image: Path, out: Path) -> list[str]:
+    return [sys.executable, str(script), "--input_dir", str(text), "--img_input_dir", str(image), "--output_dir", str(out),
+            "--mean_file_path", str(out / "mean_vector.pkl")]
+
+
+def compare(ours: Path, official: Path) -> dict:
+    """Per-row cosine between our store and the official output folder (official/trace/*_trace.pkl), by id."""
+    store = EmbeddingStore(ours).load_all()
+    index = {i: row for row, i in enumerate(store.ids)}
+    worst, seen = 1.0, 0
+    for path in sorted((official / "trace").glob("*.pkl")):
+        records = safe_load(path)
+        theirs = np.stack([r["embed"] for r in records]).astype(np.float64)
+        mine = store.embeds[[index[str(r["id"])] for r in records]].astype(np.float64)
+        cosine = np.sum(theirs * mine, axis=1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(mine, axis=1)
+        worst, seen = min(worst, float(cosine.min())), seen + len(records)
+        del records, theirs, mine
+    if seen != len(store.ids):
+        raise RuntimeError(f"the official output has {seen} rows, ours {len(store.ids)}")
+    return {"min_cosine": worst, "rows": seen}
+
+
+def best_of(results: list[dict]) -> dict:
+    """Fastest wall time (and least CPU time), highest peak RSS of repeated runs."""
+    return {"wall_s": min(r["wall_s"] for r in results), "cpu_s": min(r["cpu_s"] for r in results),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in results), "load_before": max(r["load_before"] for r in results)}
+
+
+def show(name: str, r: dict, extra: str = "") -> None:
+    print(f"  {name:10s} {r['wall_s']:7.1f} s wall {r['cpu_s']:7.1f} s CPU {r['peak_rss_gb']:6.2f} GB "
+          f"(load avg {r['load_before']:.1f}) {extra}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--texts", type=int, default=400_000)
-    p.add_argument("--images", type=int, default=200_000)
-    p.add_argument("--shard", type=int, default=200_000)
+    p.add_argument("--official", help="path to the official embed_ReAlign.py (github Yu-xm/ReVision); not shipped here")
+    p.add_argument("--sizes", default="200000:100000,400000:200000", help="TEXTS:IMAGES,... (comma-separated)")
+    p.add_argument("--shard", type=int, default=200_000, help="records per input pickle")
     p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--tmp", default=None, help="parent folder for the temp data (default: the system temp dir)")
-    p.add_argument("--inputs", default=None,
-                   help="keep the generated inputs in this folder and reuse them on the next run (default: temp, deleted)")
-    p.add_argument("--repeat", type=int, default=2, help="runs per configuration (the table shows the fastest)")
+    p.add_argument("--inputs", default=None, help="keep the generated inputs here and reuse them next time")
+    p.add_argument("--repeat", type=int, default=2, help="runs of ours (and the floor) per size; the official runs once")
     args = p.parse_args()
+    sizes = [tuple(int(x) for x in size.split(":")) for size in args.sizes.split(",")]
+    official = Path(args.official).resolve() if args.official else None
+    if official is not None and not official.is_file():
+        p.error(f"--official {official}: no such file")
 
-    rows = []
+    table = []
     folder = contextlib.nullcontext(args.inputs) if args.inputs else tempfile.TemporaryDirectory(prefix="realign-bench-", dir=args.tmp)
     with folder as tmp:
         tmp = Path(tmp)
-        t0 = time.perf_counter()
-        if (tmp / "col" / "image" / "manifest.json").exists():  # --inputs from an earlier run
-            print(f"reusing the inputs under {tmp}", flush=True)
-        else:
-            make_all_inputs(tmp, args)
-            print(f"inputs written in {time.perf_counter() - t0:.0f} s under {tmp}", flush=True)
+        for texts, images in sizes:
+            data = tmp / f"{texts}_{images}"
+            t0 = time.perf_counter()
+            make_inputs(data / "text", tmp / "pool", "text", texts, args.shard, args.dim)
+            make_inputs(data / "image", tmp / "pool", "image", images, args.shard, args.dim)
+            os.sync()  # the inputs' write-back must not compete with the timed runs
+            print(f"{texts} texts + {images} images: inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
+            row = {"texts": texts, "images": images}
+            floor = [measure(read_once_cmd(data / "text", data / "image")) for _ in range(args.repeat)]
+            for r in floor:
+                show("read once", r)
+            row["read once"] = best_of(floor)
 
-        runs = [
-            ("records 1x: read every shard once (baseline)", read_once_cmd(tmp / "x1" / "text", tmp / "x1" / "image"), "x1"),
-            ("records 1x: realign, no report", align_cmd(tmp / "x1" / "text", tmp / "x1" / "image", tmp / "out", False), "x1"),
-            ("records 1x: realign + gap report", align_cmd(tmp / "x1" / "text", tmp / "x1" / "image", tmp / "out", True), "x1"),
-            ("records 2x: realign, no report", align_cmd(tmp / "x2" / "text", tmp / "x2" / "image", tmp / "out", False), "x2"),
-            ("records 2x: realign + gap report", align_cmd(tmp / "x2" / "text", tmp / "x2" / "image", tmp / "out", True), "x2"),
-            ("columnar 1x: read every shard once", read_once_cmd(tmp / "col" / "text", tmp / "col" / "image"), "x1"),
-            ("columnar 1x: realign, no report", align_cmd(tmp / "col" / "text", tmp / "col" / "image", tmp / "out", False), "x1"),
-            ("columnar 1x: realign + gap report", align_cmd(tmp / "col" / "text", tmp / "col" / "image", tmp / "out", True), "x1"),
-        ]
-        for name, cmd, scale in [run for run in runs for _ in range(args.repeat)]:
-            result = measure(cmd)
-            rows.append((name, scale, result))
-            shutil.rmtree(tmp / "out", ignore_errors=True)
-            os.sync()
-            phases = json.loads(result["stdout"])["timings"] if "realign" in name else {}
-            split = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in phases.items() if k != "total_s")
-            print(f"{name:40s} {result['wall_s']:7.1f} s {result['peak_rss_gb']:6.2f} GB  (load avg {result['load_before']:.1f})"
-                  + (f"  [{split} s]" if split else ""), flush=True)
+            def ours() -> dict:
+                shutil.rmtree(tmp / "ours", ignore_errors=True)
+                os.sync()
+                r = measure(ours_cmd(data / "text", data / "image", tmp / "ours"))
+                show("ours", r, str({k: round(v, 1) for k, v in json.loads(r["stdout"])["timings"].items()}))
+                return r
 
-    print(f"\nmachine: {os.cpu_count()} CPUs; 1x = {args.texts} texts + {args.images} images, {args.dim}-d float16, "
-          f"{args.shard} records per shard; 2x = twice that")
-    best: dict[str, tuple[str, dict]] = {}  # per configuration: fastest wall, highest peak RSS of its runs
-    for name, scale, r in rows:
-        if name in best:
-            r = {**r, "wall_s": min(r["wall_s"], best[name][1]["wall_s"]),
-                 "peak_rss_gb": max(r["peak_rss_gb"], best[name][1]["peak_rss_gb"])}
-        best[name] = (scale, r)
-    rows = [(name, scale, r) for name, (scale, r) in best.items()]
-    floors = {name.split(":")[0]: r for name, _, r in rows if "read every shard once" in name}  # per layout, 1x
-    print(f"{'run (fastest of ' + str(args.repeat) + ', highest peak)':40s} {'wall s':>7s} {'peak GB':>8s} {'/ read-once':>11s} "
-          f"{'official/ours':>14s}")
-    for name, scale, r in rows:
-        floor = floors.get(name.split(":")[0])
-        ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if scale == "x1" and "realign" in name else ""
-        default_size = (args.texts, args.images, args.dim) == (400_000, 200_000, 1280)
-        official = f"{OFFICIAL['wall_s'] / r['wall_s']:.1f}x" if default_size and name.startswith("records 1x: realign") else ""
-        print(f"{name:40s} {r['wall_s']:7.1f} {r['peak_rss_gb']:8.2f} {ratio:>11s} {official:>14s}")
-    by_name = {name: r for name, _, r in rows}
-    print(f"\ntargets on records 1x: wall <= {TARGET['wall_s']} s, peak <= {TARGET['peak_rss_gb']} GB; the official script "
-          f"took {OFFICIAL['wall_s']} s / {OFFICIAL['peak_rss_gb']} GB there (issue 3, not re-run)")
-    for report in ("no report", "gap report"):
-        one = next(r for n, r in by_name.items() if n.startswith("records 1x: realign") and report in n)
-        two = next(r for n, r in by_name.items() if n.startswith("records 2x: realign") and report in n)
-        print(f"2x / 1x ({report}): wall {two['wall_s'] / one['wall_s']:.2f}, peak RSS {two['peak_rss_gb'] / one['peak_rss_gb']:.2f}"
-              " (peak = text kept in RAM, at most --memory_budget_gb, + one shard: bounded once the texts exceed the budget)")
+            # ours before and after the official run: the machine's load drifts over its minutes
+            runs = [ours() for _ in range(max(1, args.repeat // 2))]
+            if official is not None:
+                shutil.rmtree(tmp / "official", ignore_errors=True)
+                os.sync()
+                row["official"] = measure(official_cmd(official, data / "text", data / "image", tmp / "official"))
+                show("official", row["official"])
+            runs += [ours() for _ in range(args.repeat - len(runs))]
+            row["ours"] = best_of(runs)
+            if official is not None:
+                row["check"] = compare(tmp / "ours", tmp / "official")  # the last run of ours
+                print(f"  outputs: {row['check']['rows']} rows, min cosine {row['check']['min_cosine']:.7f}", flush=True)
+                shutil.rmtree(tmp / "official", ignore_errors=True)
+            shutil.rmtree(tmp / "ours", ignore_errors=True)
+            table.append(row)
+
+    print(f"\nmachine: {os.cpu_count()} CPUs, load avg now {os.getloadavg()[0]:.1f}; {args.dim}-d float16 records, "
+          f"{args.shard} per pickle; ours: fastest of {args.repeat}, official: one run")
+    print(f"{'texts + images':>16s} {'read-once s':>11s} {'ours s':>7s} {'CPU s':>6s} {'ours GB':>8s} {'official s':>10s} "
+          f"{'CPU s':>6s} {'official GB':>11s} {'speed':>6s} {'CPU':>6s} {'RSS':>5s} {'min cosine':>10s}")
+    for row in table:
+        ours, off = row["ours"], row.get("official")
+        nan = {"wall_s": float("nan"), "cpu_s": float("nan"), "peak_rss_gb": float("nan")}
+        speed = f"{off['wall_s'] / ours['wall_s']:.1f}x" if off else "-"
+        cpu = f"{off['cpu_s'] / ours['cpu_s']:.1f}x" if off else "-"
+        rss = f"{ours['peak_rss_gb'] / off['peak_rss_gb']:.2f}" if off else "-"
+        cosine = f"{row['check']['min_cosine']:.7f}" if off else "-"
+        off = off or nan
+        print(f"{row['texts']:>8d} + {row['images']:<6d} {row['read once']['wall_s']:11.1f} {ours['wall_s']:7.1f} "
+              f"{ours['cpu_s']:6.1f} {ours['peak_rss_gb']:8.2f} {off['wall_s']:10.1f} {off['cpu_s']:6.1f} "
+              f"{off['peak_rss_gb']:11.2f} {speed:>6s} {cpu:>6s} {rss:>5s} {cosine:>10s}")
+    print("speed: official wall / ours; CPU: official CPU seconds (user + system) / ours, less sensitive than wall "
+          "time to the load of a shared machine")
+    print(f"targets: speed (official / ours) >= {TARGET['speed']}x, RSS (ours / official) <= {TARGET['rss']}, "
+          f"min cosine >= {TARGET['cosine']}")
+    if len(table) > 1:
+        first, last = table[0]["ours"], table[-1]["ours"]
+        print(f"ours, largest / smallest size: wall {last['wall_s'] / first['wall_s']:.2f}, peak RSS "
+              f"{last['peak_rss_gb'] / first['peak_rss_gb']:.2f} (peak = text kept in RAM, at most --memory_budget_gb, "
+              "+ one shard: flat once the texts exceed the budget)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training data: LLaVA-style samples keyed into a memory-mapped embedding table (DESIGN.md, "Data").
+"""Training data: LLaVA-style samples keyed into a memory-mapped embedding table (docs/design.md, "Training").
 
 The embedding store (pkl shards) is converted once into a contiguous cache next to it: `embeds.npy`
 [N, D] in store order, plus the ids (and, for image stores, the image paths) sorted, with the row each
@@ -188,6 +188,19 @@ def image_map_from(align_stats: str | os.PathLike | None) -> Callable[[np.ndarra
         if not np.isfinite(np.asarray(value, np.float64)).all():
             raise InputError(f"{align_stats}: alignment statistic {name!r} holds NaN or Inf; refit it with embed_mean.py")
     return alignment.image_map
+
+
+def embed_noise(noise_std: float | None, align_stats: str | os.PathLike | None, kind: str) -> tuple[float, str]:
+    """The Gaussian noise std for the embeddings and where it comes from (for the log): the flag when given, else
+    the statistics file's own (C3 carries one) for aligned text embeddings (stage 1); real images get none."""
+    if noise_std is not None:
+        return noise_std, "--embed_noise_std"
+    if align_stats and kind == "text":
+        from revision.align import load_alignment
+
+        alignment = load_alignment(align_stats)
+        return alignment.noise_std, f"{align_stats} ({alignment.method})"
+    return 0.0, "default: none" + (" on real image embeddings" if align_stats else "")
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:

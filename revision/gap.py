@@ -1,4 +1,4 @@
-"""How big is the modality gap? Diagnostics of DESIGN.md "Gap diagnostics", before and after alignment.
+"""How big is the modality gap? Diagnostics of docs/design.md "Gap diagnostics", before and after alignment.
 
 All numbers come from samples of unit rows (the caller draws them; embed_mean.py takes up to 10k per
 side). The quadratic ones (kNN, pairwise cosines, linear probe, spectrum) use a smaller subsample of

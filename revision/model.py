@@ -1,4 +1,4 @@
-"""The multimodal model: any HF causal LM plus a projector, by composition (DESIGN.md, "Model").
+"""The multimodal model: any HF causal LM plus a projector, by composition (docs/design.md, "Training").
 
 Each sample carries one global embedding [D]. The projector maps it once to the LLM width d, and that
 one vector fills all `num_visual_tokens` positions marked IMAGE_TOKEN_INDEX in `input_ids`. Repeating

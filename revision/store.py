@@ -1,4 +1,4 @@
-"""Embedding stores: folders of pickle shards plus a manifest (see DESIGN.md, "Embedding shards").
+"""Embedding stores: folders of pickle shards plus a manifest (see docs/design.md, "Embedding stores").
 
 Every later step loads embeddings only through this module, so the safety rules live here once:
 shards are unpickled with an allow-list (no code runs), written under a temp name and renamed

@@ -20,7 +20,8 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallba
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from revision import checkpoint
-from revision.data import EmbeddingTable, InputError, SupervisedDataset, check_lengths, exit_with, image_map_from
+from revision.data import (EmbeddingTable, InputError, SupervisedDataset, check_lengths, embed_noise, exit_with,
+                           image_map_from)
 from revision.model import (CONFIG_FILE, RevisionConfig, RevisionModel, checkpoint_config, inherit_settings,
                             load_projector_weights)
 from revision.packing import EpochLengthGroupedSampler, make_collator
@@ -48,7 +49,8 @@ class DataArguments:
     embed_folder: str | None = field(default=None, metadata={"help": "embedding store (overrides data_utils.folder_path)"})
     align_stats: str | None = field(default=None, metadata={
         "help": "embed_mean.py statistics: image_map for image stores (default: inherited, or a text store's own)"})
-    embed_noise_std: float = field(default=0.0, metadata={"help": "Gaussian noise on embeddings, then renormalise (C3)"})
+    embed_noise_std: float | None = field(default=None, metadata={
+        "help": "Gaussian noise on embeddings, then renormalise (C3); default: the --align_stats file's (C3: 0.126) in stage 1, else 0"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
     skip_bad_embeddings: bool = field(default=False, metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})
@@ -323,8 +325,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     except ValueError as e:  # a checkpoint, projector or LLM that does not fit this run's embeddings or flags
         raise InputError(str(e)) from e
     image_map = image_map_from(data_args.align_stats) if table.kind == "image" else None
+    noise_std, noise_source = embed_noise(data_args.embed_noise_std, data_args.align_stats, table.kind)
+    logger.info("embedding noise std %g (from %s)", noise_std, noise_source)
     dataset = SupervisedDataset(data_args.data_path, tokenizer, table, model_args.version, model_args.num_visual_tokens,
-                                training_args.model_max_length, image_map, data_args.embed_noise_std, data_args.skip_missing,
+                                training_args.model_max_length, image_map, noise_std, data_args.skip_missing,
                                 training_args.seed, data_args.skip_bad_embeddings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d samples (%d skipped: %d no embedding, %d unusable embedding, %d no assistant turn); "

@@ -1,4 +1,4 @@
-"""Alignment methods against independent float64 transcriptions of DESIGN.md's formulas."""
+"""Alignment methods against independent float64 transcriptions of docs/design.md's formulas."""
 import json
 import pickle
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from revision.align import (
-    METHODS, STATS_FILE, BadRows, PassCache, SpilledRows, align_stores, load_alignment, make_alignment, sample_rows,
+    STATS_FILE, BadRows, PassCache, SpilledRows, align_stores, load_alignment, make_alignment, method_names, sample_rows,
 )
 from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
 
@@ -30,7 +30,7 @@ def n(x):
 
 
 def reference_maps(method: str, t: np.ndarray, v: np.ndarray):
-    """DESIGN.md "Alignment", transcribed literally in float64 on whole arrays."""
+    """docs/design.md "Alignment", transcribed literally in float64 on whole arrays."""
     t, v = np.asarray(t, np.float64), np.asarray(v, np.float64)
     if method == "none":
         return n(t), n(v)
@@ -38,10 +38,15 @@ def reference_maps(method: str, t: np.ndarray, v: np.ndarray):
         return n(n(t) - n(t).mean(0)), n(n(v) - n(v).mean(0))
     x, u = n(t), n(v)
     mu_t, mu_i = x.mean(0), u.mean(0)
+    if method == "anchor":  # the paper's ablation: step 1 only
+        return n(x - mu_t + mu_i), n(v)
     tau_t = np.mean(np.sum((x - mu_t) ** 2, axis=1))
     tau_i = np.mean(np.sum((u - mu_i) ** 2, axis=1))
     s = np.sqrt(tau_i / (tau_t + 1e-10))
     y = n(mu_i + s * (x - mu_t))
+    if method == "anchor_trace":  # steps 1-2, no centroid correction
+        return y, n(v)
+    assert method == "realign", method  # a new built-in method needs its transcription here
     mu_hat = y.mean(0)
     return n(y - mu_hat + mu_i), n(v)
 
@@ -62,7 +67,7 @@ def small():
     return t.astype(np.float32), v.astype(np.float32)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_streaming_fit_matches_float64_transcription(tmp_path, small, method):
     t, v = small
     texts, images = stores(tmp_path, t, v, shard_size=97)  # many shards, the last one short
@@ -265,3 +270,19 @@ def test_pass_cache_keeps_shards_in_ram_within_budget_and_spills_the_rest(tmp_pa
     np.testing.assert_array_equal(spilled[10:37], first[2][10:37])
     np.testing.assert_array_equal(spilled[99], first[2][99])
     assert spilled[95:200].shape == (5, 48)
+
+
+def test_threads_change_no_number(tmp_path, small, monkeypatch):
+    """Chunks are shared between threads at chunk boundaries and reduced in order: the same bits as one thread."""
+    import revision.align.streams as streams
+
+    t, v = small
+    texts, images = stores(tmp_path, t, v, shard_size=650)  # 3 chunks and a short one per shard
+    fitted = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(streams, "WORKERS", workers)
+        alignment = make_alignment("realign").fit(texts, images)
+        fitted[workers] = (alignment.to_dict(), alignment.text_map(t), alignment.image_map(v))
+    assert fitted[1][0] == fitted[3][0]
+    np.testing.assert_array_equal(fitted[1][1], fitted[3][1])
+    np.testing.assert_array_equal(fitted[1][2], fitted[3][2])

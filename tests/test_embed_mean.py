@@ -1,4 +1,5 @@
 """embed_mean.py / align_stores: the written store, statistics, report, bad input and crash recovery."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -176,3 +177,77 @@ def test_killed_run_leaves_no_half_shard_and_rerun_finishes(inputs, monkeypatch)
     assert b.manifest["complete"] and len(b) == reference["rows_written"] == 600
     np.testing.assert_array_equal(a.load_all().embeds, b.load_all().embeds)
     assert a.load_all().ids == b.load_all().ids
+
+
+def test_a_method_defined_here_runs_through_embed_mean(inputs, monkeypatch, capsys):
+    """A new method is one registered class: its statistics, its passes, its map; nothing else to edit."""
+    from revision.align import REGISTRY, Alignment, unit_mean, vector
+
+    spec = importlib.util.spec_from_file_location("embed_mean", ROOT / "embed_mean.py")
+    embed_mean = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(embed_mean)
+
+    class HalfwayToImages(Alignment):
+        method = "halfway"
+        stats = {"mu_image": vector}
+        text_passes = 0  # reads the images only
+
+        def _fit(self, texts, images, bad):
+            self.mu_image, self.info["image_rows"] = unit_mean(images, bad, "images")
+
+        def text_unit(self, x):
+            return x + self.mu_image
+
+    monkeypatch.setitem(REGISTRY, "halfway", HalfwayToImages)
+    embed_mean.main(["--text", str(inputs / "text"), "--image", str(inputs / "image"), "--out", str(inputs / "half"),
+                     "--method", "halfway", "--quiet", "--no_report"])
+    assert json.loads(capsys.readouterr().out)["rows_written"] == 600
+    t, v = (EmbeddingStore(inputs / kind).load_all().embeds.astype(np.float64) for kind in ("text", "image"))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    want = unit(unit(t) + unit(v).mean(0))
+    np.testing.assert_allclose(EmbeddingStore(inputs / "half").load_all().embeds, want, atol=1e-6)
+    loaded = load_alignment(inputs / "half")
+    assert isinstance(loaded, HalfwayToImages) and loaded.info["image_rows"] == 400
+    np.testing.assert_allclose(loaded.mu_image, unit(v).mean(0), atol=1e-12)
+
+
+def bad_stats_file(inputs, name, **change):
+    align_stores(inputs / "text", inputs / "image", inputs / "fitted", report=False, progress=False)
+    stats = json.loads((inputs / "fitted" / STATS_FILE).read_text())
+    path = inputs / name
+    path.write_text(json.dumps({**stats, **change}))  # json writes NaN / Infinity, and reads them back
+    return path
+
+
+@pytest.mark.parametrize("field, value", [("scale", float("nan")), ("scale", float("inf")), ("scale", 0.0),
+                                          ("scale", -1.0), ("mu_hat", [float("nan")] * 32), ("mu_text", [1.0] * 31)])
+def test_apply_stats_refuses_unusable_statistics_before_writing(inputs, field, value):
+    path = bad_stats_file(inputs, "bad_stats.json", **{field: value})
+    with pytest.raises(StoreError, match=rf"bad_stats.json: alignment statistic '{field}'"):
+        align_stores(inputs / "text", None, inputs / "out", apply_stats=path, progress=False)
+    assert not (inputs / "out").exists()
+
+
+def test_apply_stats_bad_files_give_one_line_from_the_cli(inputs):
+    path = bad_stats_file(inputs, "nan_scale.json", scale=float("nan"))
+    done = run_cli("--text", inputs / "text", "--out", inputs / "out", "--apply_stats", path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{path}: alignment statistic 'scale' is nan" in done.stderr and not (inputs / "out").exists()
+    (inputs / "list.json").write_text("[1, 2, 3]")
+    done = run_cli("--text", inputs / "text", "--out", inputs / "out", "--apply_stats", inputs / "list.json")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "list.json: not alignment statistics: a JSON list" in done.stderr
+
+
+def test_write_pass_never_writes_non_finite_rows(inputs, monkeypatch):
+    """The writer copies mapped rows unchecked; a map gone wrong must stop the run, not fill a store with NaN."""
+    from revision.align import ReAlign
+
+    def broken(self, rows, inv_norm, out):
+        out[:] = rows * inv_norm[:, None]
+        out[3] = np.nan
+
+    monkeypatch.setattr(ReAlign, "_text_rows", broken)
+    with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: row 3 \(id 't3'\) maps to a non-finite embedding"):
+        align_stores(inputs / "text", inputs / "image", inputs / "out", report=False, progress=False)
+    assert not list((inputs / "out").glob("*.pkl"))

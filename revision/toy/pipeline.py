@@ -11,7 +11,7 @@ stage-1 checkpoint (scored by attribute: revision.toy.world.parse_caption agains
 caption columns are strict: a caption naming the wrong number of objects scores nothing). The real scripts run as
 subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
 
-Rows: none, mean_shift, c3 (mean_shift's centring + Gaussian noise 0.126 on the embeddings in stage 1),
+Rows: none, mean_shift, c3 (mean_shift's centring; stage 1 adds the noise its align_stats.json carries, 0.126),
 realign, paired (stage 1 on the paired IMAGE embeddings: the upper bound), no_stage1, and the
 num_visual_tokens ablation (realign with --ablation_visual_tokens). Captions are asked of the stage-1
 checkpoint (plain template: image in, caption out) because instruct.json teaches no captioning: they
@@ -43,16 +43,15 @@ from revision.toy import add_config_arguments, clip, config_from_arguments, llm,
 from revision.toy.world import parse_caption
 
 REPO = Path(__file__).resolve().parents[2]
-C3_NOISE_STD = 0.126  # C3's default sigma = sqrt(0.016)
-ALIGN_METHODS = ("none", "mean_shift", "realign")
-# row -> (alignment whose text store / align_stats it uses, stage-1 data: "text", "paired" or None, noise)
+ALIGN_METHODS = ("none", "mean_shift", "c3", "realign")
+# row -> (alignment whose text store / align_stats it uses, stage-1 data: "text", "paired" or None)
 ROWS = {
-    "none": ("none", "text", 0.0),
-    "mean_shift": ("mean_shift", "text", 0.0),
-    "c3": ("mean_shift", "text", C3_NOISE_STD),
-    "realign": ("realign", "text", 0.0),
-    "paired": ("none", "paired", 0.0),
-    "no_stage1": ("none", None, 0.0),
+    "none": ("none", "text"),
+    "mean_shift": ("mean_shift", "text"),
+    "c3": ("c3", "text"),
+    "realign": ("realign", "text"),
+    "paired": ("none", "paired"),
+    "no_stage1": ("none", None),
 }
 
 
@@ -154,12 +153,10 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
     return paths
 
 
-def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float, noise: float = 0.0) -> dict[str, str]:
+def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float) -> dict[str, str]:
     extra = f"--disable_tqdm true --save_strategy no --logging_steps 25 --dataloader_num_workers 0 --seed {seed}"
     if budget.max_steps > 0:
         extra += f" --max_steps {budget.max_steps}"
-    if noise:
-        extra += f" --embed_noise_std {noise}"
     return {"VISUAL_TOKENS": str(visual_tokens), "MAX_LENGTH": str(budget.max_length + visual_tokens),
             "BATCH": str(budget.batch), "GLOBAL_BATCH": str(budget.batch), "EPOCHS": str(epochs), "LR": str(lr),
             "EXTRA": extra}
@@ -218,7 +215,7 @@ def final_loss(output_dir: Path, last: int = 3) -> float:
 
 def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed: int, visual_tokens: int) -> dict[str, Any]:
     """Stage 1 (unless no_stage1), stage 2 and prediction for one row; its metrics and seconds."""
-    method, stage1_data, noise = ROWS[name.split("@")[0]]
+    method, stage1_data = ROWS[name.split("@")[0]]
     world, align = paths["world"], paths["align"] / method
     out = run.run_dir / "runs" / name
     common = {"MODEL": str(paths["llm"])}
@@ -227,7 +224,7 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
         data, store = ((world / "pretrain.json", align) if stage1_data == "text" else
                        (world / "pretrain_paired.json", paths["embeds"] / "paired" / "image"))
         run(f"{name}.stage1", ["bash", "script/train/pretrain.sh"], {
-            **common, **train_env(budget, seed, visual_tokens, budget.stage1_epochs, budget.stage1_lr, noise),
+            **common, **train_env(budget, seed, visual_tokens, budget.stage1_epochs, budget.stage1_lr),
             "DATA": str(data), "EMBED_FOLDER": str(store), "OUTPUT": str(out / "stage1"),
             # recorded in the stage-1 checkpoint: captioning real images then applies the method's image_map
             **({"ALIGN_STATS": str(align / "align_stats.json")} if stage1_data == "text" else {})})
