@@ -44,6 +44,7 @@ class DataArguments:
     embed_noise_std: float = field(default=0.0, metadata={"help": "Gaussian noise on embeddings, then renormalise (C3)"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
+    no_verify: bool = field(default=False, metadata={"help": "build the table cache without checking shard sha256s"})
 
 
 @dataclass
@@ -184,7 +185,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if not data_args.embed_folder:
         raise SystemExit("no embedding folder: pass --embed_folder or set folder_path in data_utils.py")
     with training_args.main_process_first(desc="embedding table cache"):
-        table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir)
+        table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir, verify=not data_args.no_verify)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
     model = build_model(model_args, training_args, table)

@@ -17,7 +17,8 @@ from PIL import Image
 from revision.embed import (BATCH_DELAY_ENV, InputError, image_batches, load_image, main, read_data_json, read_images,
                             read_texts, worker_chunk)
 from revision.encoders import load_encoder
-from revision.store import EmbeddingStore
+from revision.inputs import Sample
+from revision.store import EmbeddingStore, UnsafePickleError
 from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +89,8 @@ def test_folder_and_txt_end_to_end(clip_dir, encoder, image_dir, texts_file, tmp
     out = tmp_path / "out"
     assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file), "--shard_size", "4")) == 0
     printed = capsys.readouterr().out
-    assert "image: 11 inputs, 6 encoded, 0 already stored, 5 skipped, 6 in store" in printed
-    assert "text : 6 inputs, 3 encoded, 0 already stored, 3 skipped, 3 in store" in printed
+    assert "image: 11 inputs, 6 encoded, 0 done before (resumed), 5 skipped, 6 in store" in printed
+    assert "text : 6 inputs, 3 encoded, 0 done before (resumed), 3 skipped, 3 in store" in printed
 
     images = EmbeddingStore(out / "image", kind="image")
     images.verify()
@@ -116,7 +117,8 @@ def test_folder_and_txt_end_to_end(clip_dir, encoder, image_dir, texts_file, tmp
 
     # A second run over the same inputs finds everything stored and encodes nothing.
     assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file))) == 0
-    assert "6 already stored" in capsys.readouterr().out
+    assert "image: 11 inputs, 0 encoded, 11 done before (resumed), 5 skipped, 6 in store" in capsys.readouterr().out
+    assert len((out / "image/skipped.jsonl").read_text().splitlines()) == 5  # still listed
     assert EmbeddingStore(out / "image").load_all().ids == GOOD
 
 
@@ -136,13 +138,13 @@ def _tiny_pixels(image: Image.Image) -> torch.Tensor:
 def test_worker_chunks_make_whole_batches_in_order(image_dir):
     assert [worker_chunk(256, w) for w in (0, 1, 2, 8, 15, 300)] == [256, 256, 128, 32, 16, 1]
     assert worker_chunk(6, 4) == 1  # 6 = 6 x 1: the first divisor >= 4 parts
-    items = read_images(image_dir)  # good and corrupt files mixed
-    batches = list(image_batches(items, _tiny_pixels, batch_size=4, num_workers=2))
-    seen = [i for indices, _, failed in batches for i in sorted(indices + [f for f, _ in failed])]
-    assert seen == list(range(len(items)))  # every item once, in input order
-    assert [len(indices) + len(failed) for indices, _, failed in batches] == [4, 4, 3]  # 11 items, batches of 4
-    for indices, chunks, failed in batches:
-        assert sum(len(c) for c in chunks) == len(indices) and all(len(c) <= 2 for c in chunks)
+    samples = [Sample(i.id, i.path, i.source, (0, n)) for n, i in enumerate(read_images(image_dir))]  # good and bad mixed
+    batches = list(image_batches(iter(samples), _tiny_pixels, batch_size=4, num_workers=2))
+    seen = [s for kept, _, failed in batches for s in sorted(kept + [f for f, _ in failed], key=lambda s: s.position)]
+    assert seen == samples  # every item once, in input order
+    assert [len(kept) + len(failed) for kept, _, failed in batches] == [4, 4, 3]  # 11 items, batches of 4
+    for kept, chunks, failed in batches:
+        assert sum(len(c) for c in chunks) == len(kept) and all(len(c) <= 2 for c in chunks)
 
 
 def test_data_json_with_image_root_and_max_items(clip_dir, image_dir, tmp_path):
@@ -229,9 +231,9 @@ def test_pickle_with_code_payload_is_refused_never_run(clip_dir, texts_file, tmp
     assert main(_args(clip_dir, out, "--texts", str(texts_file), "--shard_size", "2")) == 0
     marker = tmp_path / "pwned"
     (out / "text/text_embeds_00000.pkl").write_bytes(pickle.dumps([{"id": "1", "embed": _Payload(marker)}]))
-    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 2  # resuming loads the stored shards
-    err = capsys.readouterr().err
-    assert "refused to unpickle global" in err and "text_embeds_00000.pkl" in err
+    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 0  # resuming reads bookkeeping, never shards
+    with pytest.raises(UnsafePickleError, match=r"text_embeds_00000.pkl: refused to unpickle global"):
+        EmbeddingStore(out / "text").load_all()
     (tmp_path / "payload.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     assert main(_args(clip_dir, tmp_path / "o2", "--images", str(tmp_path / "payload.pkl"))) == 2
     assert "expected a folder, a .txt list" in capsys.readouterr().err
