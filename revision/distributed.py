@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from revision.locks import LockedError, StoreLock, part_tag
-from revision.store import FORMAT, PART_GLOB, SKIPPED, StoreError, _atomic_write_bytes, _write_manifest, read_manifest
+from revision.store import (
+    FORMAT,
+    PART_GLOB,
+    SKIPPED,
+    StoreError,
+    _atomic_write_bytes,
+    _write_manifest,
+    read_manifest,
+)
 
 SUMMED = ("inputs", "resumed", "encoded", "skipped", "stored")
 

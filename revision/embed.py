@@ -7,31 +7,40 @@ Inputs (ids are stable across reruns: the given id, else the image's relative pa
   --texts FILE.txt        one text per line; id = line number (from 1)
   --texts FILE.jsonl      records {"id", "text" | "caption"}; --texts FILE.json: a list of records or strings
   --data_json FILE.json   the official layout {"images": [{"id", "image"}], "texts": [{"id", "text"}]}
+  --images/--texts 'data/{00000..00099}.tar'   webdataset shards (img2dataset): KEY.jpg + KEY.txt/.json, id = KEY
+  --images/--texts DATA.parquet (or a folder)   image bytes or paths / a caption column (--image_column, ...)
+(the readers: revision/inputs.py, READERS). Tars and parquet files are streamed, never listed up front.
 
-Images are decoded and preprocessed in DataLoader workers while the main process encodes. Unreadable
-images are skipped, counted and listed in OUT/image/skipped.jsonl; empty texts are skipped and counted
-(OUT/text/skipped.jsonl). Shards are written atomically; a rerun resumes after the last complete shard.
+Images are decoded and preprocessed in worker processes while this one encodes; images over --max_pixels are
+refused from their header. Unreadable items are skipped, counted and listed in OUT/KIND/skipped.jsonl; an empty
+input is an error. Shards are written atomically under a lock (one writer per store); a rerun resumes after
+the last complete shard. Several processes (torchrun, SLURM, --num_shards/--shard_index) each encode their part
+of the inputs into the same store; the last to finish writes the manifest (or --merge): docs/distributed.md.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from revision.decode import (  # noqa: F401 (re-exported)
+    DEFAULT_MAX_PIXELS,
+    chunks,
+    image_batches,
+    load_image,
+    worker_chunk,
+)
 from revision.distributed import Rank, detect_rank, merge_if_last, merge_parts
-from revision.encoders import Encoder, load_encoder, to_rgb
+from revision.encoders import Encoder, load_encoder
 from revision.inputs import READERS, Inputs, Sample, Unit, open_inputs
 from revision.store import PART_GLOB, SKIPPED, StoreError, StoreWriter, check_unique_ids
 
@@ -153,127 +162,6 @@ def read_data_json(path: str | Path, image_root: str | Path | None = None) -> tu
     return images, texts
 
 
-# ------------------------------------------------------------------------------------------- decoding
-
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: ~300 MB as RGB, ~1 GB with a decoder's copies; x16 workers fits a node
-
-
-def load_image(source: Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image (a file or its bytes) as RGB. PIL opens lazily: the size comes from the header,
-    so an image over `max_pixels` is refused before a pixel is decoded (a 20 KB PNG can declare 13000x13000), and
-    truncation shows only when the pixels are read."""
-    if isinstance(source, (bytes, bytearray)):
-        opened = Image.open(io.BytesIO(source)) if source else None
-    else:
-        opened = Image.open(source) if Path(source).stat().st_size else None
-    if opened is None:
-        raise ValueError("empty file (0 bytes)")
-    with opened as image:
-        width, height = image.size
-        if max_pixels and width * height > max_pixels:
-            raise ValueError(f"{width}x{height} = {width * height / 1e6:.0f} MP is over the {max_pixels / 1e6:g} MP "
-                             "pixel cap (--max_pixels)")
-        image.load()
-        return to_rgb(image)
-
-
-_WORKER: dict[str, Any] = {}  # a decoding worker's preprocess and pixel cap (set once, before any task)
-
-
-def _init_worker(preprocess: Any, max_pixels: int | None) -> None:
-    torch.set_num_threads(1)  # workers decode; several torch thread pools per worker only oversubscribe the CPU
-    _WORKER.update(preprocess=preprocess, max_pixels=max_pixels)
-
-
-def _decode_chunk(payloads: list[tuple[Any, str]], preprocess: Any = None, max_pixels: int | None = None
-                  ) -> tuple[torch.Tensor | None, list[str]]:
-    """Pixels [k, C, H, W] of the decodable payloads, and each payload's failure reason ("" when decoded)."""
-    if preprocess is None:
-        preprocess, max_pixels = _WORKER["preprocess"], _WORKER["max_pixels"]
-    pixels, reasons = [], []
-    for payload, error in payloads:
-        if error:
-            reasons.append(error)
-            continue
-        try:
-            pixels.append(preprocess(load_image(payload, max_pixels)))
-            reasons.append("")
-        except Exception as e:  # any decoder error on any file format means "skip this item", never "stop the run"
-            reasons.append(f"{type(e).__name__}: {e}")
-    return (torch.stack(pixels) if pixels else None), reasons
-
-
-def worker_chunk(batch_size: int, num_workers: int) -> int:
-    """Images per worker task: batch_size split over at least num_workers tasks (a divisor, so that whole
-    chunks make whole batches)."""
-    if num_workers <= 1:
-        return batch_size
-    if num_workers >= batch_size:
-        return 1
-    parts = next(d for d in range(num_workers, batch_size + 1) if batch_size % d == 0)
-    return batch_size // parts
-
-
-def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
-    chunk: list[Sample] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _decoded(chunks: Iterator[list[Sample]], preprocess: Any, max_pixels: int | None, num_workers: int
-             ) -> Iterator[tuple[list[Sample], tuple[torch.Tensor | None, list[str]]]]:
-    """Each chunk with its decoded pixels, in order. Workers: a process pool fed by this process, which reads the
-    inputs (files are opened by the workers, tar and parquet bytes are sent to them) with `4 * num_workers` chunks
-    in flight; pixels come back through shared memory (torch's reductions)."""
-    if num_workers == 0:
-        for chunk in chunks:
-            yield chunk, _decode_chunk([(s.payload, s.error) for s in chunk], preprocess, max_pixels)
-        return
-    pool = torch.multiprocessing.get_context("fork").Pool(num_workers, _init_worker, (preprocess, max_pixels))
-    in_flight: deque = deque()
-    try:
-        for chunk in chunks:
-            in_flight.append((chunk, pool.apply_async(_decode_chunk, ([(s.payload, s.error) for s in chunk],))))
-            if len(in_flight) >= 4 * num_workers:
-                done, result = in_flight.popleft()
-                yield done, result.get()
-        while in_flight:
-            done, result = in_flight.popleft()
-            yield done, result.get()
-    finally:
-        pool.terminate()
-
-
-def image_batches(
-    samples: Iterable[Sample], preprocess: Any, batch_size: int, num_workers: int, pin_memory: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> Iterator[tuple[list[Sample], list[torch.Tensor], list[tuple[Sample, str]]]]:
-    """Batches (decoded samples, pixel chunks [b, C, H, W] making up [B, C, H, W], [(sample, reason)] skipped), in
-    input order. Each worker decodes a chunk of the batch, not a whole batch: the first batch (and the last) then
-    takes one chunk's time, not batch_size images decoded by a single worker while the rest wait."""
-    kept: list[Sample] = []
-    pixels: list[torch.Tensor] = []
-    failed: list[tuple[Sample, str]] = []
-    seen = 0
-    for chunk, (chunk_pixels, reasons) in _decoded(_chunks(samples, worker_chunk(batch_size, num_workers)),
-                                                   preprocess, max_pixels, num_workers):
-        for sample, reason in zip(chunk, reasons):
-            (failed.append((sample, reason)) if reason else kept.append(sample))
-        if chunk_pixels is not None:
-            pixels.append(chunk_pixels.pin_memory() if pin_memory else chunk_pixels)
-        seen += len(chunk)
-        if seen >= batch_size:
-            yield kept, pixels, failed
-            kept, pixels, failed, seen = [], [], [], 0
-    if seen:
-        yield kept, pixels, failed
-
-
 # ------------------------------------------------------------------------------------------- encoding
 
 
@@ -304,7 +192,7 @@ def embed_texts(inputs: Inputs, encoder: Encoder, writer: StoreWriter, batch_siz
     start, seen, encoded = time.perf_counter(), 0, 0
     if not writer.was_complete:
         with tqdm(desc="texts", unit="text", total=_known_total(inputs, writer)) as bar:
-            for chunk in _chunks(_todo(inputs, writer), batch_size):
+            for chunk in chunks(_todo(inputs, writer), batch_size):
                 kept = []
                 for sample in chunk:
                     reason = sample.error or ("" if sample.payload.strip() else "empty or whitespace-only text")

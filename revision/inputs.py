@@ -77,7 +77,10 @@ class Inputs:
 
 
 def read_list(spec: str, kind: str, options: dict) -> list[Unit]:
-    from revision.embed import read_images, read_texts  # the list readers live with the CLI they document
+    from revision.embed import (  # the list readers live with the CLI they document
+        read_images,
+        read_texts,
+    )
 
     if kind == "image":
         items = [Sample(i.id, i.path, i.source) for i in read_images(spec, options.get("image_root"))]

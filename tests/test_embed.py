@@ -269,3 +269,72 @@ def test_kill_9_mid_run_then_resume(clip_dir, tmp_path):
     assert store.manifest["complete"] and store.manifest["summary"]["resumed"] >= 16
     assert store.manifest["summary"]["encoded"] == 40 - store.manifest["summary"]["resumed"]
     assert (out / "image/image_embeds_00000.pkl").read_bytes() == first_shard  # kept, not recomputed
+
+
+def test_overwrite_never_follows_manifest_names_out_of_the_store(clip_dir, texts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 0
+    victims = [tmp_path / "victim_abs.txt", tmp_path / "victim_rel.txt"]
+    for victim in victims:
+        victim.write_text("keep me")
+    manifest = json.loads((out / "text/manifest.json").read_text())
+    manifest["shards"] += [{"name": str(victims[0]), "rows": 1, "sha256": "0"}, {"name": "../../victim_rel.txt", "rows": 1, "sha256": "0"}]
+    (out / "text/manifest.json").write_text(json.dumps(manifest))
+    assert main(_args(clip_dir, out, "--texts", str(texts_file), "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json: shard entry 1 has name" in err and "not a plain file name" in err
+    assert all(v.read_text() == "keep me" for v in victims)
+
+
+def test_second_writer_is_refused_and_the_first_completes(clip_dir, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(12):
+        _random_rgb(200 + i, size=(24, 24)).save(images / f"{i:03d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "image_embed.py"), *_args(clip_dir, out, "--images", str(images), "--shard_size", "4")]
+    first = subprocess.Popen(cmd, env={**os.environ, BATCH_DELAY_ENV: "0.5"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "image/manifest.json").exists():
+        time.sleep(0.05)
+    (tmp_path / "other").mkdir()
+    _random_rgb(999, size=(24, 24)).save(tmp_path / "other/x.png")
+    assert main(_args(clip_dir, out, "--images", str(tmp_path / "other"))) == 2  # other inputs, same --out
+    err = capsys.readouterr().err
+    assert f"being written by pid {first.pid} on host" in err and "image_embed.py" in err
+    stdout, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and "12 in store" in stdout
+    store = EmbeddingStore(out / "image")
+    assert sorted(store.load_all().ids) == [f"{i:03d}.png" for i in range(12)] and store.manifest["complete"]
+
+
+def test_pixel_cap_skips_from_the_header(clip_dir, tmp_path, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (13000, 13000)).save(bomb)  # ~20 KB on disk, 169 MP (under PIL's own bomb limit)
+    assert bomb.stat().st_size < 100_000
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"13000x13000 = 169 MP is over the 100 MP pixel cap"):
+        load_image(bomb)
+    assert time.perf_counter() - start < 1  # refused from the header: nothing decoded
+    images = tmp_path / "imgs"
+    images.mkdir()
+    _random_rgb(0, size=(40, 30)).save(images / "small.png")
+    _random_rgb(1, size=(60, 50)).save(images / "large.png")
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--images", str(images), "--max_pixels", "2000")) == 0
+    assert "2 inputs, 1 encoded, 0 done before (resumed), 1 skipped" in capsys.readouterr().out
+    skipped = [json.loads(line) for line in (out / "image/skipped.jsonl").read_text().splitlines()]
+    assert [(s["id"], "60x50 = 0 MP is over the 0.002 MP pixel cap" in s["reason"]) for s in skipped] == [("large.png", True)]
+
+
+def test_empty_inputs_are_errors(clip_dir, image_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notimages").mkdir()
+    (tmp_path / "notimages/readme.txt").write_text("no images here\n")
+    assert main(_args(clip_dir, tmp_path / "o1", "--images", str(tmp_path / "empty"))) == 2
+    assert "--images" in (err := capsys.readouterr().err) and "empty: no inputs" in err
+    assert main(_args(clip_dir, tmp_path / "o2", "--texts", str(tmp_path / "empty.txt"))) == 2
+    assert "empty.txt: no inputs" in capsys.readouterr().err
+    assert main(_args(clip_dir, tmp_path / "o3", "--images", str(tmp_path / "notimages"))) == 2
+    assert "nothing stored: 1 inputs, all skipped" in capsys.readouterr().err
