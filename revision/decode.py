@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,23 @@ def _decoded(chunks: Iterator[list[Sample]], preprocess: Any, max_pixels: int | 
         pool.terminate()
 
 
+def _pinned(decoded: Iterator[tuple[list[Sample], tuple[torch.Tensor | None, list[str]]]], depth: int = 8
+            ) -> Iterator[tuple[list[Sample], tuple[torch.Tensor | None, list[str]]]]:
+    """Chunks with their pixels copied to pinned memory by a thread, ahead of the encoder (fast, async H2D copies)."""
+    def pin(item: tuple) -> tuple:
+        chunk, (pixels, reasons) = item
+        return chunk, (pixels.pin_memory() if pixels is not None else None, reasons)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="pin-memory") as pinner:
+        ahead: deque[Future] = deque()
+        for item in decoded:
+            ahead.append(pinner.submit(pin, item))
+            if len(ahead) > depth:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
 def image_batches(
     samples: Iterable[Sample], preprocess: Any, batch_size: int, num_workers: int, pin_memory: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -122,12 +140,12 @@ def image_batches(
     pixels: list[torch.Tensor] = []
     failed: list[tuple[Sample, str]] = []
     seen = 0
-    for chunk, (chunk_pixels, reasons) in _decoded(chunks(samples, worker_chunk(batch_size, num_workers)),
-                                                   preprocess, max_pixels, num_workers):
+    decoded = _decoded(chunks(samples, worker_chunk(batch_size, num_workers)), preprocess, max_pixels, num_workers)
+    for chunk, (chunk_pixels, reasons) in (_pinned(decoded) if pin_memory else decoded):
         for sample, reason in zip(chunk, reasons):
             (failed.append((sample, reason)) if reason else kept.append(sample))
         if chunk_pixels is not None:
-            pixels.append(chunk_pixels.pin_memory() if pin_memory else chunk_pixels)
+            pixels.append(chunk_pixels)
         seen += len(chunk)
         if seen >= batch_size:
             yield kept, pixels, failed

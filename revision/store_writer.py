@@ -163,8 +163,8 @@ class StoreWriter:
         last = self.manifest["shards"][-1] if self.manifest["shards"] else {}
         self.resume = Resume(tuple(last.get("end", (0, 0))), last.get("consumed", 0), last.get("skipped", 0))
         self._skipped = self.resume.skipped
-        if not self.was_complete:  # the log holds exactly the skips before the resume point
-            with open(self.skip_log_path, "ab") as log:
+        if not self.was_complete and self.skip_log_path.exists():  # the log holds exactly the skips before the resume point
+            with open(self.skip_log_path, "r+b") as log:
                 log.truncate(last.get("skip_log_bytes", 0))
 
     @property
@@ -191,6 +191,8 @@ class StoreWriter:
         """Append the pending skips before `end` (all: None) to the log; returns (how many, log size after)."""
         due = [line for pos, line in self._skips if end is None or pos < end]
         self._skips = [(pos, line) for pos, line in self._skips if end is not None and pos >= end]
+        if not due and not self.skip_log_path.exists():
+            return 0, 0  # no skips, no log (stores written by alignment never have one)
         with open(self.skip_log_path, "a", encoding="utf-8") as log:
             log.writelines(due)
             log.flush()
