@@ -350,7 +350,7 @@ def format_summary(summary: dict) -> str:
             merged = summary.get("merged", {}).get(kind)
             if rank.parts > 1:
                 lines.append(f"       merged: {merged['count']} in store from {merged['parts']} parts" if merged else
-                             "       not merged yet: another rank is still running (the last one merges)")
+                             "       not merged yet: another rank is still running or merging (the last to finish merges)")
     return "\n".join(lines)
 
 

@@ -89,7 +89,9 @@ class StoreLock:
 
     def _holders(self, refused: Path) -> str:
         """Who holds what we were refused: the whole-store writer, else every part writer still running."""
-        if refused.name == STORE_LOCK and _is_held(refused):
+        if refused.name != STORE_LOCK:  # this very part is running elsewhere
+            return f"{refused.name[len(STORE_LOCK) + 1:]}: {_describe(refused)}"
+        if _is_held(refused):
             return _describe(refused)
         parts = sorted(self.root.glob(f"{STORE_LOCK}-part-*"))
         held = [f"{p.name[len(STORE_LOCK) + 1:]}: {_describe(p)}" for p in parts if _is_held(p)]

@@ -117,6 +117,16 @@ def test_parquet_images_as_bytes_and_caption_only_texts(clip_dir, tmp_path):
     texts = EmbeddingStore(out / "text").load_all()
     assert texts.ids == ["captions:0", "captions:2"] and texts.captions == ["alpha", "gamma"]  # id: FILE:ROW
 
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics/a.jpg").write_bytes(_jpeg(1))
+    pq.write_table(pa.table({"id": ["x", "y"], "path": ["a.jpg", "missing.jpg"]}), tmp_path / "paths.parquet")
+    assert main(_args(clip_dir, tmp_path / "o2", "--images", str(tmp_path / "paths.parquet"), "--image_column", "path",
+                      "--image_root", str(tmp_path / "pics"))) == 0
+    by_path = EmbeddingStore(tmp_path / "o2/image").load_all()
+    assert by_path.ids == ["x"] and by_path.image_paths == ["a.jpg"]
+    np.testing.assert_allclose(by_path.embeds[0], EmbeddingStore(out / "image").load_all().embeds[0], atol=1e-6)
+    assert "FileNotFoundError" in (tmp_path / "o2/image/skipped.jsonl").read_text()
+
 
 def test_two_torchrun_ranks_give_the_one_process_store(clip_dir, tmp_path):
     pattern = str(tmp_path / "wds/{00000..00003}.tar")
