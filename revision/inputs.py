@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
-
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 ID_COLUMNS = ("key", "id")
 IMAGE_COLUMNS = ("image", "jpg", "png", "img", "image_bytes", "image_path")
@@ -128,8 +126,16 @@ def _caption(record: Any) -> Any:
     return next((record[c] for c in TEXT_COLUMNS if isinstance(record, dict) and c in record), None)
 
 
+def _expand(pattern: str) -> list[str]:
+    try:
+        from braceexpand import braceexpand  # webdataset's dependency (the `data` extra), like pyarrow
+    except ImportError as e:
+        raise ImportError("tar and parquet inputs need webdataset and pyarrow: pip install -e '.[data]'") from e
+    return list(braceexpand(pattern))
+
+
 def read_webdataset(spec: str, kind: str, options: dict) -> list[Unit]:
-    urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part)]
+    urls = [u for part in spec.split("::") for u in _expand(part)]
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{spec}: {len(missing)} of {len(urls)} tar files missing, e.g. {missing[0]}")
@@ -178,7 +184,7 @@ def _parquet_sample(id_: str, value: Any, kind: str, root: Path, where: str) -> 
 
 def read_parquet(spec: str, kind: str, options: dict) -> list[Unit]:
     path = Path(spec)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [Path(u) for u in braceexpand.braceexpand(spec)]
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [Path(u) for u in _expand(spec)]
     missing = [f for f in files if not f.is_file()]
     if missing or not files:
         raise FileNotFoundError(f"{spec}: no parquet files" if not files else f"{spec}: missing {missing[0]}")

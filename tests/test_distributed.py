@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -21,6 +19,9 @@ from revision.store import EmbeddingStore
 from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("webdataset", reason="tar/parquet inputs need the data extra: pip install -e '.[data]'")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
 
 
 @pytest.fixture(scope="module")
