@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import warnings
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ def load_image(source: Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS
                              "pixel cap (--max_pixels)")
         image.load()
         return to_rgb(image)
+
+
+class DecodeError(RuntimeError):
+    """The decoding workers failed as a whole (one died); single bad images are skipped, never raised."""
 
 
 _WORKER: dict[str, Any] = {}  # a decoding worker's preprocess and pixel cap (set once, before any task)
@@ -92,24 +97,32 @@ def _decoded(chunks: Iterator[list[Sample]], preprocess: Any, max_pixels: int | 
              ) -> Iterator[tuple[list[Sample], tuple[torch.Tensor | None, list[str]]]]:
     """Each chunk with its decoded pixels, in order. Workers: a process pool fed by this process, which reads the
     inputs (files are opened by the workers, tar and parquet bytes are sent to them) with `4 * num_workers` chunks
-    in flight; pixels come back through shared memory (torch's reductions)."""
+    in flight; pixels come back through shared memory (torch's reductions). A worker that dies (killed for memory,
+    a crashing decoder) stops the run with an error naming the chunk, never a hang."""
     if num_workers == 0:
         for chunk in chunks:
             yield chunk, _decode_chunk([(s.payload, s.error) for s in chunk], preprocess, max_pixels)
         return
-    pool = torch.multiprocessing.get_context("fork").Pool(num_workers, _init_worker, (preprocess, max_pixels))
-    in_flight: deque = deque()
+    pool = ProcessPoolExecutor(num_workers, torch.multiprocessing.get_context("fork"), _init_worker, (preprocess, max_pixels))
+    in_flight: deque[tuple[list[Sample], Future]] = deque()
+
+    def first_done() -> tuple[list[Sample], tuple[torch.Tensor | None, list[str]]]:
+        chunk, result = in_flight.popleft()
+        try:
+            return chunk, result.result()
+        except BrokenProcessPool as e:
+            raise DecodeError(f"a decoding worker died (out of memory? lower --num_workers or --max_pixels); the "
+                               f"images being decoded start at id {chunk[0].id!r} ({chunk[0].source})") from e
+
     try:
         for chunk in chunks:
-            in_flight.append((chunk, pool.apply_async(_decode_chunk, ([(s.payload, s.error) for s in chunk],))))
+            in_flight.append((chunk, pool.submit(_decode_chunk, [(s.payload, s.error) for s in chunk])))
             if len(in_flight) >= 4 * num_workers:
-                done, result = in_flight.popleft()
-                yield done, result.get()
+                yield first_done()
         while in_flight:
-            done, result = in_flight.popleft()
-            yield done, result.get()
+            yield first_done()
     finally:
-        pool.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _pinned(decoded: Iterator[tuple[list[Sample], tuple[torch.Tensor | None, list[str]]]], depth: int = 8

@@ -32,12 +32,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from revision.decode import (  # noqa: F401 (re-exported)
-    DEFAULT_MAX_PIXELS,
-    chunks,
-    image_batches,
-    load_image,
-    worker_chunk,
+from revision.decode import (  # noqa: F401 (load_image, worker_chunk: re-exported)
+    DEFAULT_MAX_PIXELS, DecodeError, chunks, image_batches, load_image, worker_chunk,
 )
 from revision.distributed import Rank, detect_rank, merge_if_last, merge_parts
 from revision.encoders import Encoder, load_encoder
@@ -358,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (InputError, StoreError, OSError, ImportError, ValueError) as e:  # OSError: a model or file that cannot be read
+    except (InputError, StoreError, OSError, ImportError, ValueError, DecodeError) as e:  # OSError: a model or file that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -338,3 +338,18 @@ def test_empty_inputs_are_errors(clip_dir, image_dir, tmp_path, capsys):
     assert "empty.txt: no inputs" in capsys.readouterr().err
     assert main(_args(clip_dir, tmp_path / "o3", "--images", str(tmp_path / "notimages"))) == 2
     assert "nothing stored: 1 inputs, all skipped" in capsys.readouterr().err
+
+
+def _dies_on_wide_images(image: Image.Image) -> torch.Tensor:
+    if image.size[0] == 30:  # as a decoder crash or the OOM killer would end a worker
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _tiny_pixels(image)
+
+
+def test_a_dead_decoding_worker_stops_the_run_instead_of_hanging(tmp_path):
+    for i in range(8):
+        _random_rgb(i, size=(30 if i == 5 else 20, 20)).save(tmp_path / f"{i}.png")
+    samples = [Sample(str(i), tmp_path / f"{i}.png", f"{i}.png", (0, i)) for i in range(8)]
+    assert [len(kept) for kept, _, _ in image_batches(iter(samples[:5]), _dies_on_wide_images, 2, 2)] == [2, 2, 1]
+    with pytest.raises(RuntimeError, match=r"a decoding worker died .* being decoded start at id '\d' \(\d.png\)"):
+        list(image_batches(iter(samples), _dies_on_wide_images, batch_size=2, num_workers=2))
