@@ -240,11 +240,15 @@ def test_pickle_with_code_payload_is_refused_never_run(clip_dir, texts_file, tmp
     assert not marker.exists()
 
 
+def _png_folder(folder: Path, count: int, seed: int) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        _random_rgb(seed + i, size=(24, 24)).save(folder / f"{i:03d}.png")
+    return folder
+
+
 def test_kill_9_mid_run_then_resume(clip_dir, tmp_path):
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for i in range(40):
-        _random_rgb(100 + i, size=(24, 24)).save(images / f"{i:03d}.png")
+    images = _png_folder(tmp_path / "imgs", 40, seed=100)
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "image_embed.py"), *_args(clip_dir, out, "--images", str(images), "--shard_size", "8")]
     env = {**os.environ, BATCH_DELAY_ENV: "0.25"}  # 10 batches of 4: ~2.5 s of encoding, time to kill it mid-way
@@ -287,10 +291,7 @@ def test_overwrite_never_follows_manifest_names_out_of_the_store(clip_dir, texts
 
 
 def test_second_writer_is_refused_and_the_first_completes(clip_dir, tmp_path, capsys):
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for i in range(12):
-        _random_rgb(200 + i, size=(24, 24)).save(images / f"{i:03d}.png")
+    images = _png_folder(tmp_path / "imgs", 12, seed=200)
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "image_embed.py"), *_args(clip_dir, out, "--images", str(images), "--shard_size", "4")]
     first = subprocess.Popen(cmd, env={**os.environ, BATCH_DELAY_ENV: "0.5"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
