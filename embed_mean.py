@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory_budget_gb", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30,
                    help="GiB of decoded text embeddings kept in RAM between passes; the rest is cached on disk in --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_verify", action="store_true", help="read the stores without checking shard sha256s (~2x faster)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             args.text, args.image, args.out, method=args.method, dtype=args.dtype, stats_sample=args.stats_sample,
             apply_stats=args.apply_stats, drop_bad=args.drop_bad, force=args.force, overwrite=args.overwrite,
             report=not args.no_report, report_sample=args.report_sample, seed=args.seed, shard_size=args.shard_size,
-            progress=not args.quiet, memory_budget=int(args.memory_budget_gb * 2**30),
+            progress=not args.quiet, memory_budget=int(args.memory_budget_gb * 2**30), verify=not args.no_verify,
         )
     except (StoreError, ValueError) as e:  # bad input: one clear line, no traceback
         p.exit(2, f"embed_mean.py: error: {e}\n")

@@ -4,13 +4,21 @@ encoder's forward-only speed on pre-decoded pixel tensors: same model, same batc
     python bench/embed_throughput.py                      # built 'small' CLIP (4 layers, 256 wide, 224 px)
     python bench/embed_throughput.py --size large          # ViT-L/14-336 shapes, random weights (GPU)
     python bench/embed_throughput.py --encoder hf:openai/clip-vit-large-patch14-336
+    python bench/embed_throughput.py --processes 1,2 --size tiny    # 1 vs 2 image_embed.py processes (ranks)
 
-It writes its own images (256x256 JPEG by default) to a temp folder; figures are items/s.
+It writes its own images (256x256 JPEG by default) to a temp folder; figures are items/s. With --processes, each
+count N runs N image_embed.py processes at once as the parts of one store (--num_shards N, as ranks do), each
+with one torch thread (as torchrun sets OMP_NUM_THREADS); items/s = images / the slowest part's encoding time
+(from its part file). The counts are run --rounds times in turn and the best of each kept (a shared machine's
+busy moments), and the ratio is against the first count.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +31,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from revision.embed import embed_images, load_image, read_images  # noqa: E402
 from revision.encoders import load_encoder, resolve_device  # noqa: E402
+from revision.inputs import open_inputs  # noqa: E402
 from revision.store import StoreWriter  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 from revision.tiny.clip import SIZES, build_tiny_clip  # noqa: E402
 
 
@@ -48,13 +59,29 @@ def forward_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:
     return len(pixels) / (time.perf_counter() - start)
 
 
-def full_pipeline(encoder, items, out: Path, batch_size: int, num_workers: int) -> float:
-    writer = StoreWriter(out, "image", encoder.name, encoder.dim, shard_size=max(1, len(items) // 4), overwrite=True)
+def full_pipeline(encoder, images: Path, count: int, out: Path, batch_size: int, num_workers: int) -> float:
+    writer = StoreWriter(out, "image", encoder.name, encoder.dim, shard_size=max(1, count // 4), overwrite=True)
     start = time.perf_counter()
-    summary = embed_images(items, encoder, writer, batch_size=batch_size, num_workers=num_workers)
+    summary = embed_images(open_inputs([str(images)], "image"), encoder, writer, batch_size=batch_size, num_workers=num_workers)
     seconds = time.perf_counter() - start
-    assert summary["encoded"] == len(items) and summary["skipped"] == 0, summary
-    return len(items) / seconds
+    assert summary["encoded"] == count and summary["skipped"] == 0, summary
+    return count / seconds
+
+
+def processes(encoder_spec: str, images: Path, count: int, out: Path, n: int, batch_size: int, num_workers: int) -> float:
+    """items/s of n image_embed.py processes writing the parts of one store at once (--num_shards n)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    base = [sys.executable, str(REPO / "image_embed.py"), "--encoder", encoder_spec, "--images", str(images), "--out",
+            str(out), "--device", "cpu", "--batch_size", str(batch_size), "--num_workers", str(num_workers)]
+    procs = [subprocess.Popen(base + (["--num_shards", str(n), "--shard_index", str(i)] if n > 1 else []), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    for proc in procs:
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
+    books = [out / "image" / "manifest.json"] if n == 1 else sorted((out / "image").glob("part-*.json"))
+    summaries = [json.loads(p.read_text())["summary"] for p in books]
+    assert sum(s["encoded"] for s in summaries) == count, summaries
+    return count / max(s["seconds"] for s in summaries)
 
 
 def main() -> None:
@@ -68,6 +95,8 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="comma-separated --num_workers values to run")
     parser.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--processes", help="e.g. 1,2: image_embed.py processes as parts of one store (first = baseline)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --processes: runs of each count (best kept)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="embed-bench-") as tmp:
@@ -78,6 +107,18 @@ def main() -> None:
         print(f"# {args.n_images} {args.image_size}x{args.image_size} {args.format} images, batch {args.batch_size}, "
               f"encoder {args.encoder or 'built CLIP ' + args.size}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+        if args.processes:
+            counts = [int(n) for n in args.processes.split(",")]
+            rates = {n: 0.0 for n in counts}
+            for round_ in range(args.rounds):
+                for n in counts:
+                    rate = processes(encoder_spec, tmp / "images", len(items), tmp / f"procs-{n}-{round_}", n,
+                                     args.batch_size, int(args.workers.split(",")[0]))
+                    rates[n] = max(rates[n], rate)
+            print(f"{'processes':10s} {'items/s':>9s} {'vs 1 process':>13s}")
+            for n, rate in rates.items():
+                print(f"{n:<10d} {rate:9.1f} {rate / rates[counts[0]]:12.2f}x", flush=True)
+            return
         print(f"{'device':8s} {'dtype':10s} {'pipeline':22s} {'items/s':>9s} {'vs forward':>11s}")
         for device in args.devices.split(","):
             encoder = load_encoder(encoder_spec, device=device, dtype=args.dtype, batch_size=args.batch_size)
@@ -88,7 +129,7 @@ def main() -> None:
             # Forward-only is timed before and after the pipelines and the faster one is the baseline: on a
             # shared machine this keeps a slow moment from flattering the pipeline's ratio.
             before = forward_only(encoder, pixels, args.batch_size)
-            rates = {w: full_pipeline(encoder, items, tmp / f"out-{device}-{w}", args.batch_size, w)
+            rates = {w: full_pipeline(encoder, tmp / "images", len(items), tmp / f"out-{device}-{w}", args.batch_size, w)
                      for w in (int(w) for w in args.workers.split(","))}
             after = forward_only(encoder, pixels, args.batch_size)
             base = max(before, after)

@@ -55,8 +55,10 @@ def exit_with(error: Exception, code: int = 2) -> NoReturn:
 class EmbeddingTable:
     """Read-only, memory-mapped id -> embedding table built from an embedding store."""
 
-    def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
-        store = EmbeddingStore(root).require_complete()
+    def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = None, verify: bool = True):
+        # verify: building the cache checks every shard against the manifest's sha256 as it reads it (a built
+        # cache is keyed by those hashes, so later runs read no shard and verify nothing)
+        store = EmbeddingStore(root, verify=verify).require_complete()
         self.root, self.kind, self.dim, self.encoder = Path(root), store.kind, store.dim, store.encoder
         self.manifest = store.manifest or {}
         cache = Path(cache_dir or self.root / ".revision_cache") / f"table-{_cache_key(store)}"

@@ -7,30 +7,38 @@ Inputs (ids are stable across reruns: the given id, else the image's relative pa
   --texts FILE.txt        one text per line; id = line number (from 1)
   --texts FILE.jsonl      records {"id", "text" | "caption"}; --texts FILE.json: a list of records or strings
   --data_json FILE.json   the official layout {"images": [{"id", "image"}], "texts": [{"id", "text"}]}
+  --images/--texts 'data/{00000..00099}.tar'   webdataset shards (img2dataset): KEY.jpg + KEY.txt/.json, id = KEY
+  --images/--texts DATA.parquet (or a folder)   image bytes or paths / a caption column (--image_column, ...)
+(the readers: revision/inputs.py, READERS). Tars and parquet files are streamed, never listed up front.
 
-Images are decoded and preprocessed in DataLoader workers while the main process encodes. Unreadable
-images are skipped, counted and listed in OUT/image/skipped.jsonl; empty texts are skipped and counted
-(OUT/text/skipped.jsonl). Shards are written atomically; a rerun resumes after the last complete shard.
+Images are decoded and preprocessed in worker processes while this one encodes; images over --max_pixels are
+refused from their header. Unreadable items are skipped, counted and listed in OUT/KIND/skipped.jsonl; an empty
+input is an error. Shards are written atomically under a lock (one writer per store); a rerun resumes after
+the last complete shard. Several processes (torchrun, SLURM, --num_shards/--shard_index) each encode their part
+of the inputs into the same store; the last to finish writes the manifest (or --merge): docs/distributed.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from revision.encoders import Encoder, load_encoder, to_rgb
+from revision.decode import (  # noqa: F401 (load_image, worker_chunk: re-exported)
+    DEFAULT_MAX_PIXELS, DecodeError, chunks, image_batches, load_image, worker_chunk,
+)
+from revision.distributed import Rank, detect_rank, merge_if_last, merge_parts
+from revision.encoders import Encoder, load_encoder
+from revision.inputs import READERS, Inputs, Sample, Unit, open_inputs
 from revision.records import RecordsError, read_records
-from revision.store import StoreError, StoreWriter, check_unique_ids
+from revision.store import PART_GLOB, SKIPPED, StoreError, StoreWriter, check_unique_ids
 
 # Sleep after every batch: a throttle for slow shared disks, and how the tests get a run to kill mid-way.
 BATCH_DELAY_ENV = "REVISION_EMBED_BATCH_DELAY"
@@ -141,142 +149,74 @@ def read_data_json(path: str | Path, image_root: str | Path | None = None) -> tu
     return images, texts
 
 
-# ------------------------------------------------------------------------------------------- decoding
-
-
-def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image (PIL opens lazily; truncation only shows when pixels are read), as RGB."""
-    if path.stat().st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
-
-
-class ImageFiles(Dataset):
-    """Decodes and preprocesses one image per item; failures come back as a reason instead of a tensor."""
-
-    def __init__(self, items: Sequence[ImageItem], preprocess: Any):
-        self.items, self.preprocess = items, preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return index, self.preprocess(load_image(self.items[index].path)), ""
-        except Exception as e:  # any decoder error on any file format means "skip this file", never "stop the run"
-            return index, None, f"{type(e).__name__}: {e}"
-
-
-def collate_images(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    good = [(i, px) for i, px, _ in batch if px is not None]
-    failed = [(i, reason) for i, px, reason in batch if px is None]
-    pixels = torch.stack([px for _, px in good]) if good else None
-    return [i for i, _ in good], pixels, failed
-
-
-def _single_threaded_worker(_: int) -> None:
-    torch.set_num_threads(1)  # workers decode; several torch thread pools per worker only oversubscribe the CPU
-
-
-def worker_chunk(batch_size: int, num_workers: int) -> int:
-    """Images per worker task: batch_size split over at least num_workers tasks (a divisor, so that whole
-    chunks make whole batches)."""
-    if num_workers <= 1:
-        return batch_size
-    if num_workers >= batch_size:
-        return 1
-    parts = next(d for d in range(num_workers, batch_size + 1) if batch_size % d == 0)
-    return batch_size // parts
-
-
-def image_batches(
-    items: Sequence[ImageItem], preprocess: Any, batch_size: int, num_workers: int, pin_memory: bool = False
-) -> Iterator[tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]]:
-    """Batches (indices into items, pixel chunks [b, C, H, W] making up [B, C, H, W], [(index, reason)] of skipped
-    files), in input order. Each worker decodes a chunk of the batch, not a whole batch: the first batch (and the
-    last) then takes one chunk's time, not batch_size images decoded by a single worker while the rest wait."""
-    chunk = worker_chunk(batch_size, num_workers)
-    loader = DataLoader(
-        ImageFiles(items, preprocess), batch_size=chunk, num_workers=num_workers, collate_fn=collate_images,
-        worker_init_fn=_single_threaded_worker if num_workers else None, pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None,  # 4 chunks a worker: at least a batch in flight (parts >= workers)
-        persistent_workers=False,
-    )
-    indices: list[int] = []
-    pixels: list[torch.Tensor] = []
-    failed: list[tuple[int, str]] = []
-    chunks = 0
-    for chunk_indices, chunk_pixels, chunk_failed in loader:
-        indices += chunk_indices
-        failed += chunk_failed
-        pixels += [chunk_pixels] if chunk_pixels is not None else []
-        chunks += 1
-        if chunks * chunk >= batch_size:
-            yield indices, pixels, failed
-            indices, pixels, failed, chunks = [], [], [], 0
-    if chunks:
-        yield indices, pixels, failed
-
-
 # ------------------------------------------------------------------------------------------- encoding
 
 
-def _skip_log(writer: StoreWriter):
-    # Rewritten on every run: skipped items never enter the store, so a rerun retries and re-lists them.
-    return open(writer.root / "skipped.jsonl", "w", encoding="utf-8")
-
-
-def embed_images(
-    items: Sequence[ImageItem], encoder: Encoder, writer: StoreWriter, batch_size: int = 256, num_workers: int = 4
-) -> dict:
-    """Encode every item not yet in the store; returns the summary (also stored in the manifest)."""
-    todo = [it for it in items if it.id not in writer.done_ids]
+def embed_images(inputs: Inputs, encoder: Encoder, writer: StoreWriter, batch_size: int = 256, num_workers: int = 4,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+    """Encode this rank's inputs from the writer's resume point on; returns the summary (also in the manifest)."""
     delay = float(os.environ.get(BATCH_DELAY_ENV, 0))
-    start, encoded, skipped = time.perf_counter(), 0, 0
-    with _skip_log(writer) as log, tqdm(total=len(todo), desc="images", unit="img") as bar:
-        batches = image_batches(todo, encoder.preprocess, batch_size, num_workers, encoder.device.type == "cuda")
-        for indices, pixels, failed in batches:
-            for index, reason in failed:
-                log.write(json.dumps({"id": todo[index].id, "path": todo[index].source, "reason": reason}) + "\n")
-            if indices:
-                writer.add([todo[i].id for i in indices], encoder.encode_pixels(pixels), [todo[i].source for i in indices])
-            encoded, skipped = encoded + len(indices), skipped + len(failed)
-            bar.update(len(indices) + len(failed))
-            if delay:
-                time.sleep(delay)
-    return _close(writer, len(items), len(items) - len(todo), encoded, skipped, time.perf_counter() - start)
+    start, seen, encoded = time.perf_counter(), 0, 0
+    if not writer.was_complete:
+        with tqdm(desc="images", unit="img", total=_known_total(inputs, writer)) as bar:
+            batches = image_batches(_todo(inputs, writer), encoder.preprocess, batch_size, num_workers,
+                                    encoder.device.type == "cuda", max_pixels)
+            for kept, pixels, failed in batches:
+                for sample, reason in failed:
+                    writer.skip({"id": sample.id, "path": sample.source, "reason": reason}, sample.position)
+                if kept:
+                    writer.add([s.id for s in kept], encoder.encode_pixels(pixels), [s.source for s in kept],
+                               positions=[s.position for s in kept])
+                seen, encoded = seen + len(kept) + len(failed), encoded + len(kept)
+                bar.update(len(kept) + len(failed))
+                if delay:
+                    time.sleep(delay)
+    return _close(writer, seen, encoded, time.perf_counter() - start)
 
 
-def embed_texts(items: Sequence[TextItem], encoder: Encoder, writer: StoreWriter, batch_size: int = 256) -> dict:
-    todo = [it for it in items if it.id not in writer.done_ids]
+def embed_texts(inputs: Inputs, encoder: Encoder, writer: StoreWriter, batch_size: int = 256) -> dict:
     delay = float(os.environ.get(BATCH_DELAY_ENV, 0))
-    start, encoded, skipped = time.perf_counter(), 0, 0
-    with _skip_log(writer) as log, tqdm(total=len(todo), desc="texts", unit="text") as bar:
-        for lo in range(0, len(todo), batch_size):
-            chunk = todo[lo : lo + batch_size]
-            kept = [(it.id, it.text.strip()) for it in chunk if it.text.strip()]
-            for it in chunk:
-                if not it.text.strip():
-                    log.write(json.dumps({"id": it.id, "reason": "empty or whitespace-only text"}) + "\n")
-            if kept:
-                captions = [text for _, text in kept]
-                writer.add([i for i, _ in kept], encoder.encode_texts(captions, batch_size), captions)
-            encoded, skipped = encoded + len(kept), skipped + len(chunk) - len(kept)
-            bar.update(len(chunk))
-            if delay:
-                time.sleep(delay)
-    return _close(writer, len(items), len(items) - len(todo), encoded, skipped, time.perf_counter() - start)
+    start, seen, encoded = time.perf_counter(), 0, 0
+    if not writer.was_complete:
+        with tqdm(desc="texts", unit="text", total=_known_total(inputs, writer)) as bar:
+            for chunk in chunks(_todo(inputs, writer), batch_size):
+                kept = []
+                for sample in chunk:
+                    reason = sample.error or ("" if sample.payload.strip() else "empty or whitespace-only text")
+                    if reason:
+                        writer.skip({"id": sample.id, "reason": reason}, sample.position)
+                    else:
+                        kept.append(sample)
+                if kept:
+                    captions = [s.payload.strip() for s in kept]
+                    writer.add([s.id for s in kept], encoder.encode_texts(captions, batch_size), captions,
+                               positions=[s.position for s in kept])
+                seen, encoded = seen + len(chunk), encoded + len(kept)
+                bar.update(len(chunk))
+                if delay:
+                    time.sleep(delay)
+    return _close(writer, seen, encoded, time.perf_counter() - start)
 
 
-def _close(writer: StoreWriter, inputs: int, resumed: int, encoded: int, skipped: int, seconds: float) -> dict:
+def _todo(inputs: Inputs, writer: StoreWriter) -> Iterator[Sample]:
+    limit = None if inputs.limit is None else max(0, inputs.limit - writer.resume.consumed)
+    return inputs.stream(writer.resume.end, limit)
+
+
+def _known_total(inputs: Inputs, writer: StoreWriter) -> int | None:
+    if any(u.items is None for u in inputs.units):
+        return None  # streamed: never counted up front
+    return sum(len(u.items) for u in inputs.units) - writer.resume.consumed
+
+
+def _close(writer: StoreWriter, seen: int, encoded: int, seconds: float) -> dict:
+    before = writer.manifest.get("summary", {}) if writer.was_complete else {}
+    inputs = before.get("inputs", 0) if writer.was_complete else writer.resume.consumed + seen
     summary = {
-        "inputs": inputs, "resumed": resumed, "encoded": encoded, "skipped": skipped,
-        "seconds": round(seconds, 3), "items_per_s": round(encoded / seconds, 1) if seconds > 0 else None,
+        "inputs": inputs, "resumed": inputs - seen, "encoded": encoded, "skipped": writer.skipped,
+        "seconds": round(seconds, 3), "items_per_s": round(encoded / seconds, 1) if seconds > 0 and encoded else None,
     }
-    manifest = writer.close(summary=summary)
-    summary["stored"] = manifest["count"]
+    summary["stored"] = writer.close(summary=summary)["count"]
     return summary
 
 
@@ -287,65 +227,117 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="image_embed.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", help="folder, .txt list of paths, or .json/.jsonl records {id, image}")
-    parser.add_argument("--texts", help=".txt (one per line), .jsonl records {id, text|caption}, or .json list")
+    parser.add_argument("--images", help="folder, .txt list, .json/.jsonl records, tar shards (brace patterns) or parquet")
+    parser.add_argument("--texts", help=".txt (one per line), .jsonl/.json records, tar shards (.txt/.json members) or parquet")
     parser.add_argument("--data_json", help='official layout {"images": [{"id", "image"}], "texts": [{"id", "text"}]}')
-    parser.add_argument("--image_root", help="folder that relative image paths in list/JSON files start from")
-    parser.add_argument("--encoder", required=True, help="hf:ORG/NAME, a local HF folder, open_clip:ARCH/TAG, llm2clip:...")
+    parser.add_argument("--input_format", choices=sorted(READERS), help="default: from the --images/--texts argument")
+    parser.add_argument("--image_root", help="folder that relative image paths in list/JSON/parquet files start from")
+    parser.add_argument("--image_column", help="parquet: column of image bytes / paths (default: image, jpg, ...)")
+    parser.add_argument("--text_column", help="parquet: caption column (default: caption, text, txt)")
+    parser.add_argument("--id_column", help="parquet: id column (default: key, id; else FILE:ROW)")
+    parser.add_argument("--encoder", help="hf:ORG/NAME, a local HF folder, open_clip:ARCH/TAG, llm2clip:...")
     parser.add_argument("--out", required=True, help="output folder; stores go to OUT/image and OUT/text")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--shard_size", type=int, default=200_000)
     parser.add_argument("--num_workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 1)),
-                        help="DataLoader workers decoding images while the main process encodes (0: decode inline)")
+                        help="processes decoding images while this one encodes (0: decode inline)")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="skip (and list) images with more pixels, read from the header before decoding (0: no cap)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16")
     parser.add_argument("--store_dtype", default="float16", choices=["float16", "float32"], help="dtype of stored embeddings")
-    parser.add_argument("--max_items", type=int, help="embed at most this many images and this many texts")
+    parser.add_argument("--max_items", type=int, help="embed at most this many images and this many texts (streams: per rank)")
+    parser.add_argument("--num_shards", type=int, default=1, help="split the inputs over this many jobs (array jobs); "
+                        "combines with torchrun/SLURM ranks")
+    parser.add_argument("--shard_index", type=int, default=0, help="this job's index in [0, --num_shards)")
+    parser.add_argument("--merge", action="store_true", help="only merge the parts that ranks wrote into OUT/image and "
+                        "OUT/text (done automatically by the last rank to finish)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store made with another encoder/dim")
     return parser
 
 
+def _inputs(args: argparse.Namespace, rank: Rank) -> dict[str, Inputs]:
+    """This rank's inputs per kind; lists are checked (unique ids, not empty) before any model is loaded."""
+    options = {k: getattr(args, k) for k in ("image_root", "image_column", "text_column", "id_column")}
+    data = read_data_json(args.data_json, args.image_root) if args.data_json else ([], [])
+    listed = {"image": [Unit(args.data_json, items=[Sample(i.id, i.path, i.source) for i in data[0]])] if data[0] else [],
+              "text": [Unit(args.data_json, items=[Sample(t.id, t.text, t.text) for t in data[1]])] if data[1] else []}
+    inputs = {}
+    for kind, spec in (("image", args.images), ("text", args.texts)):
+        if spec is None and not listed[kind]:
+            continue
+        found = open_inputs([spec] if spec else [], kind, rank.part, rank.parts, options, args.input_format,
+                            args.max_items, listed[kind])
+        items = [s for u in found.units if u.items is not None for s in u.items]
+        check_unique_ids([s.id for s in items], f"{kind}s")  # before any model is loaded or row encoded
+        if rank.parts == 1 and not found.units:
+            raise InputError(f"--{kind}s {spec or args.data_json}: no inputs (an empty folder or file)")
+        inputs[kind] = found
+    return inputs
+
+
 def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    if args.merge:
+        stores = [out / kind for kind in ("image", "text") if any((out / kind).glob(PART_GLOB))]
+        if not stores:
+            raise InputError(f"--merge: no store under {out} holds rank parts")
+        return {"merged": {store.name: merge_parts(store) for store in stores}}
     if not (args.images or args.texts or args.data_json):
         raise InputError("nothing to embed: give --images, --texts and/or --data_json")
-    images, texts = read_data_json(args.data_json, args.image_root) if args.data_json else ([], [])
-    if args.images:
-        images += read_images(args.images, args.image_root)
-    if args.texts:
-        texts += read_texts(args.texts)
-    check_unique_ids([it.id for it in images], "images")  # before any model is loaded or row encoded
-    check_unique_ids([it.id for it in texts], "texts")
-    if args.max_items is not None:
-        images, texts = images[: args.max_items], texts[: args.max_items]
-
-    encoder = load_encoder(args.encoder, args.device, args.dtype, args.batch_size)
-    out = Path(args.out)
-    # Open both stores first, so a store made with another encoder is refused before anything is encoded.
-    writers = {
-        kind: StoreWriter(out / kind, kind, encoder.name, encoder.dim, args.store_dtype, args.shard_size, args.overwrite)
-        for kind, todo in (("image", images), ("text", texts)) if todo
-    }
-    summary: dict[str, Any] = {"encoder": encoder.name, "dim": encoder.dim}
+    if not args.encoder:
+        raise InputError("--encoder is required (except with --merge)")
+    rank = detect_rank(args.num_shards, args.shard_index)
+    inputs = _inputs(args, rank)
+    device = args.device
+    if device == "auto" and torch.cuda.is_available() and rank.parts > 1:
+        device = f"cuda:{rank.local_rank % torch.cuda.device_count()}"
+    encoder = load_encoder(args.encoder, device, args.dtype, args.batch_size)
+    # Open both stores first, so a store made with another encoder (or being written) is refused before encoding.
+    writers: dict[str, StoreWriter] = {}
     try:
-        if images:
-            summary["image"] = embed_images(images, encoder, writers["image"], args.batch_size, args.num_workers)
-        if texts:
-            summary["text"] = embed_texts(texts, encoder, writers["text"], args.batch_size)
+        for kind, found in inputs.items():
+            writers[kind] = StoreWriter(out / kind, kind, encoder.name, encoder.dim, args.store_dtype, args.shard_size,
+                                        args.overwrite, part=rank.partial, inputs=found.fingerprint)
+        summary: dict[str, Any] = {"encoder": encoder.name, "dim": encoder.dim, "rank": rank}
+        if "image" in writers:
+            summary["image"] = embed_images(inputs["image"], encoder, writers["image"], args.batch_size,
+                                            args.num_workers, args.max_pixels)
+        if "text" in writers:
+            summary["text"] = embed_texts(inputs["text"], encoder, writers["text"], args.batch_size)
     finally:
         for writer in writers.values():
             writer.shutdown()
+    if rank.parts > 1:
+        summary["merged"] = {kind: merge_if_last(out / kind) for kind in writers}
+    for kind in writers:
+        merged = summary.get("merged", {}).get(kind)
+        stored = merged["count"] if merged else summary[kind]["stored"] if rank.parts == 1 else None
+        if stored == 0:
+            raise InputError(f"{out / kind}: nothing stored: {summary[kind]['inputs']} inputs, all skipped "
+                             f"(see {out / kind / SKIPPED})" if summary[kind]["inputs"] else f"{out / kind}: no inputs")
     return summary
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"encoder {summary['encoder']} (dim {summary['dim']})"]
+    if "encoder" not in summary:
+        return "\n".join(f"{kind:5s}: merged {m['parts']} parts, {m['count']} in store, {m['skipped']} skipped"
+                         for kind, m in summary["merged"].items())
+    rank = summary["rank"]
+    lines = [f"encoder {summary['encoder']} (dim {summary['dim']})"
+             + (f", part {rank.part} of {rank.parts} ({rank.launcher})" if rank.parts > 1 else "")]
     for kind in ("image", "text"):
         if kind in summary:
             s = summary[kind]
             lines.append(
-                f"{kind:5s}: {s['inputs']} inputs, {s['encoded']} encoded, {s['resumed']} already stored, "
-                f"{s['skipped']} skipped, {s['stored']} in store, {s['items_per_s']} items/s"
+                f"{kind:5s}: {s['inputs']} inputs, {s['encoded']} encoded, {s['resumed']} done before (resumed), "
+                f"{s['skipped']} skipped, {s['stored']} in store{' part' if rank.parts > 1 else ''}, "
+                f"{s['items_per_s']} items/s"
             )
+            merged = summary.get("merged", {}).get(kind)
+            if rank.parts > 1:
+                lines.append(f"       merged: {merged['count']} in store from {merged['parts']} parts" if merged else
+                             "       not merged yet: another rank is still running or merging (the last to finish merges)")
     return "\n".join(lines)
 
 
@@ -353,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (InputError, StoreError, OSError, ImportError) as e:  # OSError: a model or file that cannot be read
+    except (InputError, StoreError, OSError, ImportError, ValueError, DecodeError) as e:  # OSError: a model or file that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -11,10 +11,10 @@ import io
 import json
 import os
 import pickle
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +24,8 @@ KINDS = ("text", "image")
 # The column holding each row's source: a caption for text stores, an image path for image stores.
 SOURCE_KEY = {"text": "captions", "image": "image_paths"}
 REFERENCE_SOURCE_KEY = {"text": "caption", "image": "image_path"}
+PART_GLOB = "part-*-of-*.json"  # a rank's bookkeeping (see StoreWriter(part=...) and revision/distributed.py)
+SKIPPED = "skipped.jsonl"
 
 
 class StoreError(ValueError):
@@ -63,16 +65,57 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def safe_load(path: str | os.PathLike) -> Any:
-    """Unpickle a file allowing only plain data and numpy arrays; anything else raises UnsafePickleError."""
+class _HashingReader:
+    """File wrapper that hashes what is read: a shard is verified in the same pass that loads it (no second read)."""
+
+    def __init__(self, f: io.BufferedReader):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha256.update(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        got = self.f.readinto(buffer)
+        self.sha256.update(memoryview(buffer)[:got])
+        return got
+
+    def readline(self) -> bytes:
+        data = self.f.readline()
+        self.sha256.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        for block in iter(lambda: self.f.read(1 << 22), b""):  # bytes after the pickle's STOP count too
+            self.sha256.update(block)
+        return self.sha256.hexdigest()
+
+
+def safe_load(path: str | os.PathLike, sha256: str | None = None) -> Any:
+    """Unpickle a file allowing only plain data and numpy arrays; anything else raises UnsafePickleError.
+    With `sha256`, the bytes are hashed as they are read and a mismatch raises StoreError (nothing is returned)."""
     path = str(path)
     with open(path, "rb") as f:
+        reader = _HashingReader(f) if sha256 else f
         try:
-            return _RestrictedUnpickler(f, path).load()
+            obj = _RestrictedUnpickler(reader, path).load()
         except UnsafePickleError:
             raise
         except Exception as e:  # truncated file, garbage bytes, ...
+            if sha256:
+                _check_digest(path, reader.hexdigest(), sha256)  # a tampered shard says so, not "unreadable"
             raise StoreError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+        if sha256:
+            _check_digest(path, reader.hexdigest(), sha256)
+    return obj
+
+
+def _check_digest(path: str | os.PathLike, digest: str, expected: str) -> None:
+    if digest != expected:
+        raise StoreError(f"{path}: sha256 {digest[:12]}… differs from the manifest's {expected[:12]}…: the shard "
+                         "changed after it was written (tampered or corrupted); re-embed it, or pass --no_verify "
+                         "if you changed it on purpose")
 
 
 @dataclass
@@ -132,10 +175,11 @@ def _columnar_from_records(records: list, path: str, kind_hint: str | None) -> S
     return Shard(kind=kind, ids=ids, embeds=np.stack(vectors), sources=sources, path=path)
 
 
-def load_shard(path: str | os.PathLike, kind_hint: str | None = None) -> Shard:
-    """Load one shard (our columnar layout or the reference record layout) with the safe unpickler."""
+def load_shard(path: str | os.PathLike, kind_hint: str | None = None, sha256: str | None = None) -> Shard:
+    """Load one shard (our columnar layout or the reference record layout) with the safe unpickler; with `sha256`,
+    verified against it in the same read."""
     path = str(path)
-    obj = safe_load(path)
+    obj = safe_load(path, sha256)
     if isinstance(obj, list):
         shard = _columnar_from_records(obj, path, kind_hint)
     elif isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -253,29 +297,49 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(root: str | os.PathLike) -> dict | None:
-    path = Path(root) / MANIFEST
+def check_shard_name(name: Any, where: str | os.PathLike, index: int) -> str:
+    """A manifest's shard name must be a plain file name in the store: never a path that leads elsewhere."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or name.startswith(".") or Path(name).name != name):
+        raise StoreError(f"{where}: shard entry {index} has name {name!r}, which is not a plain file name inside "
+                         "the store (no paths, no '..'); refusing to use the store (no file was touched)")
+    return name
+
+
+def read_manifest(root: str | os.PathLike, name: str = MANIFEST) -> dict | None:
+    """The manifest (or a part's bookkeeping file), its shard names checked before anything uses them."""
+    path = Path(root) / name
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
+        raise StoreError(f"{path}: expected an object with a 'shards' list of entries")
+    for index, entry in enumerate(shards):
+        check_shard_name(entry.get("name"), path, index)
+    return manifest
 
 
-def _write_manifest(root: Path, manifest: dict) -> None:
-    _atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+def _write_manifest(root: Path, manifest: dict, name: str = MANIFEST) -> None:
+    _atomic_write_bytes(root / name, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
 class EmbeddingStore:
     """Read side of a store: a folder with manifest.json, or a bare folder of reference-layout pkl shards."""
 
-    def __init__(self, root: str | os.PathLike, kind: str | None = None):
+    def __init__(self, root: str | os.PathLike, kind: str | None = None, verify: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: no such store folder")
         self.manifest = read_manifest(self.root)
+        self.verify_hashes = verify  # every shard read is checked against the manifest's sha256 in the same pass
         self._first: Shard | None = None
+        if self.manifest is None and any(self.root.glob(PART_GLOB)):
+            raise StoreError(f"{self.root}: a store written by several ranks that was never merged (part files but no "
+                             f"{MANIFEST}): finish the ranks, then run image_embed.py --merge --out ...")
         if self.manifest is not None:
             if self.manifest.get("format") != FORMAT:
                 raise StoreError(f"{self.root / MANIFEST}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
@@ -318,9 +382,10 @@ class EmbeddingStore:
     def iter_shards(self) -> Iterator[Shard]:
         """Yield shards one at a time (memory bounded by one shard), checking rows and dim against the manifest."""
         rows = {e["name"]: e["rows"] for e in self.manifest["shards"]} if self.manifest else {}
+        digests = {e["name"]: e.get("sha256") for e in self.manifest["shards"]} if self.manifest and self.verify_hashes else {}
         for index, path in enumerate(self.shard_paths):
             first, self._first = self._first, None
-            shard = first if index == 0 and first is not None else load_shard(path, self.kind)
+            shard = first if index == 0 and first is not None else load_shard(path, self.kind, digests.get(path.name))
             del first
             if shard.kind != self.kind:
                 raise StoreError(f"{path}: holds {shard.kind} rows in a {self.kind} store")
@@ -336,9 +401,7 @@ class EmbeddingStore:
         if self.manifest is None:
             return
         for entry in self.manifest["shards"]:
-            digest = _sha256_file(self.root / entry["name"])
-            if digest != entry["sha256"]:
-                raise StoreError(f"{self.root / entry['name']}: sha256 {digest[:12]}… differs from manifest")
+            _check_digest(self.root / entry["name"], _sha256_file(self.root / entry["name"]), entry["sha256"])
 
     def load_all(self) -> Shard:
         """Concatenate every shard (for small stores and tests; large ones should use iter_shards)."""
@@ -361,187 +424,6 @@ def _natural_key(path: Path) -> tuple:
     return (prefix, int(digits) if digits else -1, stem)
 
 
-class StoreWriter:
-    """Write side of a store: buffers rows, writes full shards atomically, keeps the manifest current.
-
-    A rerun on the same folder resumes: `done_ids` holds every id of the complete shards, and the
-    caller skips those. Shards a killed run renamed into place but had not yet recorded are adopted.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        kind: str,
-        encoder: str,
-        dim: int,
-        dtype: str = "float16",
-        shard_size: int = 200_000,
-        overwrite: bool = False,
-        extra: dict | None = None,
-        drop_page_cache: bool = False,
-    ):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if shard_size < 1:
-            raise ValueError("shard_size must be >= 1")
-        self.root, self.kind, self.dim, self.dtype, self.shard_size = Path(root), kind, int(dim), dtype, shard_size
-        self.drop_page_cache = drop_page_cache  # see write_shard
-        self.root.mkdir(parents=True, exist_ok=True)
-        for tmp in self.root.glob("*.tmp"):  # leftovers of a killed write
-            tmp.unlink()
-        manifest = read_manifest(self.root)
-        if manifest is not None and overwrite:
-            for entry in manifest["shards"]:
-                (self.root / entry["name"]).unlink(missing_ok=True)
-            manifest = None
-        if manifest is not None:
-            mismatch = [
-                f"{key} {manifest.get(key)!r} (asked for {want!r})"
-                for key, want in (("kind", kind), ("encoder", encoder), ("dim", self.dim), ("dtype", dtype))
-                if manifest.get(key) != want
-            ]
-            if mismatch:
-                raise StoreError(
-                    f"{self.root}: existing store has {', '.join(mismatch)}; pass --overwrite to replace it"
-                )
-        elif overwrite or not any(self.root.glob("*.pkl")):
-            for stale in self.root.glob(f"{kind}_embeds_*.pkl"):
-                stale.unlink()
-        else:
-            raise StoreError(f"{self.root}: holds *.pkl files but no {MANIFEST}; pass --overwrite to replace them")
-        self.manifest = manifest or {
-            "format": FORMAT, "kind": kind, "encoder": encoder, "dim": self.dim, "dtype": dtype,
-            "normalized": True, "count": 0, "complete": False, "shards": [],
-        }
-        self.manifest.update(extra or {})
-        self.manifest["complete"] = False
-        self.done_ids: set[str] = set()
-        for entry in self.manifest["shards"]:
-            self.done_ids.update(load_shard(self.root / entry["name"]).ids)
-        self._adopt_orphans()
-        self._ids: list[str] = []
-        self._sources: list[str] = []
-        # Rows are copied into a shard-sized buffer (no concatenation). A full one is written (pickled, hashed,
-        # fsynced) by a background thread while the next fills the spare buffer; it enters the manifest once on
-        # disk. Killed in between: a renamed shard is adopted on rerun, a half-written temp file removed.
-        self._buffer: np.ndarray | None = None
-        self._spare: np.ndarray | None = None
-        self._shard_writer: ThreadPoolExecutor | None = None
-        self._pending: tuple[Future, str, list[str]] | None = None
-        self._buffered = 0
-        _write_manifest(self.root, self.manifest)
-
-    def _shard_name(self, index: int) -> str:
-        return f"{self.kind}_embeds_{index:05d}.pkl"
-
-    def _adopt_orphans(self) -> None:
-        listed = {e["name"] for e in self.manifest["shards"]}
-        index = len(self.manifest["shards"])
-        while (self.root / self._shard_name(index)).exists() and self._shard_name(index) not in listed:
-            path = self.root / self._shard_name(index)
-            try:
-                shard = load_shard(path)
-            except StoreError:
-                path.unlink()
-                break
-            self._record(path.name, shard.ids, _sha256_file(path))
-            index += 1
-
-    def _record(self, name: str, ids: Sequence[str], sha256: str) -> None:
-        self.manifest["shards"].append({"name": name, "rows": len(ids), "sha256": sha256})
-        self.manifest["count"] += len(ids)
-        self.done_ids.update(ids)
-        _write_manifest(self.root, self.manifest)
-
-    def add(
-        self, ids: Sequence[str], embeds: np.ndarray | Any, sources: Sequence[str] | None = None, unit_rows: bool = False
-    ) -> None:
-        """Buffer rows (normalised here); a full buffer is written as one shard. `unit_rows=True`: the caller
-        guarantees finite unit rows (e.g. alignment output), copied as they are, unchecked."""
-        embeds = np.asarray(embeds.float().cpu() if hasattr(embeds, "float") else embeds)
-        if embeds.ndim != 2 or embeds.shape != (len(ids), self.dim):
-            raise StoreError(f"{self.root}: got embeddings of shape {embeds.shape} for {len(ids)} ids, dim {self.dim}")
-        bad = bad_rows(embeds) if not unit_rows else []
-        if len(bad):
-            row = int(bad[0])
-            raise StoreError(f"{self.root}: id {ids[row]!r} has an unusable embedding ({describe_bad_row(embeds[row])})")
-        sources = list(sources) if sources is not None else [""] * len(ids)
-        start = 0
-        while start < len(ids):
-            if self._buffer is None:
-                self._buffer = np.empty((self.shard_size, self.dim), self.dtype)
-            take = min(self.shard_size - self._buffered, len(ids) - start)
-            # normalise straight into the buffer: no temporary the size of the input
-            chunk, into = embeds[start : start + take], self._buffer[self._buffered : self._buffered + take]
-            if unit_rows:
-                np.copyto(into, chunk, casting="unsafe")
-            else:
-                chunk = chunk.astype(np.float64 if chunk.dtype == np.float64 else np.float32, copy=False)
-                norms = np.sqrt(_squared_norms(chunk))[:, None]
-                np.divide(chunk, np.where(norms > 0, norms, 1.0), out=into, casting="unsafe")
-            self._ids.extend(ids[start : start + take])
-            self._sources.extend(sources[start : start + take])
-            self._buffered += take
-            start += take
-            if self._buffered == self.shard_size:
-                self._flush()
-
-    def _flush(self) -> None:
-        self._record_pending()  # the spare buffer is free again once its shard is on disk
-        shard = Shard(self.kind, self._ids, self._buffer[: self._buffered], self._sources)
-        name = self._shard_name(len(self.manifest["shards"]))
-        self._shard_writer = self._shard_writer or ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        written = self._shard_writer.submit(write_shard, self.root / name, shard, self.dtype, self.drop_page_cache)
-        self._pending = (written, name, shard.ids)
-        self._ids, self._sources, self._buffered = [], [], 0
-        self._buffer, self._spare = self._spare, self._buffer
-
-    def _record_pending(self) -> None:
-        if self._pending is not None:
-            written, name, ids = self._pending
-            self._pending = None
-            self._record(name, ids, written.result())
-
-    def shutdown(self) -> None:
-        """Stop the background shard writer (after a write in flight). close() calls it; so should a failed run."""
-        if self._shard_writer is not None:
-            self._shard_writer.shutdown()
-            self._shard_writer = None
-
-    def close(self, **summary: Any) -> dict:
-        """Write what is buffered, mark the store complete and return the manifest."""
-        try:
-            if self._buffered:
-                self._flush()
-            self._record_pending()
-        finally:
-            self.shutdown()
-        self._buffer = self._spare = None
-        self.manifest["complete"] = True
-        self.manifest.update(summary)
-        _write_manifest(self.root, self.manifest)
-        return self.manifest
-
-
-def write_store(
-    root: str | os.PathLike,
-    kind: str,
-    ids: Sequence[str],
-    embeds: np.ndarray,
-    sources: Sequence[str] | None = None,
-    encoder: str = "unknown",
-    dtype: str = "float16",
-    shard_size: int = 200_000,
-    overwrite: bool = False,
-    extra: dict | None = None,
-) -> dict:
-    """Write a whole store in one call (used by alignment and tests)."""
-    check_unique_ids(ids, str(root))
-    writer = StoreWriter(root, kind, encoder, np.asarray(embeds).shape[1], dtype, shard_size, overwrite, extra)
-    writer.add(list(ids), embeds, sources)
-    return writer.close()
-
-
 def check_unique_ids(ids: Iterable[str], where: str) -> None:
     """Raise StoreError naming the first duplicated id."""
     seen: set[str] = set()
@@ -549,3 +431,6 @@ def check_unique_ids(ids: Iterable[str], where: str) -> None:
         if i in seen:
             raise StoreError(f"{where}: duplicate id {i!r} (row {row}); ids must be unique")
         seen.add(i)
+
+
+from revision.store_writer import Resume, StoreWriter, write_store  # noqa: F401  (the write side, re-exported)

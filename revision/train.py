@@ -54,6 +54,7 @@ class DataArguments:
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
     skip_bad_embeddings: bool = field(default=False, metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})
+    no_verify: bool = field(default=False, metadata={"help": "build the table cache without checking shard sha256s"})
 
 
 @dataclass
@@ -314,7 +315,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if not data_args.embed_folder:
         raise SystemExit("no embedding folder: pass --embed_folder or set folder_path in data_utils.py")
     with training_args.main_process_first(desc="embedding table cache"):
-        table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir)
+        table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir, verify=not data_args.no_verify)
     data_args.align_stats = data_args.align_stats or store_alignment(table)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")

@@ -17,7 +17,8 @@ from PIL import Image
 from revision.embed import (BATCH_DELAY_ENV, InputError, image_batches, load_image, main, read_data_json, read_images,
                             read_texts, worker_chunk)
 from revision.encoders import load_encoder
-from revision.store import EmbeddingStore
+from revision.inputs import Sample
+from revision.store import EmbeddingStore, UnsafePickleError
 from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +89,8 @@ def test_folder_and_txt_end_to_end(clip_dir, encoder, image_dir, texts_file, tmp
     out = tmp_path / "out"
     assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file), "--shard_size", "4")) == 0
     printed = capsys.readouterr().out
-    assert "image: 11 inputs, 6 encoded, 0 already stored, 5 skipped, 6 in store" in printed
-    assert "text : 6 inputs, 3 encoded, 0 already stored, 3 skipped, 3 in store" in printed
+    assert "image: 11 inputs, 6 encoded, 0 done before (resumed), 5 skipped, 6 in store" in printed
+    assert "text : 6 inputs, 3 encoded, 0 done before (resumed), 3 skipped, 3 in store" in printed
 
     images = EmbeddingStore(out / "image", kind="image")
     images.verify()
@@ -116,7 +117,8 @@ def test_folder_and_txt_end_to_end(clip_dir, encoder, image_dir, texts_file, tmp
 
     # A second run over the same inputs finds everything stored and encodes nothing.
     assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file))) == 0
-    assert "6 already stored" in capsys.readouterr().out
+    assert "image: 11 inputs, 0 encoded, 11 done before (resumed), 5 skipped, 6 in store" in capsys.readouterr().out
+    assert len((out / "image/skipped.jsonl").read_text().splitlines()) == 5  # still listed
     assert EmbeddingStore(out / "image").load_all().ids == GOOD
 
 
@@ -136,13 +138,13 @@ def _tiny_pixels(image: Image.Image) -> torch.Tensor:
 def test_worker_chunks_make_whole_batches_in_order(image_dir):
     assert [worker_chunk(256, w) for w in (0, 1, 2, 8, 15, 300)] == [256, 256, 128, 32, 16, 1]
     assert worker_chunk(6, 4) == 1  # 6 = 6 x 1: the first divisor >= 4 parts
-    items = read_images(image_dir)  # good and corrupt files mixed
-    batches = list(image_batches(items, _tiny_pixels, batch_size=4, num_workers=2))
-    seen = [i for indices, _, failed in batches for i in sorted(indices + [f for f, _ in failed])]
-    assert seen == list(range(len(items)))  # every item once, in input order
-    assert [len(indices) + len(failed) for indices, _, failed in batches] == [4, 4, 3]  # 11 items, batches of 4
-    for indices, chunks, failed in batches:
-        assert sum(len(c) for c in chunks) == len(indices) and all(len(c) <= 2 for c in chunks)
+    samples = [Sample(i.id, i.path, i.source, (0, n)) for n, i in enumerate(read_images(image_dir))]  # good and bad mixed
+    batches = list(image_batches(iter(samples), _tiny_pixels, batch_size=4, num_workers=2))
+    seen = [s for kept, _, failed in batches for s in sorted(kept + [f for f, _ in failed], key=lambda s: s.position)]
+    assert seen == samples  # every item once, in input order
+    assert [len(kept) + len(failed) for kept, _, failed in batches] == [4, 4, 3]  # 11 items, batches of 4
+    for kept, chunks, failed in batches:
+        assert sum(len(c) for c in chunks) == len(kept) and all(len(c) <= 2 for c in chunks)
 
 
 def test_data_json_with_image_root_and_max_items(clip_dir, image_dir, tmp_path):
@@ -229,20 +231,24 @@ def test_pickle_with_code_payload_is_refused_never_run(clip_dir, texts_file, tmp
     assert main(_args(clip_dir, out, "--texts", str(texts_file), "--shard_size", "2")) == 0
     marker = tmp_path / "pwned"
     (out / "text/text_embeds_00000.pkl").write_bytes(pickle.dumps([{"id": "1", "embed": _Payload(marker)}]))
-    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 2  # resuming loads the stored shards
-    err = capsys.readouterr().err
-    assert "refused to unpickle global" in err and "text_embeds_00000.pkl" in err
+    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 0  # resuming reads bookkeeping, never shards
+    with pytest.raises(UnsafePickleError, match=r"text_embeds_00000.pkl: refused to unpickle global"):
+        EmbeddingStore(out / "text").load_all()
     (tmp_path / "payload.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     assert main(_args(clip_dir, tmp_path / "o2", "--images", str(tmp_path / "payload.pkl"))) == 2
     assert "expected a folder, a .txt list" in capsys.readouterr().err
     assert not marker.exists()
 
 
+def _png_folder(folder: Path, count: int, seed: int) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        _random_rgb(seed + i, size=(24, 24)).save(folder / f"{i:03d}.png")
+    return folder
+
+
 def test_kill_9_mid_run_then_resume(clip_dir, tmp_path):
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for i in range(40):
-        _random_rgb(100 + i, size=(24, 24)).save(images / f"{i:03d}.png")
+    images = _png_folder(tmp_path / "imgs", 40, seed=100)
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "image_embed.py"), *_args(clip_dir, out, "--images", str(images), "--shard_size", "8")]
     env = {**os.environ, BATCH_DELAY_ENV: "0.25"}  # 10 batches of 4: ~2.5 s of encoding, time to kill it mid-way
@@ -267,3 +273,84 @@ def test_kill_9_mid_run_then_resume(clip_dir, tmp_path):
     assert store.manifest["complete"] and store.manifest["summary"]["resumed"] >= 16
     assert store.manifest["summary"]["encoded"] == 40 - store.manifest["summary"]["resumed"]
     assert (out / "image/image_embeds_00000.pkl").read_bytes() == first_shard  # kept, not recomputed
+
+
+def test_overwrite_never_follows_manifest_names_out_of_the_store(clip_dir, texts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 0
+    victims = [tmp_path / "victim_abs.txt", tmp_path / "victim_rel.txt"]
+    for victim in victims:
+        victim.write_text("keep me")
+    manifest = json.loads((out / "text/manifest.json").read_text())
+    manifest["shards"] += [{"name": str(victims[0]), "rows": 1, "sha256": "0"}, {"name": "../../victim_rel.txt", "rows": 1, "sha256": "0"}]
+    (out / "text/manifest.json").write_text(json.dumps(manifest))
+    assert main(_args(clip_dir, out, "--texts", str(texts_file), "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json: shard entry 1 has name" in err and "not a plain file name" in err
+    assert all(v.read_text() == "keep me" for v in victims)
+
+
+def test_second_writer_is_refused_and_the_first_completes(clip_dir, tmp_path, capsys):
+    images = _png_folder(tmp_path / "imgs", 12, seed=200)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "image_embed.py"), *_args(clip_dir, out, "--images", str(images), "--shard_size", "4")]
+    first = subprocess.Popen(cmd, env={**os.environ, BATCH_DELAY_ENV: "0.5"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "image/manifest.json").exists():
+        time.sleep(0.05)
+    (tmp_path / "other").mkdir()
+    _random_rgb(999, size=(24, 24)).save(tmp_path / "other/x.png")
+    assert main(_args(clip_dir, out, "--images", str(tmp_path / "other"))) == 2  # other inputs, same --out
+    err = capsys.readouterr().err
+    assert f"being written by pid {first.pid} on host" in err and "image_embed.py" in err
+    stdout, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and "12 in store" in stdout
+    store = EmbeddingStore(out / "image")
+    assert sorted(store.load_all().ids) == [f"{i:03d}.png" for i in range(12)] and store.manifest["complete"]
+
+
+def test_pixel_cap_skips_from_the_header(clip_dir, tmp_path, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (13000, 13000)).save(bomb)  # ~20 KB on disk, 169 MP (under PIL's own bomb limit)
+    assert bomb.stat().st_size < 100_000
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"13000x13000 = 169 MP is over the 100 MP pixel cap"):
+        load_image(bomb)
+    assert time.perf_counter() - start < 1  # refused from the header: nothing decoded
+    images = tmp_path / "imgs"
+    images.mkdir()
+    _random_rgb(0, size=(40, 30)).save(images / "small.png")
+    _random_rgb(1, size=(60, 50)).save(images / "large.png")
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--images", str(images), "--max_pixels", "2000")) == 0
+    assert "2 inputs, 1 encoded, 0 done before (resumed), 1 skipped" in capsys.readouterr().out
+    skipped = [json.loads(line) for line in (out / "image/skipped.jsonl").read_text().splitlines()]
+    assert [(s["id"], "60x50 = 0 MP is over the 0.002 MP pixel cap" in s["reason"]) for s in skipped] == [("large.png", True)]
+
+
+def test_empty_inputs_are_errors(clip_dir, image_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notimages").mkdir()
+    (tmp_path / "notimages/readme.txt").write_text("no images here\n")
+    assert main(_args(clip_dir, tmp_path / "o1", "--images", str(tmp_path / "empty"))) == 2
+    assert "--images" in (err := capsys.readouterr().err) and "empty: no inputs" in err
+    assert main(_args(clip_dir, tmp_path / "o2", "--texts", str(tmp_path / "empty.txt"))) == 2
+    assert "empty.txt: no inputs" in capsys.readouterr().err
+    assert main(_args(clip_dir, tmp_path / "o3", "--images", str(tmp_path / "notimages"))) == 2
+    assert "nothing stored: 1 inputs, all skipped" in capsys.readouterr().err
+
+
+def _dies_on_wide_images(image: Image.Image) -> torch.Tensor:
+    if image.size[0] == 30:  # as a decoder crash or the OOM killer would end a worker
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _tiny_pixels(image)
+
+
+def test_a_dead_decoding_worker_stops_the_run_instead_of_hanging(tmp_path):
+    for i in range(8):
+        _random_rgb(i, size=(30 if i == 5 else 20, 20)).save(tmp_path / f"{i}.png")
+    samples = [Sample(str(i), tmp_path / f"{i}.png", f"{i}.png", (0, i)) for i in range(8)]
+    assert [len(kept) for kept, _, _ in image_batches(iter(samples[:5]), _dies_on_wide_images, 2, 2)] == [2, 2, 1]
+    with pytest.raises(RuntimeError, match=r"a decoding worker died .* being decoded start at id '\d' \(\d.png\)"):
+        list(image_batches(iter(samples), _dies_on_wide_images, batch_size=2, num_workers=2))

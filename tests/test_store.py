@@ -1,13 +1,15 @@
 import json
 import os
 import pickle
+import socket
 
 import numpy as np
 import pytest
 
+from revision.locks import LockedError
 from revision.store import (
     EmbeddingStore, Shard, StoreError, StoreWriter, UnsafePickleError, check_unique_ids, load_shard,
-    safe_load, write_reference_shard, write_store,
+    safe_load, write_reference_shard, write_shard, write_store,
 )
 
 
@@ -129,28 +131,29 @@ def test_manifest_naming_missing_shard_is_an_error(tmp_path, rows):
         EmbeddingStore(tmp_path / "s")
 
 
-def test_writer_resumes_after_a_crash_and_adopts_renamed_shards(tmp_path, rows):
+def test_writer_resumes_after_a_crash_rewriting_unrecorded_shards(tmp_path, rows):
     ids, embeds, captions = rows
     root = tmp_path / "s"
     writer = StoreWriter(root, "text", "enc", 12, shard_size=3)
-    writer.add(ids[:7], embeds[:7], captions[:7])  # two full shards written, one row buffered
+    positions = [(0, i) for i in range(10)]
+    writer.add(ids[:7], embeds[:7], captions[:7], positions=positions[:7])  # two full shards written, one row buffered
     writer._shard_writer.shutdown(wait=True)  # the second shard's background write has reached the disk (no race)
-    # a crash after a shard was renamed into place but before the manifest recorded it
-    write_reference_shard(root / "ignored.tmp", Shard("text", ids[6:7], embeds[6:7]))  # a half write
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["shards"].pop()
-    manifest["count"] = 3
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    # a crash after the second shard was renamed into place but before the manifest recorded it, and a half write
+    assert json.loads((root / "manifest.json").read_text())["shards"][-1]["end"] == [0, 3]
+    write_reference_shard(root / "text_embeds_00002.pkl.tmp", Shard("text", ids[6:7], embeds[6:7]))
+    (root / "someone_elses.tmp").write_text("not ours")
+    writer.lock.release()  # what the kernel does when the process dies
     del writer
 
     resumed = StoreWriter(root, "text", "enc", 12, shard_size=3)
-    assert resumed.done_ids == set(ids[:6])  # the orphan shard was adopted
-    assert not (root / "ignored.tmp").exists()
-    todo = [i for i in range(10) if ids[i] not in resumed.done_ids]
-    resumed.add([ids[i] for i in todo], embeds[todo], [captions[i] for i in todo])
+    assert resumed.resume.end == (0, 3) and resumed.resume.consumed == 3  # after the one recorded shard
+    assert resumed.done_ids == set(ids[:3])
+    assert not (root / "text_embeds_00001.pkl").exists() and not (root / "text_embeds_00002.pkl.tmp").exists()
+    assert (root / "someone_elses.tmp").read_text() == "not ours"  # never another writer's temp file
+    resumed.add(ids[3:], embeds[3:], captions[3:], positions=positions[3:])
     resumed.close()
     got = EmbeddingStore(root).load_all()
-    assert sorted(got.ids) == sorted(ids) and len(got.ids) == len(set(got.ids))
+    assert got.ids == ids
 
 
 def test_writer_refuses_other_encoder_or_dim_unless_overwrite(tmp_path, rows):
@@ -181,3 +184,89 @@ def test_writer_rejects_nan_zero_and_wrong_shape(tmp_path):
 def test_duplicate_ids_named():
     with pytest.raises(StoreError, match="duplicate id 'x' \\(row 2\\)"):
         check_unique_ids(["x", "y", "x"], "data.jsonl")
+
+
+@pytest.mark.parametrize("name", ["../victim.txt", "ABSOLUTE", "sub/x.pkl", "..", ".lock", ""])
+def test_manifest_shard_names_must_stay_inside_the_store(tmp_path, rows, name):
+    ids, embeds, captions = rows
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    write_store(tmp_path / "s", "text", ids, embeds, captions)
+    manifest_path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"].append({"name": str(victim) if name == "ABSOLUTE" else name, "rows": 1, "sha256": "0"})
+    manifest_path.write_text(json.dumps(manifest))
+    for opening in (lambda: StoreWriter(tmp_path / "s", "text", "unknown", 12, overwrite=True),
+                    lambda: EmbeddingStore(tmp_path / "s")):
+        with pytest.raises(StoreError, match=r"manifest.json: shard entry 1 has name .* not a plain file name"):
+            opening()
+    assert victim.read_text() == "keep me"
+    assert (tmp_path / "s" / "text_embeds_00000.pkl").exists()  # refused before any file was touched
+
+
+def test_tampered_shard_is_refused_naming_it(tmp_path, rows):
+    ids, embeds, captions = rows
+    write_store(tmp_path / "s", "text", ids, embeds, captions, shard_size=4)
+    path = tmp_path / "s" / "text_embeds_00001.pkl"
+    shard = load_shard(path)
+    shard.embeds[0] = -shard.embeds[0]  # still a valid shard of unit rows: only the hash can tell
+    write_shard(path, shard)
+    with pytest.raises(StoreError, match=r"text_embeds_00001.pkl: sha256 .* differs from the manifest"):
+        EmbeddingStore(tmp_path / "s").load_all()
+    with pytest.raises(StoreError, match=r"text_embeds_00001.pkl: sha256"):
+        EmbeddingStore(tmp_path / "s").verify()
+    assert len(EmbeddingStore(tmp_path / "s", verify=False).load_all()) == 10  # --no_verify: the user's call
+
+
+def test_second_writer_is_refused_naming_the_first_and_keeps_its_temp_files(tmp_path, rows):
+    ids, embeds, captions = rows
+    first = StoreWriter(tmp_path / "s", "text", "enc", 12, shard_size=4)
+    first.add(ids[:5], embeds[:5], captions[:5])
+    (tmp_path / "s" / "text_embeds_00001.pkl.tmp").write_bytes(b"first writer's half-written shard")
+    with pytest.raises(LockedError, match=rf"being written by pid {os.getpid()} on host {socket.gethostname()}"):
+        StoreWriter(tmp_path / "s", "text", "enc", 12, overwrite=True)
+    assert (tmp_path / "s" / "text_embeds_00001.pkl.tmp").exists()
+    first.add(ids[5:], embeds[5:], captions[5:])
+    first.close()
+    assert EmbeddingStore(tmp_path / "s").load_all().ids == ids
+    StoreWriter(tmp_path / "s", "text", "enc", 12).close()  # released: the next writer gets in
+
+
+def test_rank_parts_share_a_store_but_not_with_a_whole_store_writer(tmp_path, rows):
+    ids, embeds, captions = rows
+    part0 = StoreWriter(tmp_path / "s", "text", "enc", 12, part=(0, 2))
+    part1 = StoreWriter(tmp_path / "s", "text", "enc", 12, part=(1, 2))  # ranks coexist
+    with pytest.raises(LockedError, match=r"part-00000-of-00002: pid \d+"):
+        StoreWriter(tmp_path / "s", "text", "enc", 12, part=(0, 2))  # the same rank twice
+    with pytest.raises(LockedError, match=r"part-00000-of-00002: pid .*part-00001-of-00002: pid"):
+        StoreWriter(tmp_path / "s", "text", "enc", 12)  # a whole-store writer beside ranks
+    part0.add(ids[:5], embeds[:5], captions[:5])
+    part1.add(ids[5:], embeds[5:], captions[5:])
+    part0.close(), part1.close()
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.pkl")) == [
+        "text_embeds_part-00000-of-00002_00000.pkl", "text_embeds_part-00001-of-00002_00000.pkl"]
+    assert not (tmp_path / "s" / "manifest.json").exists()  # only the merge writes it
+    with pytest.raises(StoreError, match="never merged"):
+        EmbeddingStore(tmp_path / "s")
+    with pytest.raises(StoreError, match="was written by 2 ranks, but this run writes it as a single process"):
+        StoreWriter(tmp_path / "s", "text", "enc", 12)
+    with pytest.raises(StoreError, match="was written by 2 ranks, but this run writes it as one of 3 ranks"):
+        StoreWriter(tmp_path / "s", "text", "enc", 12, part=(0, 3))
+
+
+def test_tampered_shard_is_refused_by_training_and_alignment(tmp_path, rows):
+    from revision.align import align_stores
+    from revision.data import EmbeddingTable
+
+    ids, embeds, captions = rows
+    for kind in ("text", "image"):
+        write_store(tmp_path / kind, kind, ids, embeds, captions, shard_size=4)
+    path = tmp_path / "image" / "image_embeds_00002.pkl"
+    shard = load_shard(path)
+    write_shard(path, Shard("image", shard.ids, shard.embeds[::-1].copy(), shard.sources))  # rows swapped
+    with pytest.raises(StoreError, match=r"image_embeds_00002.pkl: sha256"):
+        EmbeddingTable(tmp_path / "image", tmp_path / "cache")
+    with pytest.raises(StoreError, match=r"image_embeds_00002.pkl: sha256"):
+        align_stores(tmp_path / "text", tmp_path / "image", tmp_path / "aligned", method="mean_shift", report=False,
+                     progress=False)
+    assert len(EmbeddingTable(tmp_path / "image", tmp_path / "cache", verify=False)) == 10  # --no_verify

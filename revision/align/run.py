@@ -54,6 +54,7 @@ def align_stores(
     shard_size: int = 16_384,  # small shards: fewer fresh pages for the writer's two buffers and the page cache
     progress: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    verify: bool = True,
 ) -> dict:
     """Fit `method` on the text and image stores (or load `apply_stats`), write the aligned text store to
     `out_dir` (same ids and captions) with its statistics file, and the gap report. Text shards read more than
@@ -71,8 +72,8 @@ def align_stores(
     loaded = load_alignment(apply_stats) if apply_stats is not None else None
     if loaded is not None and loaded.method != method:
         raise StoreError(f"{apply_stats}: statistics are for {loaded.method!r}, not {method!r}")
-    texts = EmbeddingStore(text_dir, "text").require_complete()
-    images = EmbeddingStore(image_dir, "image").require_complete() if image_dir is not None else None
+    texts = EmbeddingStore(text_dir, "text", verify).require_complete()  # verify: each shard's sha256, as it is read
+    images = EmbeddingStore(image_dir, "image", verify).require_complete() if image_dir is not None else None
     _check_inputs(texts, images, loaded, force)
 
     encoder = texts.encoder or (images.encoder if images is not None else None) or "unknown"
