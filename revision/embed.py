@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="skip (and list) images with more pixels, read from the header before decoding (0: no cap)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="let a Hugging Face encoder folder run the Python it ships (its config's auto_map)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16")
     parser.add_argument("--store_dtype", default="float16", choices=["float16", "float32"], help="dtype of stored embeddings")
     parser.add_argument("--max_items", type=int, help="embed at most this many images and this many texts (streams: per rank)")
@@ -292,7 +294,7 @@ def run(args: argparse.Namespace) -> dict:
     device = args.device
     if device == "auto" and torch.cuda.is_available() and rank.parts > 1:
         device = f"cuda:{rank.local_rank % torch.cuda.device_count()}"
-    encoder = load_encoder(args.encoder, device, args.dtype, args.batch_size)
+    encoder = load_encoder(args.encoder, device, args.dtype, args.batch_size, args.trust_remote_code)
     # Open both stores first, so a store made with another encoder (or being written) is refused before encoding.
     writers: dict[str, StoreWriter] = {}
     try:

@@ -181,17 +181,19 @@ class RGBTransform:
 class HFEncoder(Encoder):
     """Any Hugging Face dual encoder with get_image_features/get_text_features (CLIPModel, SiglipModel, ...)."""
 
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64):
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64,
+                 trust_remote_code: bool = False):
         from transformers import AutoModel, AutoProcessor
 
         local = Path(path).expanduser()
         source = str(local.resolve()) if local.is_dir() else path  # a folder, else a hub id
         self.name = f"hf:{source}"
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self.model = AutoModel.from_pretrained(source, dtype=dtype).to(device).eval()
+        # a folder whose config maps to its own Python (auto_map) runs that code only when the user trusts it
+        self.model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
         if not hasattr(self.model, "get_image_features") or not hasattr(self.model, "get_text_features"):
             raise ValueError(f"{path}: {type(self.model).__name__} has no get_image_features/get_text_features")
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
         self.tokenizer = processor.tokenizer
         self.preprocess = HFImageTransform(processor.image_processor)
         self.pixel_affine = self.preprocess.affine()
@@ -293,19 +295,16 @@ class LLM2CLIPEncoder(Encoder):
 
 def load_encoder(
     spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", batch_size: int = 64,
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
 ) -> Encoder:
     """Build the encoder a spec names (see the module docstring); a bare path or hub id means Hugging Face.
-    `trust_remote_code=False` refuses encoders that run code from their repository (llm2clip:); prediction
-    passes it, so a checkpoint's config alone never runs such code."""
-    if spec.startswith("llm2clip:") and not trust_remote_code:
-        raise ValueError(f"encoder {spec!r} runs code from its model repository; if you trust it, pass "
-                         "--trust_remote_code (revision.predict; trust_remote_code=True in Python and lmms-eval)")
+    Code shipped with a Hugging Face checkpoint (its config's auto_map) runs only with `trust_remote_code`
+    (image_embed.py / revision.predict --trust_remote_code); LLM2CLIP and open_clip never need it."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     kind, sep, rest = spec.partition(":")
     if sep and kind == "hf":
-        return HFEncoder(rest, device, dtype, batch_size)
+        return HFEncoder(rest, device, dtype, batch_size, trust_remote_code)
     if sep and kind == "open_clip":
         return OpenCLIPEncoder(rest, device, dtype, batch_size)
     if sep and kind == "llm2clip":
@@ -315,4 +314,4 @@ def load_encoder(
         return OpenCLIPEncoder(f"local-dir:{local.resolve()}", device, dtype, batch_size)
     if not local.is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise FileNotFoundError(f"encoder {spec!r}: no such folder (and not a hub id like 'org/name')")
-    return HFEncoder(spec, device, dtype, batch_size)
+    return HFEncoder(spec, device, dtype, batch_size, trust_remote_code)

@@ -279,5 +279,5 @@ def test_mismatched_ids_warn_loudly_and_fail_with_strict(tmp_path, capsys, caplo
 
 def test_non_utf8_files_name_file_and_line(tmp_path):
     (tmp_path / "refs.jsonl").write_bytes(b'{"question_id": 1, "answer": "yes"}\n{"question_id": 2, "answer": "s\xed"}\n')
-    with pytest.raises(EvalError, match=r"refs\.jsonl:2: not UTF-8 text"):
+    with pytest.raises(EvalError, match=r"refs\.jsonl:2: not UTF-8 \(byte 0xed"):
         load_references(tmp_path / "refs.jsonl", "yesno")

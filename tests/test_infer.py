@@ -178,14 +178,28 @@ def test_non_finite_image_embeddings_never_reach_the_model(world, predictor, mon
 
 
 def test_an_encoder_with_remote_code_needs_trust_remote_code(world, tmp_path):
+    """A checkpoint naming an encoder folder that ships its own Python (config auto_map, an unknown model_type):
+    prediction never runs that code unless --trust_remote_code is passed."""
+    clip = shutil.copytree(world["ckpt"].parent / "clip", tmp_path / "remote-clip")
+    marker = tmp_path / "remote-code-ran"
+    (clip / "modeling_marker.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import CLIPConfig, CLIPModel\n\n\n"
+        "class MarkerConfig(CLIPConfig):\n    model_type = 'marker_clip'\n\n\n"
+        "class MarkerModel(CLIPModel):\n    config_class = MarkerConfig\n")
+    config = json.loads((clip / "config.json").read_text())
+    config.update(model_type="marker_clip", auto_map={"AutoConfig": "modeling_marker.MarkerConfig",
+                                                      "AutoModel": "modeling_marker.MarkerModel"})
+    (clip / "config.json").write_text(json.dumps(config))
     folder = shutil.copytree(world["ckpt"], tmp_path / "remote")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    (folder / CONFIG_FILE).write_text(json.dumps({**config, "encoder": "llm2clip:microsoft/LLM2CLIP-Openai-L-14-336"}))
-    with pytest.raises(ValueError, match="runs code from its model repository; if you trust it, pass --trust_remote_code"):
+    revision_config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**revision_config, "encoder": str(clip)}))
+    with pytest.raises(ValueError, match="trust_remote_code"):
         Predictor(folder, device="cpu").encoder
     assert cli(["--model", folder, "--image", world["images"]["red"], "--prompt", QUESTION]) == 2
-    with pytest.raises(ImportError, match="llm2vec"):  # trusted: it goes on to load it (here llm2vec is not installed)
-        Predictor(folder, device="cpu", trust_remote_code=True).encoder
+    assert not marker.exists()
+    trusted = Predictor(folder, device="cpu", trust_remote_code=True)
+    assert trusted.encoder.dim == world["encoder"].dim and marker.read_text() == "ran"  # trusted: its code ran
 
 
 def test_checkpoint_without_config_is_refused(world, tmp_path):
