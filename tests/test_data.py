@@ -240,7 +240,7 @@ def test_non_finite_alignment_statistics_are_refused(tmp_path):
     stats = {"format": "revision.align/1", "method": "realign", "dim": dim, "info": {}, "mu_text": [0.1] * dim,
              "mu_image": [0.2] * dim, "mu_hat": [0.2] * dim, "scale": float("nan")}
     (tmp_path / "align_stats.json").write_text(json.dumps(stats))
-    with pytest.raises(InputError, match=r"align_stats.json: alignment statistic 'scale' holds NaN or Inf"):
+    with pytest.raises(StoreError, match=r"align_stats.json: alignment statistic 'scale' is nan; it must be a finite number"):
         image_map_from(tmp_path / "align_stats.json")
 
 
