@@ -170,3 +170,5 @@ def test_launcher_trains_on_the_prepared_world_with_a_quoted_extra(default_world
     assert "cached" in done.stderr  # prepare found every step done: nothing rebuilt
     args = torch.load(out / "pretrain" / "training_args.bin", weights_only=False)
     assert args.run_name == "toy run" and args.max_steps == 1
+    config = json.loads((out / "pretrain" / "revision_config.json").read_text())  # stage 1: plain template, LLM frozen
+    assert (config["template"], config["llm_weights"]) == ("plain", "base")

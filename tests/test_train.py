@@ -251,18 +251,6 @@ def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path):
     assert any(n.startswith("global_step3/") and n.endswith("optim_states.pt") for n in manifest)
 
 
-def test_pretrain_launcher_runs_the_embedded_default(tmp_path):
-    env = {**os.environ, "GPUS": "0", "DEFAULT_DIR": str(tmp_path / "default"), "TOY_PRESET": "mini", "VISUAL_TOKENS": "4",
-           "MAX_LENGTH": "64", "EXTRA": "--max_steps 2 --disable_tqdm true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(REPO / "script" / "train" / "pretrain.sh")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "default" / "pretrain"
-    config = json.loads((out / "revision_config.json").read_text())
-    assert (config["template"], config["num_visual_tokens"], config["llm_weights"]) == ("plain", 4, "base")
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and state["log_history"][0]["learning_rate"] <= 5e-4
-
-
 def nan_store(world, root, bad_row=3, n=8):
     """The first n text rows as a reference-layout store (written without row checks), row bad_row NaN, and a
     data file of those n samples."""
