@@ -20,6 +20,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from revision.data import DataCollator, EmbeddingTable, SupervisedDataset, check_lengths, image_map_from
+from revision.gguf import resolve_llm
 from revision.model import CONFIG_FILE, RevisionModel, load_projector_weights
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         raise SystemExit("no embedding folder: pass --embed_folder or set folder_path in data_utils.py")
     with training_args.main_process_first(desc="embedding table cache"):
         table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir)
+    with training_args.main_process_first(desc="gguf conversion"):  # a .gguf file becomes its converted folder
+        model_args.model_name_or_path = resolve_llm(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
     model = build_model(model_args, training_args, table)
