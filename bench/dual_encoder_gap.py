@@ -23,12 +23,12 @@ from revision.toy.clip import open_images, read_jsonl
 from revision.toy.dual_encoder import DualEncoderConfig, build_dual_encoder, fit, minilm_folder, text_tower_features
 
 VARIANTS = {  # name -> overrides of DualEncoderConfig
-    "base": {},                                                     # CLIP's init 0.07, learnt (capped at 0.01)
+    "base": {"temperature": 0.07, "learn_temperature": True},      # CLIP's init 0.07, learnt (capped at 0.01)
     "t01_fixed": {"temperature": 0.01, "learn_temperature": False},  # where real CLIPs' learnt temperature ends
     "t01_fixed_long": {"temperature": 0.01, "learn_temperature": False, "steps": 600},
     "t01_fixed_short": {"temperature": 0.01, "learn_temperature": False, "steps": 100},
-    "t02_learnt": {"temperature": 0.02},
-    "t07_fixed_long": {"steps": 600, "learn_temperature": False},
+    "t02_learnt": {"temperature": 0.02, "learn_temperature": True},
+    "t07_fixed_long": {"steps": 600, "temperature": 0.07, "learn_temperature": False},
     "t1_fixed": {"temperature": 1.0, "learn_temperature": False},   # a high temperature: the gap should close
 }
 

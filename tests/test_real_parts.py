@@ -5,8 +5,6 @@ dual encoder. Skipped where those packages are not installed (they are in the `d
 The SmolLM2 conversion takes one to two CPU minutes; it goes into pytest's cache folder (.pytest_cache), so it
 is paid on the first run only."""
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -217,10 +215,11 @@ def test_dual_encoder_embeds_through_image_embed_py_as_its_own_forward(dual_enco
     from revision.store import EmbeddingStore
 
     images, texts = _write_inputs(tmp_path)
-    subprocess.run([sys.executable, str(REPO / "image_embed.py"), "--encoder", str(dual_encoder), "--images",
-                    str(tmp_path / "images.jsonl"), "--image_root", str(tmp_path), "--texts", str(tmp_path / "texts.jsonl"),
-                    "--out", str(tmp_path / "emb"), "--store_dtype", "float32", "--num_workers", "0"], check=True,
-                   cwd=REPO, capture_output=True)
+    from revision.embed import main as image_embed_py  # image_embed.py's main, in-process (a subprocess: +1-2 min loaded)
+
+    assert image_embed_py(["--encoder", str(dual_encoder), "--images", str(tmp_path / "images.jsonl"), "--image_root",
+                           str(tmp_path), "--texts", str(tmp_path / "texts.jsonl"), "--out", str(tmp_path / "emb"),
+                           "--store_dtype", "float32", "--num_workers", "0"]) == 0
     stored = {kind: EmbeddingStore(tmp_path / "emb" / kind).load_all() for kind in ("image", "text")}
     # The model's own forward: HF's image side; the text side mean-pooled over real tokens, as MiniLM was trained
     model = VisionTextDualEncoderModel.from_pretrained(dual_encoder).eval()

@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -125,6 +125,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Index batches without end: each epoch reshuffled, its ragged tail dropped (a tiny last batch is a too-easy task)."""
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=order)[: n // batch_size * batch_size].split(batch_size)
+
+
+def contrastive_step(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                     schedule: Any, logit_scale: torch.nn.Parameter) -> None:
+    """Backward, clip gradients at 1, step, and keep the inverse temperature within CLIP's cap of 100."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logit_scale.clamp_(0, math.log(100))
+
+
 def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfig | None = None, log_every: int = 50) -> dict:
     """Train on WORLD/paired.jsonl with CLIP's symmetric InfoNCE (learnable temperature), save to out_dir.
     Returns the training log: per-step losses, seconds, config."""
@@ -150,16 +169,10 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
     trained = torch.nn.ModuleList([model, heads]) if cfg.text_attribute_weight else model
     optimizer = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, cfg.steps // 10), cfg.steps)
-    batch_size = min(cfg.batch_size, len(pairs))
-    order = torch.Generator().manual_seed(cfg.seed)
-    batches = iter(())
+    batches = shuffled_batches(len(pairs), min(cfg.batch_size, len(pairs)), cfg.seed)
     losses = []
     start = time.perf_counter()
-    for step in range(cfg.steps):
-        index = next(batches, None)
-        if index is None:  # a new epoch: reshuffle, drop the ragged tail (a tiny last batch is a too-easy task)
-            batches = iter(torch.randperm(len(pairs), generator=order)[: len(pairs) // batch_size * batch_size].split(batch_size))
-            index = next(batches)
+    for step, index in zip(range(cfg.steps), batches):
         mask = tokens["attention_mask"][index]
         width = int(mask.sum(1).max())
         out = model(input_ids=tokens["input_ids"][index, :width], attention_mask=mask[:, :width],
@@ -167,13 +180,7 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
         loss = out.loss
         if cfg.text_attribute_weight:
             loss = loss + cfg.text_attribute_weight * heads(out.text_embeds, {k: v[index] for k, v in labels.items()})
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the inverse temperature
+        contrastive_step(loss, trained.parameters(), optimizer, schedule, model.logit_scale)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"toy clip step {step + 1}/{cfg.steps} loss {np.mean(losses[-log_every:]):.3f} "
