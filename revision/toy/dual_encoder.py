@@ -5,8 +5,9 @@ tower with a small trainable head, and a vision tower trained contrastively agai
   frozen, as LLM2CLIP freezes its LLM2Vec text model. Its trainable head is the text projection (384 ->
   projection_dim), LLM2CLIP's adapter in miniature.
 - Vision tower: a small HF CLIP vision transformer from random initialisation, plus its projection.
-- Loss: CLIP's symmetric InfoNCE at temperature 0.01: where real CLIPs' learnt temperature ends (capped at 1/100),
-  which a few hundred CPU steps from CLIP's initial 0.07 never reach (docs/real_parts.md, the gap study).
+- Loss: CLIP's symmetric InfoNCE with a learnt temperature started at 0.02, near where real CLIPs' learnt
+  temperature ends (0.01, CLIP's cap), which a few hundred CPU steps from CLIP's initial 0.07 never approach
+  (docs/real_parts.md, the gap study: from 0.07 the modalities mix, kNN mixing 0.11).
 
 Saved as a standard Hugging Face `VisionTextDualEncoderModel` with a `VisionTextDualEncoderProcessor` (CLIP image
 processor, MiniLM tokenizer); its config records `text_pooling: "mean"`, which `revision.encoders.HFEncoder` reads,
@@ -53,8 +54,8 @@ class DualEncoderConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 30
-    temperature: float = 0.01    # CLIP's floor, where real CLIPs' learnt temperature ends (docs/real_parts.md)
-    learn_temperature: bool = False
+    temperature: float = 0.02    # initial, learnt: near where real CLIPs' learnt temperature ends (docs/real_parts.md)
+    learn_temperature: bool = True
     text_batch: int = 128        # captions per frozen-tower forward
     seed: int = 0
     gap_rows: int = 2000
