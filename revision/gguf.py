@@ -83,10 +83,14 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike | None = N
                          f"({type(e).__name__}: {e}); it needs the `gguf` package and an architecture transformers "
                          "reads from GGUF (llama, mistral, qwen2, phi3, gemma, ...)") from e
     # save_pretrained refuses a model that came from a GGUF file: rebuild it from its config, then save that.
+    # The config must lose its gguf quantization_config, else every model loaded from the folder refuses too.
     import torch
 
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     with torch.device("meta"):  # no random init of weights about to be replaced (10 s for 135M on a busy CPU)
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=loaded.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     model.generation_config = loaded.generation_config

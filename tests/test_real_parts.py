@@ -70,6 +70,7 @@ def test_gguf_converts_to_a_plain_hf_folder_once(smollm2, gguf_cache):
 
     config = json.loads((smollm2 / "config.json").read_text())
     assert config["model_type"] == "llama" and config["hidden_size"] == 576 and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config  # else a model loaded from here refuses save_pretrained (stage 2)
     assert (smollm2 / "model.safetensors").stat().st_size > 500e6  # fp32: dequantised, not the 98 MB Q4_1
     assert json.loads((smollm2 / SOURCE_FILE).read_text())["gguf_file"] == str(bundled_smollm2().resolve())
     assert smollm2.parent == gguf_cache  # inside an installed package: the cache, not next to the file
@@ -140,10 +141,10 @@ def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smo
     trainer = train(*parse_args([
         "--model_name_or_path", str(gguf), "--data_path", str(data), "--embed_folder", str(store),
         "--output_dir", str(tmp_path / "s1"), "--tune_mm_mlp_adapter", "--version", "plain", "--num_visual_tokens", "2",
-        "--model_max_length", "24", "--per_device_train_batch_size", "8", "--max_steps", "6", "--learning_rate", "3e-3",
+        "--model_max_length", "24", "--per_device_train_batch_size", "8", "--max_steps", "8", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
         "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--save_strategy", "no", "--seed", "0"]))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    assert len(losses) == 8 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     saved = json.loads((tmp_path / "s1" / "revision_config.json").read_text())
     assert saved["base_model"] == str(smollm2.resolve()) and saved["llm_weights"] == "base"
 

@@ -82,7 +82,7 @@ class Budget:
 
 BUDGETS = {
     # the real parts on CPU: SmolLM2 steps cost ~2.4 s (stage 1, 16 x 32 tokens) to ~10 s (stage 2) on an idle machine
-    "default": Budget(clip_steps=300, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=0.75, stage2_lr=1e-4, batch=16,
+    "default": Budget(clip_steps=300, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=0.5, stage2_lr=1e-4, batch=16,
                       max_length=112, answer_tokens=8, captions=False),
     "toy": Budget(world="default", encoder="toy", llm="toy"),
     "mini": Budget(world="mini", encoder="toy", llm="toy", clip_steps=10, llm_steps=10, batch=8, max_length=96,
