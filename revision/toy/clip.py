@@ -239,6 +239,19 @@ def measure(model_dir: str | Path, world_dir: str | Path, gap_rows: int = 2000, 
             "retrieval_eval": retrieval(eval_image, eval_text, [_scene_key(p["attributes"]) for p in pairs])}
 
 
+def write_report(out: str | Path, world: str | Path, log: dict, gap_rows: int, seed: int, skip_measure: bool) -> dict | None:
+    """OUT/toy_clip_report.json: the training log, plus (unless skip_measure) the gap and retrieval measured on the
+    saved checkpoint; returns that report, or None when only the log was written (and a line printed)."""
+    if skip_measure:
+        Path(out, REPORT).write_text(json.dumps(log, indent=1) + "\n")
+        print(f"{len(log['losses'])} steps in {log['train_seconds']:.0f} s, loss {np.mean(log['losses'][:10]):.3f} -> "
+              f"{np.mean(log['losses'][-10:]):.3f}; saved in {out}")
+        return None
+    report = {**measure(out, world, gap_rows, seed), **log}
+    Path(out, REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
@@ -253,13 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cfg = config_from_arguments(args, ToyClipConfig())
     log = train_toy_clip(args.world, args.out, cfg)
-    if args.skip_measure:
-        Path(args.out, REPORT).write_text(json.dumps(log, indent=1) + "\n")
-        print(f"{cfg.steps} steps in {log['train_seconds']:.0f} s, loss {np.mean(log['losses'][:10]):.3f} -> "
-              f"{np.mean(log['losses'][-10:]):.3f}; saved in {args.out}")
+    report = write_report(args.out, args.world, log, cfg.gap_rows, cfg.seed, args.skip_measure)
+    if report is None:
         return
-    report = {**measure(args.out, args.world, cfg.gap_rows, cfg.seed), **log}
-    Path(args.out, REPORT).write_text(json.dumps(report, indent=1) + "\n")
     gap, ret = report["gap_unpaired"], report["retrieval_eval"]
     first, last = np.mean(log["losses"][:10]), np.mean(log["losses"][-10:])
     print(f"toy clip: {cfg.steps} steps in {log['train_seconds']:.0f} s, loss {first:.3f} -> {last:.3f}; gap: centroid distance "

@@ -22,7 +22,6 @@ After training, the folder is loaded back through load_encoder and measured as r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,8 +36,8 @@ from transformers import (AutoModel, AutoTokenizer, CLIPVisionConfig, VisionText
 
 from revision.encoders import mean_pool
 from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.clip import (REPORT, _param_groups, contrastive_step, image_processor, measure, open_images, read_jsonl,
-                               shuffled_batches)
+from revision.toy.clip import (REPORT, _param_groups, contrastive_step, image_processor, open_images, read_jsonl,
+                               shuffled_batches, write_report)
 from revision.toy.world import IMAGE_SIZE
 
 
@@ -157,13 +156,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_from_arguments(args, DualEncoderConfig())
     log = train_dual_encoder(args.world, args.out, cfg, args.text_model)
-    if args.skip_measure:
-        Path(args.out, REPORT).write_text(json.dumps(log, indent=1) + "\n")
-        print(f"{cfg.steps} steps in {log['train_seconds']:.0f} s, loss {np.mean(log['losses'][:10]):.3f} -> "
-              f"{np.mean(log['losses'][-10:]):.3f}; saved in {args.out}")
+    report = write_report(args.out, args.world, log, cfg.gap_rows, cfg.seed, args.skip_measure)
+    if report is None:
         return
-    report = {**measure(args.out, args.world, cfg.gap_rows, cfg.seed), **log}
-    Path(args.out, REPORT).write_text(json.dumps(report, indent=1) + "\n")
     gap, ret = report["gap_unpaired"], report["retrieval_eval"]
     print(f"dual encoder: {cfg.steps} steps in {log['train_seconds']:.0f} s (+{log['prep_seconds']:.0f} s preparing), loss "
           f"{np.mean(log['losses'][:10]):.3f} -> {np.mean(log['losses'][-10:]):.3f}, temperature {log['final_temperature']:.4f}; "

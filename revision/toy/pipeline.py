@@ -331,9 +331,10 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
     lines = ["| row | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(_cell(numbers[row][key], d) for key, _, d in COLUMNS) + " |")
-    lines += ["", "Caption accuracy per attribute (strict):", "",
-              *_breakdown(summaries, rows, "caption_per_attribute"), "", "QA accuracy per question category:", "",
-              *_breakdown(summaries, rows, "qa_per_category")]
+    for key, title in (("caption_per_attribute", "Caption accuracy per attribute (strict)"),
+                       ("qa_per_category", "QA accuracy per question category")):
+        if any(key in r for s in summaries for r in s["rows"].values()):  # no captions asked (--captions false): none
+            lines += ["", f"{title}:", "", *_breakdown(summaries, rows, key)]
     return "\n".join(lines), {"rows": {r: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                                                  "values": v} for k, v in numbers[r].items() if v} for r in rows}}
 
