@@ -178,8 +178,26 @@ class RGBTransform:
         return self.transform(to_rgb(image))
 
 
+TEXT_POOLING = ("model", "mean")  # the config's `text_pooling`: the model's own pooling, or a masked mean
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T, H] token states -> [N, H]: the mean over each row's real (mask 1) tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def mean_pooled_text_features(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """text_projection of the mean-pooled last hidden states of the text tower: how sentence encoders
+    (sentence-transformers' MiniLM, LLM2Vec) pool, where BERT's own pooler reads the [CLS] token only."""
+    hidden = model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.text_projection(mean_pool(hidden, attention_mask))
+
+
 class HFEncoder(Encoder):
-    """Any Hugging Face dual encoder with get_image_features/get_text_features (CLIPModel, SiglipModel, ...)."""
+    """Any Hugging Face dual encoder with get_image_features/get_text_features (CLIPModel, SiglipModel,
+    VisionTextDualEncoderModel, ...). A config with `text_pooling: "mean"` pools the text tower's tokens by a
+    masked mean before the text projection (sentence-encoder text towers such as MiniLM)."""
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64,
                  trust_remote_code: bool = False):
@@ -201,6 +219,9 @@ class HFEncoder(Encoder):
         self.max_text_len = int(text_config.max_position_embeddings)
         # SigLIP was trained on texts padded to a fixed length without a mask; CLIP pools at EOS and takes a mask.
         self.pad_to_max = self.model.config.model_type.startswith("siglip")
+        self.text_pooling = getattr(self.model.config, "text_pooling", None) or "model"
+        if self.text_pooling not in TEXT_POOLING:
+            raise ValueError(f"{path}: config.json's text_pooling is {self.text_pooling!r}; use one of {TEXT_POOLING}")
         self._finish_init()
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -213,6 +234,9 @@ class HFEncoder(Encoder):
         )
         if self.pad_to_max:
             tokens = {"input_ids": tokens["input_ids"]}
+        if self.text_pooling == "mean":
+            return mean_pooled_text_features(self.model, tokens["input_ids"].to(self.device),
+                                             tokens["attention_mask"].to(self.device))
         return _pooled(self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()}))
 
 

@@ -166,7 +166,10 @@ class RevisionModel(nn.Module):
     def from_llm(cls, llm_path: str, embed_dim: int, projector_type: str = "mlp2x_gelu", num_visual_tokens: int = 576,
                  template: str = "plain", encoder: str | None = None, dtype: torch.dtype | None = None,
                  attn_implementation: str | None = None) -> "RevisionModel":
-        """A fresh projector on a pretrained LLM."""
+        """A fresh projector on a pretrained LLM (a folder, hub id, or .gguf file: revision.gguf converts it once)."""
+        from revision.gguf import resolve_llm
+
+        llm_path = resolve_llm(llm_path)
         llm = AutoModelForCausalLM.from_pretrained(
             llm_path, dtype=dtype or torch.float32, attn_implementation=attn_implementation or default_attn_implementation())
         config = RevisionConfig(embed_dim=embed_dim, hidden_size=llm.config.hidden_size, projector_type=projector_type,

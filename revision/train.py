@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from revision import checkpoint
 from revision.data import (EmbeddingTable, InputError, SupervisedDataset, check_lengths, embed_noise, exit_with,
                            image_map_from)
+from revision.gguf import resolve_llm
 from revision.model import (CONFIG_FILE, RevisionConfig, RevisionModel, checkpoint_config, inherit_settings,
                             load_projector_weights)
 from revision.packing import EpochLengthGroupedSampler, make_collator
@@ -317,6 +318,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     with training_args.main_process_first(desc="embedding table cache"):
         table = EmbeddingTable(data_args.embed_folder, data_args.embed_cache_dir, verify=not data_args.no_verify)
     data_args.align_stats = data_args.align_stats or store_alignment(table)
+    with training_args.main_process_first(desc="gguf conversion"):  # a .gguf file becomes its converted folder
+        model_args.model_name_or_path = resolve_llm(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
     if Path(model_args.model_name_or_path).is_dir():  # a ReVision output folder whose save was interrupted: refused

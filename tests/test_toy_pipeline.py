@@ -28,6 +28,14 @@ def test_table_and_artifacts(demo):
     assert "caption_acc" not in results["rows"]["no_stage1"]  # no stage-1 checkpoint to caption with
     table = (demo / "results.md").read_text()
     assert "| realign |" in table and "| no_stage1 |" in table and "Regenerate:" in table
+    # the CLIP's gap before alignment beside the paper's LLM2CLIP, from the method's gap report
+    before = json.loads((run / "align" / "realign" / "gap_report.json").read_text())["before"]
+    assert f"| this world | {before['centroid_distance']:.4f} | {before['linear_probe_acc']:.4f} |" in table
+    assert "| LLM2CLIP (paper) | 0.39 | — | 0.0032 |" in table
+    # it ends with held-out questions, the model's answers and the truth
+    questions = [json.loads(line) for line in (run / "world" / "eval_questions.jsonl").read_text().splitlines()]
+    shown = table.split("Held-out questions about unseen images (realign, seed-0):\n")[1].splitlines()
+    assert len(shown) == 6 and f"truth: {questions[0]['answer']!r}" in shown[0] and questions[0]["text"] in shown[0]
     assert (run / "align" / "realign" / "gap_report.png").stat().st_size > 0
     assert EmbeddingStore(run / "align" / "realign").kind == "text"
     assert len(EmbeddingTable(run / "embeds" / "eval" / "image")) == 12  # the mini world's eval images

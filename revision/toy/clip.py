@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
 
 from revision.encoders import load_encoder
-from revision.gap import centroid_and_traces, knn_mixing, linear_probe_accuracy
+from revision.gap import centroid_and_traces, modality_gap
 from revision.records import read_records
 from revision.tiny.clip import word_bpe_clip_tokenizer
 from revision.toy import add_config_arguments, config_from_arguments
@@ -62,11 +62,13 @@ class ToyClipConfig:
     text_attribute_weight: float = 1.0  # attribute heads on single-object caption embeddings (module docstring)
 
 
+def image_processor() -> CLIPImageProcessorPil:
+    """CLIP's image processor at the world's image size."""
+    return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
 def build_processor(max_text_len: int) -> CLIPProcessor:
-    tokenizer = word_bpe_clip_tokenizer(vocabulary(), max_text_len)
-    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    return CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop),
-                         tokenizer=tokenizer)
+    return CLIPProcessor(image_processor=image_processor(), tokenizer=word_bpe_clip_tokenizer(vocabulary(), max_text_len))
 
 
 def build_model(cfg: ToyClipConfig, tokenizer) -> CLIPModel:
@@ -120,6 +122,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Index batches without end: each epoch reshuffled, its ragged tail dropped (a tiny last batch is a too-easy task)."""
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=order)[: n // batch_size * batch_size].split(batch_size)
+
+
+def contrastive_step(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                     schedule: Any, logit_scale: torch.nn.Parameter) -> None:
+    """Backward, clip gradients at 1, step, and keep the inverse temperature within CLIP's cap of 100."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logit_scale.clamp_(0, math.log(100))
+
+
 def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfig | None = None, log_every: int = 50) -> dict:
     """Train on WORLD/paired.jsonl with CLIP's symmetric InfoNCE (learnable temperature), save to out_dir.
     Returns the training log: per-step losses, seconds, config."""
@@ -145,16 +166,10 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
     trained = torch.nn.ModuleList([model, heads]) if cfg.text_attribute_weight else model
     optimizer = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, cfg.steps // 10), cfg.steps)
-    batch_size = min(cfg.batch_size, len(pairs))
-    order = torch.Generator().manual_seed(cfg.seed)
-    batches = iter(())
+    batches = shuffled_batches(len(pairs), min(cfg.batch_size, len(pairs)), cfg.seed)
     losses = []
     start = time.perf_counter()
-    for step in range(cfg.steps):
-        index = next(batches, None)
-        if index is None:  # a new epoch: reshuffle, drop the ragged tail (a tiny last batch is a too-easy task)
-            batches = iter(torch.randperm(len(pairs), generator=order)[: len(pairs) // batch_size * batch_size].split(batch_size))
-            index = next(batches)
+    for step, index in zip(range(cfg.steps), batches):
         mask = tokens["attention_mask"][index]
         width = int(mask.sum(1).max())
         out = model(input_ids=tokens["input_ids"][index, :width], attention_mask=mask[:, :width],
@@ -162,13 +177,7 @@ def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfi
         loss = out.loss
         if cfg.text_attribute_weight:
             loss = loss + cfg.text_attribute_weight * heads(out.text_embeds, {k: v[index] for k, v in labels.items()})
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the inverse temperature
+        contrastive_step(loss, trained.parameters(), optimizer, schedule, model.logit_scale)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"toy clip step {step + 1}/{cfg.steps} loss {np.mean(losses[-log_every:]):.3f} "
@@ -217,14 +226,27 @@ def measure(model_dir: str | Path, world_dir: str | Path, gap_rows: int = 2000, 
     text = encoder.encode_texts([c["text"] for c in captions]).numpy()
     image = encoder.encode_images(open_images(world_dir, images)).numpy()
     n = min(len(text), len(image))
-    gap = {**centroid_and_traces(text, image), "linear_probe_acc": linear_probe_accuracy(text, image, rng),
-           "knn_mixing": knn_mixing(text[:n], image[:n]), "rows": {"text": len(text), "image": len(image)}}
+    gap = {**centroid_and_traces(text, image), **modality_gap(text[:n], image[:n], rng)[0],  # revision.gap's set
+           "rows": {"text": len(text), "image": len(image)}}
 
     pairs = read_records(world_dir / "eval_captions.jsonl")
     eval_text = encoder.encode_texts([p["caption"] for p in pairs]).numpy()
     eval_image = encoder.encode_images(open_images(world_dir, pairs)).numpy()
     return {"encoder": encoder.name, "dim": encoder.dim, "gap_unpaired": gap,
             "retrieval_eval": retrieval(eval_image, eval_text, [_scene_key(p["attributes"]) for p in pairs])}
+
+
+def write_report(out: str | Path, world: str | Path, log: dict, gap_rows: int, seed: int, skip_measure: bool) -> dict | None:
+    """OUT/toy_clip_report.json: the training log, plus (unless skip_measure) the gap and retrieval measured on the
+    saved checkpoint; returns that report, or None when only the log was written (and a line printed)."""
+    if skip_measure:
+        Path(out, REPORT).write_text(json.dumps(log, indent=1) + "\n")
+        print(f"{len(log['losses'])} steps in {log['train_seconds']:.0f} s, loss {np.mean(log['losses'][:10]):.3f} -> "
+              f"{np.mean(log['losses'][-10:]):.3f}; saved in {out}")
+        return None
+    report = {**measure(out, world, gap_rows, seed), **log}
+    Path(out, REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -234,13 +256,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_config_arguments(parser, ToyClipConfig())
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
+    parser.add_argument("--skip_measure", action="store_true",
+                        help="no gap/retrieval report (the pipeline measures the gap on its stores with embed_mean.py)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_arguments(args, ToyClipConfig())
     log = train_toy_clip(args.world, args.out, cfg)
-    report = {**measure(args.out, args.world, cfg.gap_rows, cfg.seed), **log}
-    Path(args.out, REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    report = write_report(args.out, args.world, log, cfg.gap_rows, cfg.seed, args.skip_measure)
+    if report is None:
+        return
     gap, ret = report["gap_unpaired"], report["retrieval_eval"]
     first, last = np.mean(log["losses"][:10]), np.mean(log["losses"][-10:])
     print(f"toy clip: {cfg.steps} steps in {log['train_seconds']:.0f} s, loss {first:.3f} -> {last:.3f}; gap: centroid distance "

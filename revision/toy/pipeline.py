@@ -37,9 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from revision import predict
+from revision import gguf, predict
 from revision.records import read_records
-from revision.toy import add_config_arguments, clip, config_from_arguments, llm, world as toy_world
+from revision.toy import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
 from revision.toy.world import parse_caption
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,8 +57,11 @@ ROWS = {
 
 @dataclass(frozen=True)
 class Budget:
-    """How big every stage is. `default` fits the 10-minute demo on 2 CPU cores; `mini` runs in a test."""
-    world: str = "default"
+    """How big every stage is, and which parts run. `default` (real parts) fits the 10-minute demo on 2 CPU cores;
+    `toy` is the all-toy run of docs/results.md's history table; `mini` runs in a test."""
+    world: str = "real"
+    encoder: str = "minilm"     # minilm: the dual encoder on the real MiniLM (toy/dual_encoder.py); toy: toy/clip.py
+    llm: str = "smollm2"        # smollm2: the real SmolLM2-135M-Instruct (revision/gguf.py); toy: toy/llm.py
     clip_steps: int = 600
     llm_steps: int = 300
     stage1_epochs: float = 3.0
@@ -72,12 +75,17 @@ class Budget:
     caption_tokens: int = 40
     answer_tokens: int = 8
     threads: int = 1            # torch threads per process: 1 is fastest on a shared 2-core machine
+    captions: bool = True       # caption the eval images with each stage-1 checkpoint (the table's caption columns)
+    show: int = 6               # held-out questions printed at the end with the model's answers and the truth
 
 
 BUDGETS = {
-    "default": Budget(),
-    "mini": Budget(world="mini", clip_steps=10, llm_steps=10, batch=8, max_length=96, max_steps=2, caption_tokens=12,
-                   answer_tokens=4),
+    # the real parts on CPU: SmolLM2 steps cost ~2.4 s (stage 1, 16 x 32 tokens) to ~10 s (stage 2) on an idle machine
+    "default": Budget(clip_steps=300, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=0.5, stage2_lr=1e-4, batch=16,
+                      max_length=112, answer_tokens=8, captions=False),
+    "toy": Budget(world="default", encoder="toy", llm="toy"),
+    "mini": Budget(world="mini", encoder="toy", llm="toy", clip_steps=10, llm_steps=10, batch=8, max_length=96,
+                   max_steps=2, caption_tokens=12, answer_tokens=4),
 }
 
 
@@ -111,7 +119,7 @@ class Runner:
                 code = cmd() or 0
         else:
             threads = str(self.threads)
-            full_env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "GPUS": "0",
+            full_env = {"PY": sys.executable, **os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "GPUS": "0",
                         "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
             with open(log, "w") as out:
                 out.write("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()) + " "
@@ -130,15 +138,19 @@ class Runner:
 
 def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALIGN_METHODS,
             paired_store: bool = True, eval_store: bool = True) -> dict[str, Path]:
-    """World, toy CLIP, toy LLM, embedding stores and one aligned text store per method; returns the paths."""
+    """World, CLIP, LLM, embedding stores and one aligned text store per method; returns the paths."""
     py, d = sys.executable, run.run_dir
     paths = {"world": d / "world", "clip": d / "clip", "llm": d / "llm", "embeds": d / "embeds", "align": d / "align"}
     world, emb = str(paths["world"]), paths["embeds"]
     run("world", partial(toy_world.main, [world, "--seed", str(seed), "--preset", budget.world]))
-    run("toy_clip", partial(clip.main, ["--world", world, "--out", str(paths["clip"]), "--seed", str(seed),
-                                        "--steps", str(budget.clip_steps)]))
-    run("toy_llm", partial(llm.main, ["--world", world, "--out", str(paths["llm"]), "--seed", str(seed),
-                                      "--steps", str(budget.llm_steps)]))
+    clip_main = {"toy": clip.main, "minilm": dual_encoder.main}[budget.encoder]
+    run(f"{budget.encoder}_clip", partial(clip_main, ["--world", world, "--out", str(paths["clip"]), "--seed", str(seed),
+                                                      "--steps", str(budget.clip_steps), "--skip_measure"]))
+    if budget.llm == "smollm2":  # converted once per machine into the GGUF cache, shared by every run and seed
+        run("smollm2_llm", partial(link_smollm2, paths["llm"]))
+    else:
+        run("toy_llm", partial(llm.main, ["--world", world, "--out", str(paths["llm"]), "--seed", str(seed),
+                                          "--steps", str(budget.llm_steps)]))
     embed = [py, "image_embed.py", "--encoder", str(paths["clip"]), "--store_dtype", "float32", "--num_workers", "0"]
     run("embed_unpaired", [*embed, "--images", f"{world}/unpaired_images.jsonl", "--texts", f"{world}/unpaired_texts.jsonl",
                            "--out", str(emb / "unpaired")])
@@ -151,6 +163,14 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
                                 str(emb / "unpaired" / "image"), "--out", str(paths["align"] / method), "--method", method,
                                 "--overwrite", "--quiet", "--seed", str(seed)])
     return paths
+
+
+def link_smollm2(link: Path) -> None:
+    """RUN/llm -> SmolLM2's converted folder (converting it first if this machine never did)."""
+    folder = gguf.convert_gguf(gguf.SMOLLM2)
+    if not link.is_symlink():
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+    print(f"{link} -> {folder}")
 
 
 def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float) -> dict[str, str]:
@@ -248,7 +268,7 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
     qa = json.loads((out / "qa_answers.metrics.json").read_text())
     result: dict[str, Any] = {"qa_acc": qa["accuracy"],
                               "qa_per_category": {c: v["accuracy"] for c, v in qa["per_category"].items()}}
-    if stage1_data:
+    if stage1_data and budget.captions:
         questions = run.run_dir / "eval_caption_questions.jsonl"
         write_caption_questions(world, questions)
         run(f"{name}.predict_captions", partial(predict.main, [
@@ -278,12 +298,11 @@ def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation
     if ablation_visual_tokens:
         name = f"realign@vt{ablation_visual_tokens}"
         results[name] = run_row(run, name, paths, budget, seed, ablation_visual_tokens)
-    clip = json.loads((paths["clip"] / "toy_clip_report.json").read_text())
+    # the CLIP's gap before alignment, as embed_mean.py measured it on the unpaired stores (revision.gap)
+    before = json.loads((paths["align"] / methods[0] / "gap_report.json").read_text())["before"]
     summary = {"seed": seed, "budget": asdict(budget), "rows": results, "stage_seconds": run.times,
                "wall_seconds": sum(run.times.values()),  # cached stages count with their recorded time
-               "toy_clip": {"centroid_distance": clip["gap_unpaired"]["centroid_distance"],
-                            "linear_probe_acc": clip["gap_unpaired"]["linear_probe_acc"],
-                            "paired_cosine": clip["retrieval_eval"]["paired_cosine"]}}
+               "clip": {k: before[k] for k in GAP_KEYS}}
     (run.run_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -311,9 +330,10 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
     lines = ["| row | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(_cell(numbers[row][key], d) for key, _, d in COLUMNS) + " |")
-    lines += ["", "Caption accuracy per attribute (strict):", "",
-              *_breakdown(summaries, rows, "caption_per_attribute"), "", "QA accuracy per question category:", "",
-              *_breakdown(summaries, rows, "qa_per_category")]
+    for key, title in (("caption_per_attribute", "Caption accuracy per attribute (strict)"),
+                       ("qa_per_category", "QA accuracy per question category")):
+        if any(key in r for s in summaries for r in s["rows"].values()):  # no captions asked (--captions false): none
+            lines += ["", f"{title}:", "", *_breakdown(summaries, rows, key)]
     return "\n".join(lines), {"rows": {r: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                                                  "values": v} for k, v in numbers[r].items() if v} for r in rows}}
 
@@ -326,6 +346,32 @@ def _breakdown(summaries: list[dict], rows: list[str], key: str) -> list[str]:
         lines.append(f"| {row} | " + " | ".join(
             _cell([s["rows"][row][key][c] for s in summaries if c in s["rows"][row].get(key, {})], 3) for c in columns) + " |")
     return lines
+
+
+GAP_KEYS = ("centroid_distance", "linear_probe_acc", "knn_mixing", "trace_ratio", "alpha_text", "alpha_image", "cosine_js")
+# The paper's LLM2CLIP figures (100k samples, before alignment); None: not given there
+PAPER_LLM2CLIP_GAP = {"centroid_distance": 0.39, "knn_mixing": 0.0032, "alpha_text": 1.33, "alpha_image": 1.83}
+
+
+def gap_table(gaps: list[dict]) -> str:
+    """The world CLIP's gap before alignment (unpaired captions vs images, revision.gap) beside the paper's LLM2CLIP."""
+    lines = ["CLIP gap before alignment (unpaired captions vs unpaired images), beside the paper's LLM2CLIP:", "",
+             "| | " + " | ".join(GAP_KEYS) + " |", "|---" * (len(GAP_KEYS) + 1) + "|",
+             "| this world | " + " | ".join(_cell([g[k] for g in gaps], 4) for k in GAP_KEYS) + " |",
+             "| LLM2CLIP (paper) | " + " | ".join(f"{PAPER_LLM2CLIP_GAP[k]:g}" if k in PAPER_LLM2CLIP_GAP else "—"
+                                                  for k in GAP_KEYS) + " |"]
+    return "\n".join(lines)
+
+
+def held_out_examples(run_dir: Path, row: str, count: int) -> str:
+    """The first `count` held-out questions with the row's answers and the truth, as printed lines."""
+    answers = {a["question_id"]: a.get("text") or a.get("error", "") for a in
+               read_records(run_dir / "runs" / row / "qa_answers.jsonl")}
+    questions = read_records(run_dir / "world" / "eval_questions.jsonl")[:count]
+    lines = [f"Held-out questions about unseen images ({row}, {run_dir.name}):"]
+    lines += [f"  {q['image']}  Q: {q['text']!r}  model: {answers.get(q['question_id'])!r}  truth: {q['answer']!r}"
+              for q in questions]
+    return "\n".join(lines)
 
 
 def stage_table(summaries: list[dict]) -> str:
@@ -357,13 +403,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     summaries = [run_seed(out, seed, budget, rows, args.ablation_visual_tokens) for seed in seeds]
     markdown, numbers = table(summaries)
-    clip = [s["toy_clip"] for s in summaries]
     command = "python -m revision.toy.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = (f"# Toy-world results ({args.preset} preset, seeds {args.seeds})\n\nRegenerate: `{command}`\n\n{markdown}\n\n"
-            f"Toy CLIP gap before alignment (unpaired captions vs images): centroid distance "
-            f"{_cell([c['centroid_distance'] for c in clip], 3)}, linear probe {_cell([c['linear_probe_acc'] for c in clip], 3)}; "
-            f"paired cosine on eval pairs {_cell([c['paired_cosine'] for c in clip], 3)}.\n\nStage times (s):\n\n"
+    text = (f"# Toy-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
+            f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
             f"{stage_table(summaries)}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
+    if budget.show:
+        row = "realign" if "realign" in rows else rows[0]
+        text += "\n" + held_out_examples(out / f"seed-{seeds[0]}", row, budget.show) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({**numbers, "seeds": seeds, "budget": asdict(budget), "command": command,
                                                   "per_seed": summaries}, indent=1) + "\n")

@@ -370,7 +370,9 @@ class WorldSizes:
     max_turns: int = 3           # QA turns per instruction conversation (1..max_turns)
 
 
-PRESETS = {"default": WorldSizes(), "mini": WorldSizes(32, 24, 32, 16, 4, 12, 2, 3)}
+PRESETS = {"default": WorldSizes(), "mini": WorldSizes(32, 24, 32, 16, 4, 12, 2, 3),
+           # the demo on real parts: a 135M LLM and a 6-layer text tower cost far more CPU per sample than the toys
+           "real": WorldSizes(2000, 1000, 1000, 300, 20, 60, 2, 3)}
 SPLITS = ("paired", "unpaired_images", "unpaired_texts", "instruct", "eval")
 ID_PREFIX = {"paired": "paired", "unpaired_images": "image", "unpaired_texts": "caption", "eval": "eval"}
 IMAGE_DIR = {"paired": "paired", "unpaired_images": "unpaired", "eval": "eval"}
