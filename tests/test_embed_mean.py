@@ -183,9 +183,7 @@ def test_a_method_defined_here_runs_through_embed_mean(inputs, monkeypatch, caps
     """A new method is one registered class: its statistics, its passes, its map; nothing else to edit."""
     from revision.align import REGISTRY, Alignment, unit_mean, vector
 
-    spec = importlib.util.spec_from_file_location("embed_mean", ROOT / "embed_mean.py")
-    embed_mean = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(embed_mean)
+    embed_mean = embed_mean_cli()
 
     class HalfwayToImages(Alignment):
         method = "halfway"
@@ -251,3 +249,100 @@ def test_write_pass_never_writes_non_finite_rows(inputs, monkeypatch):
     with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: row 3 \(id 't3'\) maps to a non-finite embedding"):
         align_stores(inputs / "text", inputs / "image", inputs / "out", report=False, progress=False)
     assert not list((inputs / "out").glob("*.pkl"))
+
+
+def embed_mean_cli():
+    spec = importlib.util.spec_from_file_location("embed_mean", ROOT / "embed_mean.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_part(cli, capsys, *args):
+    """embed_mean.main in this process: (exit code, JSON summary or the error line)."""
+    try:
+        cli.main(["--quiet", *map(str, args)])
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+    return 0, json.loads(capsys.readouterr().out)
+
+
+def test_apply_stats_over_two_parts_gives_the_one_process_store(inputs, capsys):
+    """Text store: 600 rows in shards of 250, 250, 100; part 0 maps shard 0, part 1 shards 1-2 (contiguous)."""
+    align_stores(inputs / "text", inputs / "image", inputs / "fit", stats_sample=300, report=False, progress=False)
+    stats = inputs / "fit" / STATS_FILE
+    one = align_stores(inputs / "text", None, inputs / "one", apply_stats=stats, shard_size=100, progress=False)
+    cli = embed_mean_cli()
+    apply = ("--text", inputs / "text", "--out", inputs / "two", "--apply_stats", stats, "--shard_size", 100)
+    code, part0 = run_part(cli, capsys, *apply, "--num_shards", 2, "--shard_index", 0)
+    assert code == 0 and part0["part"] == [0, 2] and part0["rows_written"] == 250 and part0["merged_rows"] is None
+    with pytest.raises(StoreError, match="never merged"):
+        EmbeddingStore(inputs / "two")
+    code, err = run_part(cli, capsys, "--out", inputs / "two", "--merge")
+    assert code == 2 and "cannot merge: 1 of 2 parts never started (part-00001-of-00002.json)" in err
+    code, part1 = run_part(cli, capsys, *apply, "--num_shards", 2, "--shard_index", 1)
+    assert code == 0 and part1["rows_written"] == 350 and part1["merged_rows"] == 600  # the last part merged
+
+    a, b = (EmbeddingStore(inputs / name) for name in ("one", "two"))
+    assert b.manifest["parts"] == 2 and b.manifest["count"] == one["rows_written"] == 600
+    assert b.manifest["method"] == "realign" and b.manifest["alignment"] == STATS_FILE and b.manifest["rows_written"] == 600
+    got, want = b.load_all(), a.load_all()
+    assert got.ids == want.ids and got.captions == want.captions  # contiguous ranges: the rows in store order too
+    np.testing.assert_allclose(got.embeds, want.embeds, atol=1e-6)
+    for name in ("one", "two"):  # the folder carries the statistics it was mapped with (training records them)
+        assert load_alignment(inputs / name).to_dict() == load_alignment(stats).to_dict()
+    assert not (inputs / "two" / "gap_report.json").exists()
+
+    shards = {p.name: p.stat().st_mtime_ns for p in (inputs / "two").glob("*.pkl")}
+    code, again = run_part(cli, capsys, *apply, "--num_shards", 2, "--shard_index", 0)  # a finished part: a no-op
+    assert code == 0 and again["rows_written"] == 250 and again["merged_rows"] == 600
+    assert {p.name: p.stat().st_mtime_ns for p in (inputs / "two").glob("*.pkl")} == shards
+    assert EmbeddingStore(inputs / "two").load_all().ids == want.ids
+
+    refit = inputs / "refit.json"
+    align_stores(inputs / "text", inputs / "image", inputs / "fit2", method="realign", report=False, progress=False)
+    refit.write_text((inputs / "fit2" / STATS_FILE).read_text())
+    code, err = run_part(cli, capsys, "--text", inputs / "text", "--out", inputs / "two", "--apply_stats", refit,
+                         "--num_shards", 2, "--shard_index", 1)
+    assert code == 2 and "holds other statistics than --apply_stats" in err
+
+
+def test_killed_part_resumes_and_every_id_is_stored_once(inputs, monkeypatch):
+    stats = align_stores(inputs / "text", inputs / "image", inputs / "fit", report=False, progress=False)["out"]
+    whole = align_stores(inputs / "text", None, inputs / "whole", apply_stats=stats, progress=False)
+    real_write = store_module.write_shard
+    calls = []
+
+    def crash_on_third_shard(path, shard, dtype="float16", *options):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(path, shard, dtype, *options)
+
+    run = {"apply_stats": stats, "shard_size": 100, "progress": False}
+    align_stores(inputs / "text", None, inputs / "parts", part=(0, 2), **run)
+    monkeypatch.setattr(store_module, "write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):  # part 1 (350 rows) dies writing its third shard
+        align_stores(inputs / "text", None, inputs / "parts", part=(1, 2), **run)
+    monkeypatch.setattr(store_module, "write_shard", real_write)
+    book = json.loads((inputs / "parts" / "part-00001-of-00002.json").read_text())
+    assert not book["complete"] and book["count"] == 200
+    with pytest.raises(StoreError, match="cannot merge: 0 of 2 parts never started .* 1 unfinished"):
+        __import__("revision.align.run", fromlist=["merge_aligned"]).merge_aligned(inputs / "parts")
+    resumed = align_stores(inputs / "text", None, inputs / "parts", part=(1, 2), **run)
+    assert resumed["rows_written"] == 350 and resumed["merged_rows"] == 600
+    got, want = EmbeddingStore(inputs / "parts").load_all(), EmbeddingStore(inputs / "whole").load_all()
+    assert got.ids == want.ids and len(set(got.ids)) == whole["rows_written"] == 600
+    np.testing.assert_allclose(got.embeds, want.embeds, atol=1e-6)
+
+
+def test_fitting_over_parts_is_refused(inputs):
+    done = run_cli("--text", inputs / "text", "--image", inputs / "image", "--out", inputs / "out",
+                   "--num_shards", 2, "--shard_index", 1)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "fitting runs in one process, not over 2 parts" in done.stderr and "--apply_stats" in done.stderr
+    env = {**__import__("os").environ, "WORLD_SIZE": "2", "RANK": "1"}  # torchrun's ranks are parts too
+    torchrun = subprocess.run([sys.executable, str(ROOT / "embed_mean.py"), "--quiet", "--text", str(inputs / "text"),
+                               "--image", str(inputs / "image"), "--out", str(inputs / "out")],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120, env=env, check=False)
+    assert torchrun.returncode == 2 and "not over 2 parts" in torchrun.stderr and not (inputs / "out").exists()

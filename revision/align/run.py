@@ -4,10 +4,17 @@ text store with its statistics file, and draw the gap report on the side.
 Passes over the text store: one per pass the method's fit makes over the whole set (`text_passes`; one, for
 the sample, with --stats_sample), then the write pass. Read more than once, the text store goes through a
 `PassCache` (decoded once; kept in RAM up to a budget, the rest in a temp cache in the output folder).
+
+Applying statistics scales out (docs/distributed.md "Applying an alignment over parts"): part i of n maps the
+i-th contiguous range of the text store's shards into its own part of the output store, and the last part to
+finish merges; fitting stays in one process.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -18,7 +25,9 @@ import numpy as np
 
 from revision.align.base import REGISTRY, STATS_FILE, Alignment, load_alignment, make_alignment, method_names
 from revision.align.streams import DEFAULT_MEMORY_BUDGET, BadRows, PassCache
-from revision.store import EmbeddingStore, StoreError, StoreWriter
+from revision.distributed import merge_if_last, merge_parts
+from revision.locks import StoreLock
+from revision.store import PART_GLOB, EmbeddingStore, StoreError, StoreWriter, _write_manifest, read_manifest
 
 
 def _check_inputs(texts: EmbeddingStore, images: EmbeddingStore | None, stats: Alignment | None, force: bool) -> None:
@@ -55,11 +64,13 @@ def align_stores(
     progress: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     verify: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> dict:
     """Fit `method` on the text and image stores (or load `apply_stats`), write the aligned text store to
     `out_dir` (same ids and captions) with its statistics file, and the gap report. Text shards read more than
     once stay in RAM up to `memory_budget` bytes of embeddings; beyond that they go to a temp cache in `out_dir`.
-    Returns a summary."""
+    `part=(index, count)` (with `apply_stats` only): map this part's range of text shards into its own part of
+    `out_dir`; the last part to finish merges (no gap report for parts). Returns a summary."""
     clock = time.perf_counter()
     out = Path(out_dir)
     for source in (text_dir, image_dir):
@@ -69,21 +80,34 @@ def align_stores(
         raise ValueError(f"unknown alignment method {method!r}; choose one of {method_names()}")
     if image_dir is None and apply_stats is None:
         raise ValueError("an image store is needed to fit statistics (or pass --apply_stats FILE)")
+    if part is not None and apply_stats is None:
+        raise ValueError(f"fitting runs in one process, not over {part[1]} parts: fit once (on a sample: --stats_sample "
+                         "N), then map the texts over the parts with --apply_stats OUT/align_stats.json")
     loaded = load_alignment(apply_stats) if apply_stats is not None else None
     if loaded is not None and loaded.method != method:
         raise StoreError(f"{apply_stats}: statistics are for {loaded.method!r}, not {method!r}")
     texts = EmbeddingStore(text_dir, "text", verify).require_complete()  # verify: each shard's sha256, as it is read
     images = EmbeddingStore(image_dir, "image", verify).require_complete() if image_dir is not None else None
     _check_inputs(texts, images, loaded, force)
+    if part is not None:
+        texts, report = _shard_range(texts, *part), False  # the report belongs to the fit, drawn once
+    stats_path = out / STATS_FILE
+    if loaded is not None and not overwrite:
+        _check_same_stats(loaded, stats_path, apply_stats)
 
     encoder = texts.encoder or (images.encoder if images is not None else None) or "unknown"
     writer = StoreWriter(out, "text", encoder, texts.dim, dtype, shard_size, overwrite,
                          extra={"method": method, "aligned_from": str(text_dir), "alignment": STATS_FILE},
-                         drop_page_cache=True)
-    stats_path = out / STATS_FILE
-    if overwrite:
+                         drop_page_cache=True, part=part, inputs=_part_inputs(texts, loaded) if part else None)
+    if overwrite and part is None:  # a part leaves what the other parts share
         for old in (stats_path, out / "gap_report.json", out / "gap_report.png"):
             old.unlink(missing_ok=True)
+    if part is not None and writer.was_complete:  # a finished part run again: nothing to read or write
+        summary = {k: writer.manifest.get(k) for k in ("method", "text_rows_dropped", "image_rows_dropped")}
+        summary["rows_written"] = writer.close()["count"]
+        return _part_summary(out, part, summary, {"total_s": time.perf_counter() - clock})
+    if loaded is not None and (overwrite or not stats_path.exists()):  # the folder carries the statistics it maps with
+        os.replace(loaded.save(stats_path.with_name(f"{STATS_FILE}.{os.getpid()}")), stats_path)  # own temp: parts start at once
     if writer.done_ids:  # a rerun after a crash: finish with the statistics the first run wrote
         if not stats_path.exists():
             raise StoreError(f"{out}: a partial aligned store without {STATS_FILE}; pass --overwrite to start again")
@@ -132,7 +156,60 @@ def align_stores(
             report_thread.shutdown(wait=True)  # a failed write pass still waits for the report thread
         shutil.rmtree(cache_dir, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - clock
+    if part is not None:
+        return _part_summary(out, part, summary, timings)
     return {**summary, "timings": timings, "out": str(out)}
+
+
+def _shard_range(store: EmbeddingStore, index: int, count: int) -> EmbeddingStore:
+    """Part `index` of `count`: a contiguous range of the store's shards (parts in order hold the rows in store
+    order; with fewer shards than parts, some parts get none and write an empty part)."""
+    lo, hi = index * len(store.shard_paths) // count, (index + 1) * len(store.shard_paths) // count
+    view = copy.copy(store)
+    view.shard_paths = store.shard_paths[lo:hi]
+    view._first = None  # the reference layout's first shard, decoded when the store was opened: not this range's
+    rows = {e["name"]: e["rows"] for e in store.manifest["shards"]} if store.manifest else None
+    view.count = sum(rows[p.name] for p in view.shard_paths) if rows is not None else None
+    return view
+
+
+def _part_inputs(texts: EmbeddingStore, alignment: Alignment) -> str:
+    """What a part maps (its shards, by sha256 or size, and the statistics): a rerun on anything else is refused."""
+    digests = {e["name"]: e.get("sha256") for e in texts.manifest["shards"]} if texts.manifest else {}
+    shards = [(p.name, digests.get(p.name) or p.stat().st_size) for p in texts.shard_paths]
+    return hashlib.sha256(json.dumps([shards, alignment.to_dict()]).encode()).hexdigest()
+
+
+def _check_same_stats(alignment: Alignment, path: Path, source: str | os.PathLike) -> None:
+    """The statistics already in the output folder (an earlier run's, another part's) must be the ones applied."""
+    if path.exists() and load_alignment(path).to_dict() != alignment.to_dict():
+        raise StoreError(f"{path}: holds other statistics than --apply_stats {source} (every part of a store, and "
+                         "every rerun, maps with the same ones); write to another --out, or pass --overwrite")
+
+
+def _part_summary(out: Path, part: tuple[int, int], summary: dict, timings: dict) -> dict:
+    merged = merge_aligned(out, when_last=True)
+    return {**summary, "part": list(part), "merged_rows": merged["count"] if merged else None, "timings": timings,
+            "out": str(out)}
+
+
+def merge_aligned(out_dir: str | os.PathLike, when_last: bool = False) -> dict | None:
+    """Merge an aligned store written by parts (revision.distributed) and keep in its manifest what
+    embed_mean.py records (method, statistics file, rows dropped). `when_last`: only if every part is complete and
+    none still writes (else None)."""
+    out = Path(out_dir)
+    merged = merge_if_last(out) if when_last else merge_parts(out)
+    if merged is None:
+        return None
+    books = [read_manifest(out, p.name) for p in sorted(out.glob(PART_GLOB))]
+    merged.update({k: books[0][k] for k in ("method", "aligned_from", "alignment", "image_rows_dropped") if k in books[0]})
+    merged.update(text_rows_dropped=sum(b.get("text_rows_dropped", 0) for b in books), rows_written=merged["count"])
+    lock = StoreLock(out)  # as the merge: no part writes meanwhile
+    try:
+        _write_manifest(out, merged)
+    finally:
+        lock.release()
+    return merged
 
 
 def _timed_gap_report(out: Path, before: tuple, after: tuple, method: str, seed: int) -> tuple[dict, float]:
