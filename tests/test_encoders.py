@@ -214,11 +214,11 @@ def test_optional_parts_without_their_extra_name_it():
 def test_requirement_floors_name_found_and_needed():
     from revision.requirements import requirement_problems
 
-    assert requirement_problems((3, 11, 7), {"torch": "2.14.1+cu130", "transformers": "5.4.0"}) == []
+    assert requirement_problems((3, 11, 7), {"torch": "2.14.1+cu130", "transformers": "5.7.0"}) == []
     assert requirement_problems((3, 9, 18), {"torch": "2.12.1", "transformers": "5.1.0"}) == [
         "ReVision needs Python >= 3.10, found 3.9.18",
         "ReVision needs torch >= 2.13, found torch 2.12.1: pip install 'torch>=2.13'",
-        "ReVision needs transformers >= 5.4, found transformers 5.1.0: pip install 'transformers>=5.4'",
+        "ReVision needs transformers >= 5.7, found transformers 5.1.0: pip install 'transformers>=5.7'",
     ]
     assert requirement_problems((3, 11), {"torch": None, "transformers": "5.24.0"}) == [
         "ReVision needs torch >= 2.13, which is not installed (README: Installing)"]
