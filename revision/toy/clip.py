@@ -141,14 +141,20 @@ def contrastive_step(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], o
         logit_scale.clamp_(0, math.log(100))
 
 
+def read_pairs(world_dir: Path) -> list[dict]:
+    """WORLD/paired.jsonl, the contrastive training set; a batch needs at least two pairs."""
+    pairs = read_records(world_dir / "paired.jsonl")
+    if len(pairs) < 2:
+        raise ValueError(f"{world_dir / 'paired.jsonl'}: need at least 2 image-caption pairs, found {len(pairs)}")
+    return pairs
+
+
 def train_toy_clip(world_dir: str | Path, out_dir: str | Path, cfg: ToyClipConfig | None = None, log_every: int = 50) -> dict:
     """Train on WORLD/paired.jsonl with CLIP's symmetric InfoNCE (learnable temperature), save to out_dir.
     Returns the training log: per-step losses, seconds, config."""
     cfg = cfg or ToyClipConfig()
     world_dir, out_dir = Path(world_dir), Path(out_dir)
-    pairs = read_records(world_dir / "paired.jsonl")
-    if len(pairs) < 2:
-        raise ValueError(f"{world_dir / 'paired.jsonl'}: need at least 2 image-caption pairs, found {len(pairs)}")
+    pairs = read_pairs(world_dir)
     start = time.perf_counter()
     processor = build_processor(cfg.max_text_len)
     pixels = processor.image_processor(images=open_images(world_dir, pairs), return_tensors="pt")["pixel_values"]

@@ -35,9 +35,8 @@ from transformers import (AutoModel, AutoTokenizer, CLIPVisionConfig, VisionText
                           VisionTextDualEncoderModel, VisionTextDualEncoderProcessor, get_cosine_schedule_with_warmup)
 
 from revision.encoders import mean_pool
-from revision.records import read_records
 from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.clip import (REPORT, _param_groups, contrastive_step, image_processor, open_images,
+from revision.toy.clip import (REPORT, _param_groups, contrastive_step, image_processor, open_images, read_pairs,
                                shuffled_batches, write_report)
 from revision.toy.world import IMAGE_SIZE
 
@@ -108,9 +107,7 @@ def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEnco
     """Train on WORLD/paired.jsonl (vision tower, both heads, temperature), save to out_dir; returns the log."""
     cfg = cfg or DualEncoderConfig()
     world_dir, out_dir = Path(world_dir), Path(out_dir)
-    pairs = read_records(world_dir / "paired.jsonl")
-    if len(pairs) < 2:
-        raise ValueError(f"{world_dir / 'paired.jsonl'}: need at least 2 image-caption pairs, found {len(pairs)}")
+    pairs = read_pairs(world_dir)
     start = time.perf_counter()
     model, processor = build_dual_encoder(cfg, text_folder or minilm_folder())
     pixels = processor.image_processor(images=open_images(world_dir, pairs), return_tensors="pt")["pixel_values"]
