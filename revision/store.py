@@ -336,6 +336,7 @@ class EmbeddingStore:
             raise StoreError(f"{self.root}: no such store folder")
         self.manifest = read_manifest(self.root)
         self.verify_hashes = verify  # every shard read is checked against the manifest's sha256 in the same pass
+        self._verified: set[str] = set()  # shards already checked by this reader: later passes do not hash again
         self._first: Shard | None = None
         if self.manifest is None and any(self.root.glob(PART_GLOB)):
             raise StoreError(f"{self.root}: a store written by several ranks that was never merged (part files but no "
@@ -385,7 +386,10 @@ class EmbeddingStore:
         digests = {e["name"]: e.get("sha256") for e in self.manifest["shards"]} if self.manifest and self.verify_hashes else {}
         for index, path in enumerate(self.shard_paths):
             first, self._first = self._first, None
-            shard = first if index == 0 and first is not None else load_shard(path, self.kind, digests.get(path.name))
+            digest = None if path.name in self._verified else digests.get(path.name)
+            shard = first if index == 0 and first is not None else load_shard(path, self.kind, digest)
+            if digest:
+                self._verified.add(path.name)
             del first
             if shard.kind != self.kind:
                 raise StoreError(f"{path}: holds {shard.kind} rows in a {self.kind} store")
