@@ -40,16 +40,18 @@ import torch
 from revision import gguf, predict
 from revision.records import read_records
 from revision.toy import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
-from revision.toy.world import parse_caption
+from revision.toy.report import GAP_KEYS, caption_scores, difference_table, gap_table, held_out_examples, stage_table, table
 
 REPO = Path(__file__).resolve().parents[2]
-ALIGN_METHODS = ("none", "mean_shift", "c3", "realign")
+ALIGN_METHODS = ("none", "mean_shift", "c3", "anchor", "anchor_trace", "realign")
 # row -> (alignment whose text store / align_stats it uses, stage-1 data: "text", "paired" or None)
 ROWS = {
     "none": ("none", "text"),
     "mean_shift": ("mean_shift", "text"),
     "c3": ("c3", "text"),
     "realign": ("realign", "text"),
+    "anchor": ("anchor", "text"),              # the paper's ablations: ReAlign's step 1 only,
+    "anchor_trace": ("anchor_trace", "text"),  # and steps 1-2 without the centroid correction
     "paired": ("none", "paired"),
     "no_stage1": ("none", None),
 }
@@ -74,7 +76,7 @@ class Budget:
     max_steps: int = -1         # > 0: cap every training stage (the mini preset)
     caption_tokens: int = 40
     answer_tokens: int = 8
-    threads: int = 1            # torch threads per process: 1 is fastest on a shared 2-core machine
+    threads: int = min(os.cpu_count() or 1, 8)  # torch threads per process: 1 when several runs share the machine
     captions: bool = True       # caption the eval images with each stage-1 checkpoint (the table's caption columns)
     show: int = 6               # held-out questions printed at the end with the model's answers and the truth
 
@@ -84,6 +86,9 @@ BUDGETS = {
     "default": Budget(clip_steps=300, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=0.5, stage2_lr=1e-4, batch=16,
                       max_length=112, answer_tokens=8, captions=False),
     "toy": Budget(world="default", encoder="toy", llm="toy"),
+    # the real-parts world and dual encoder with the toy LLM and its training budget: the full comparison table
+    # (every row, 3 seeds) in CPU minutes, beside the real LLM's rows
+    "toyllm": Budget(encoder="minilm", llm="toy", clip_steps=300),
     "mini": Budget(world="mini", encoder="toy", llm="toy", clip_steps=10, llm_steps=10, batch=8, max_length=96,
                    max_steps=2, caption_tokens=12, answer_tokens=4),
 }
@@ -98,8 +103,10 @@ class Runner:
         self.times: dict[str, float] = {}
         for sub in ("logs", "done"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        settings, saved = {"seed": seed, **asdict(budget)}, run_dir / "settings.json"
-        if saved.is_file() and json.loads(saved.read_text()) != settings:
+        # what changes results; threads and the printing do not, so a rerun may change them
+        settings = {"seed": seed, **{k: v for k, v in asdict(budget).items() if k not in ("threads", "show")}}
+        saved = run_dir / "settings.json"
+        if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("threads", "show")} != settings:
             raise ValueError(f"{run_dir} holds a run with other settings ({saved}); use another --out or delete it")
         saved.write_text(json.dumps(settings, indent=1) + "\n")
 
@@ -186,38 +193,6 @@ def write_caption_questions(world: Path, path: Path) -> None:
     """The eval images as a question file for the captioning (plain template) checkpoint."""
     rows = read_records(world / "eval_captions.jsonl")
     path.write_text("".join(json.dumps({"question_id": r["id"], "text": "", "image": r["image"]}) + "\n" for r in rows))
-
-
-def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
-    """Attribute accuracy of generated captions: each scene object is matched to the parsed object that
-    names most of its attributes (each parsed object used once); shares of (object, attribute) named right.
-    `strict`: the same, counting a hit only when the caption names as many objects as the scene has: a model
-    that always describes two objects, one big and one small, would otherwise get size right for free."""
-    refs = {r["id"]: r["attributes"] for r in read_records(world / "eval_captions.jsonl")}
-    kinds = ("colour", "shape", "size", "position")
-    hits: dict[str, list[bool]] = {k: [] for k in kinds}
-    strict: dict[str, list[bool]] = {k: [] for k in kinds}
-    all_right, count_right = [], []
-    for row in read_records(answers):
-        said = parse_caption(row.get("text") or "")
-        objects = refs[row["question_id"]]["objects"]
-        free, right = list(said), True
-        for obj in objects:
-            best = max(free, key=lambda p: sum(p[k] == obj[k] for k in kinds), default=None)
-            if best is not None:
-                free.remove(best)
-            for k in kinds:
-                hit = best is not None and best[k] == obj[k]
-                hits[k].append(hit)
-                strict[k].append(hit and len(said) == len(objects))
-                right &= hit
-        all_right.append(right and not free)
-        count_right.append(len(said) == len(objects))
-    return {"n": len(all_right), "attribute_acc": float(np.mean([h for v in hits.values() for h in v])),
-            "per_attribute": {k: float(np.mean(v)) for k, v in hits.items()},
-            "strict_attribute_acc": float(np.mean([h for v in strict.values() for h in v])),
-            "strict_per_attribute": {k: float(np.mean(v)) for k, v in strict.items()},
-            "count_acc": float(np.mean(count_right)), "all_correct": float(np.mean(all_right))}
 
 
 def gap_metrics(align_dir: Path) -> dict[str, float]:
@@ -307,81 +282,6 @@ def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation
     return summary
 
 
-COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_distance_after", "centroid dist. after", 3),
-           ("linear_probe_acc_before", "probe acc. before", 3), ("linear_probe_acc_after", "probe acc. after", 3),
-           ("caption_acc", "caption attr. acc. (strict)", 3), ("caption_count_acc", "caption count acc.", 3),
-           ("qa_acc", "QA acc.", 3), ("stage1_loss", "stage-1 loss (end)", 3), ("stage2_loss", "stage-2 loss (end)", 3),
-           ("seconds", "wall s", 0))
-
-
-def _cell(values: list[float], digits: int) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
-def table(summaries: list[dict]) -> tuple[str, dict]:
-    """The markdown table (mean ± sample std over seeds) and its numbers."""
-    rows = list(summaries[0]["rows"])
-    numbers = {row: {key: [s["rows"][row][key] for s in summaries if key in s["rows"][row]] for key, _, _ in COLUMNS}
-               for row in rows}
-    lines = ["| row | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for row in rows:
-        lines.append(f"| {row} | " + " | ".join(_cell(numbers[row][key], d) for key, _, d in COLUMNS) + " |")
-    for key, title in (("caption_per_attribute", "Caption accuracy per attribute (strict)"),
-                       ("qa_per_category", "QA accuracy per question category")):
-        if any(key in r for s in summaries for r in s["rows"].values()):  # no captions asked (--captions false): none
-            lines += ["", f"{title}:", "", *_breakdown(summaries, rows, key)]
-    return "\n".join(lines), {"rows": {r: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                                                 "values": v} for k, v in numbers[r].items() if v} for r in rows}}
-
-
-def _breakdown(summaries: list[dict], rows: list[str], key: str) -> list[str]:
-    """Markdown lines of a per-row table over the sub-keys of a dict-valued metric (mean ± std over seeds)."""
-    columns = sorted({c for s in summaries for r in s["rows"].values() for c in r.get(key, {})})
-    lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for row in rows:
-        lines.append(f"| {row} | " + " | ".join(
-            _cell([s["rows"][row][key][c] for s in summaries if c in s["rows"][row].get(key, {})], 3) for c in columns) + " |")
-    return lines
-
-
-GAP_KEYS = ("centroid_distance", "linear_probe_acc", "knn_mixing", "trace_ratio", "alpha_text", "alpha_image", "cosine_js")
-# The paper's LLM2CLIP figures (100k samples, before alignment); None: not given there
-PAPER_LLM2CLIP_GAP = {"centroid_distance": 0.39, "knn_mixing": 0.0032, "alpha_text": 1.33, "alpha_image": 1.83}
-
-
-def gap_table(gaps: list[dict]) -> str:
-    """The world CLIP's gap before alignment (unpaired captions vs images, revision.gap) beside the paper's LLM2CLIP."""
-    lines = ["CLIP gap before alignment (unpaired captions vs unpaired images), beside the paper's LLM2CLIP:", "",
-             "| | " + " | ".join(GAP_KEYS) + " |", "|---" * (len(GAP_KEYS) + 1) + "|",
-             "| this world | " + " | ".join(_cell([g[k] for g in gaps], 4) for k in GAP_KEYS) + " |",
-             "| LLM2CLIP (paper) | " + " | ".join(f"{PAPER_LLM2CLIP_GAP[k]:g}" if k in PAPER_LLM2CLIP_GAP else "—"
-                                                  for k in GAP_KEYS) + " |"]
-    return "\n".join(lines)
-
-
-def held_out_examples(run_dir: Path, row: str, count: int) -> str:
-    """The first `count` held-out questions with the row's answers and the truth, as printed lines."""
-    answers = {a["question_id"]: a.get("text") or a.get("error", "") for a in
-               read_records(run_dir / "runs" / row / "qa_answers.jsonl")}
-    questions = read_records(run_dir / "world" / "eval_questions.jsonl")[:count]
-    lines = [f"Held-out questions about unseen images ({row}, {run_dir.name}):"]
-    lines += [f"  {q['image']}  Q: {q['text']!r}  model: {answers.get(q['question_id'])!r}  truth: {q['answer']!r}"
-              for q in questions]
-    return "\n".join(lines)
-
-
-def stage_table(summaries: list[dict]) -> str:
-    names = list(summaries[0]["stage_seconds"])
-    lines = ["| stage | seconds |", "|---|---|"]
-    lines += [f"| {n} | {_cell([s['stage_seconds'][n] for s in summaries if n in s['stage_seconds']], 1)} |" for n in names]
-    lines.append(f"| whole seed | {_cell([s['wall_seconds'] for s in summaries], 1)} |")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/toy-demo")
@@ -403,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     summaries = [run_seed(out, seed, budget, rows, args.ablation_visual_tokens) for seed in seeds]
     markdown, numbers = table(summaries)
+    if "none" in rows and len(rows) > 1:
+        markdown += "\n\n" + difference_table(summaries, "none")
     command = "python -m revision.toy.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = (f"# Toy-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
             f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
