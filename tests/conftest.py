@@ -7,6 +7,10 @@ for var in ("HF_HOME", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR
     os.environ[var] = os.path.join(_CACHE_ROOT, var.lower())
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist each worker gets its share of the cores (it and its subprocesses), not all of them each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 import pytest  # noqa: E402
@@ -22,3 +26,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def free_port() -> str:
+    """A TCP port nobody listens on now: tests that start a process group (torchrun, DeepSpeed) must not share a
+    fixed port, since the suite runs its files in parallel (pytest-xdist)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

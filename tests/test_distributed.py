@@ -129,13 +129,13 @@ def test_parquet_images_as_bytes_and_caption_only_texts(clip_dir, tmp_path):
     assert "FileNotFoundError" in (tmp_path / "o2/image/skipped.jsonl").read_text()
 
 
-def test_two_torchrun_ranks_give_the_one_process_store(clip_dir, tmp_path):
+def test_two_torchrun_ranks_give_the_one_process_store(clip_dir, tmp_path, free_port):
     pattern = str(tmp_path / "wds/{00000..00003}.tar")
     keys = _tars(tmp_path / "wds", 4, 3)
     single = tmp_path / "single"
     assert main(_args(clip_dir, single, "--images", pattern, "--texts", pattern)) == 0
     ranks = tmp_path / "ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port,
            str(REPO / "image_embed.py"), *_args(clip_dir, ranks, "--images", pattern, "--texts", pattern)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -190,12 +190,12 @@ def test_resume_with_packing_gives_the_same_losses(world, tmp_path):
     assert losses(resumed, after_step=4) == pytest.approx(losses(full, after_step=4), rel=1e-5)
 
 
-def test_deepspeed_zero3_with_packing_matches_plain_training(world, tmp_path):
+def test_deepspeed_zero3_with_packing_matches_plain_training(world, tmp_path, free_port):
     run(world, tmp_path / "s1", "pretrain", "--max_steps", "1")
     common = ["--max_steps", "3", "--learning_rate", "1e-2", "--packing", "--pretrain_mm_mlp_adapter", str(tmp_path / "s1")]
     plain = run(world, tmp_path / "plain", "finetune", *common)
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29534", "OMP_NUM_THREADS": "1"}
+           "MASTER_PORT": free_port, "OMP_NUM_THREADS": "1"}
     # as in test_train: skip the shared-memory allreduce DeepSpeed's CPU backend would compile for one process
     child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
              "from revision.train import main; main(sys.argv[1:])")

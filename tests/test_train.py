@@ -229,9 +229,9 @@ def test_start_up_errors(world, tmp_path):
         run(world, tmp_path / "c", "finetune", "--embed_folder", str(other_store), "--model_name_or_path", str(tmp_path / "s1"))
 
 
-def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path):
+def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path, free_port):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"}
+           "MASTER_PORT": free_port, "OMP_NUM_THREADS": "1"}
     # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce (a minute of C++) that one process never uses.
     child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
              "from revision.train import main; main(sys.argv[1:])")

@@ -76,7 +76,7 @@ class Budget:
     max_steps: int = -1         # > 0: cap every training stage (the mini preset)
     caption_tokens: int = 40
     answer_tokens: int = 8
-    threads: int = min(os.cpu_count() or 1, 8)  # torch threads per process: 1 when several runs share the machine
+    threads: int = 1            # torch threads per process: tiny models run fastest on one (threads mostly wait)
     captions: bool = True       # caption the eval images with each stage-1 checkpoint (the table's caption columns)
     show: int = 6               # held-out questions printed at the end with the model's answers and the truth
 
@@ -84,7 +84,7 @@ class Budget:
 BUDGETS = {
     # the real parts on CPU: SmolLM2 steps cost ~2.4 s (stage 1, 16 x 32 tokens) to ~10 s (stage 2) on an idle machine
     "default": Budget(clip_steps=300, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=0.5, stage2_lr=1e-4, batch=16,
-                      max_length=112, answer_tokens=8, captions=False),
+                      max_length=112, answer_tokens=8, captions=False, threads=min(os.cpu_count() or 1, 8)),
     "toy": Budget(world="default", encoder="toy", llm="toy"),
     # the real-parts world and dual encoder with the toy LLM and its training budget: the full comparison table
     # (every row, 3 seeds) in CPU minutes, beside the real LLM's rows
