@@ -17,9 +17,9 @@ def _summaries():
 def test_difference_table_pairs_rows_by_seed():
     text = difference_table(_summaries(), "none")
     assert "| seed 0 | seed 1 | seed 2 | mean ± std |" in text
-    assert "| realign | QA acc. | +0.100 | +0.000 | +0.050 | 0.050 ± 0.050 |" in text
+    assert "| realign | QA acc. | +0.100 | +0.000 | +0.050 | +0.050 ± 0.050 |" in text
     assert "| no_stage1 | QA acc. | -0.100 | -0.100 | -0.100 | -0.100 ± 0.000 |" in text
-    assert "| realign | caption attr. acc. (strict) | +0.020 | +0.020 | +0.020 | 0.020 ± 0.000 |" in text
+    assert "| realign | caption attr. acc. (strict) | +0.020 | +0.020 | +0.020 | +0.020 ± 0.000 |" in text
     assert "| no_stage1 | caption" not in text  # no captions: no row, rather than a row of dashes
     assert "| none |" not in text
 

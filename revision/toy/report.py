@@ -51,12 +51,13 @@ COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_
            ("seconds", "wall s", 0))
 
 
-def _cell(values: list[float], digits: int) -> str:
+def _cell(values: list[float], digits: int, signed: bool = False) -> str:
     if not values:
         return "—"
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{np.mean(values):{sign}.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def table(summaries: list[dict]) -> tuple[str, dict]:
@@ -137,5 +138,5 @@ def difference_table(summaries: list[dict], baseline: str = "none") -> str:
             if all(d is None for d in diffs):
                 continue
             cells = ["—" if d is None else f"{d:+.3f}" for d in diffs]
-            lines.append(f"| {row} | {title} | " + " | ".join(cells) + f" | {_cell([d for d in diffs if d is not None], 3)} |")
+            lines.append(f"| {row} | {title} | " + " | ".join(cells) + f" | {_cell([d for d in diffs if d is not None], 3, signed=True)} |")
     return "\n".join(lines)
