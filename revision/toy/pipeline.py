@@ -1,8 +1,9 @@
-"""The whole paradigm on the toy world, end to end, and the table comparing the alignment methods.
+"""The whole paradigm on the embedded world, end to end, and the table comparing the alignment methods.
 
-    python -m revision.toy.pipeline --out outputs/toy-demo [--seeds 0,1,2] [--preset default|mini]
+    python -m revision.toy.pipeline --out outputs/demo [--seeds 0,1,2] [--preset default|toyllm|toy|mini]
 
-Per seed (into OUT/seed-N/): build the world -> train the toy CLIP -> pre-train the toy LLM -> image_embed.py
+Per seed (into OUT/seed-N/): build the world -> train its CLIP (the MiniLM dual encoder, or the toy CLIP) -> link
+the converted SmolLM2 (or pre-train the toy LLM) -> image_embed.py
 (unpaired images + unpaired captions, paired images, eval images) -> embed_mean.py per method -> per row:
 stage 1 (script/train/pretrain.sh), stage 2 (script/train/finetune_full.sh on instruct.json with the real
 image store; projector and align_stats come from the stage-1 folder), then `python -m revision.predict` on
@@ -12,11 +13,12 @@ caption columns are strict: a caption naming the wrong number of objects scores 
 subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
 
 Rows: none, mean_shift, c3 (mean_shift's centring; stage 1 adds the noise its align_stats.json carries, 0.126),
-realign, paired (stage 1 on the paired IMAGE embeddings: the upper bound), no_stage1, and the
+anchor and anchor_trace (the paper's ablations: ReAlign's step 1, steps 1-2), realign, paired (stage 1 on the paired IMAGE embeddings: the upper bound), no_stage1, and the
 num_visual_tokens ablation (realign with --ablation_visual_tokens). Captions are asked of the stage-1
 checkpoint (plain template: image in, caption out) because instruct.json teaches no captioning: they
 measure what text-only pretraining taught about real images, before stage 2 can wash it out.
-Results: OUT/results.md and OUT/results.json (mean ± std over seeds), OUT/seed-N/results.json.
+Results (revision/toy/report.py): OUT/results.md and OUT/results.json (mean ± std over seeds, each row's per-seed
+difference from none), OUT/seed-N/results.json.
 A finished stage is not run again (OUT/seed-N/done/<stage>.json holds its time): rerunning resumes.
 """
 from __future__ import annotations
@@ -306,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "none" in rows and len(rows) > 1:
         markdown += "\n\n" + difference_table(summaries, "none")
     command = "python -m revision.toy.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = (f"# Toy-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
+    text = (f"# Embedded-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
             f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
             f"{stage_table(summaries)}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
     if budget.show:
