@@ -37,3 +37,35 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mini_world(tmp_path_factory):
+    """The toy world's mini preset (seed 0), built once per test module."""
+    from revision.toy.world import PRESETS, build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=0, sizes=PRESETS["mini"], workers=1)
+    return out
+
+
+@pytest.fixture
+def kill_9_after_shards():
+    """Start a command, SIGKILL it once the JSON file `watched` lists at least `shards` shards (or it exits, or
+    `timeout` s pass): a run killed mid-way, for the resume tests."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    def run(cmd: list[str], env: dict, watched, shards: int, timeout: float) -> None:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if watched.exists() and len(json.loads(watched.read_text())["shards"]) >= shards:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    return run

@@ -2,11 +2,9 @@
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +147,7 @@ def test_two_torchrun_ranks_give_the_one_process_store(clip_dir, tmp_path, free_
         assert {e["name"].split("_")[2] for e in manifest["shards"]} == {"part-00000-of-00002", "part-00001-of-00002"}
 
 
-def test_kill_9_of_one_rank_then_rerun_keeps_every_id_once(clip_dir, tmp_path, capsys):
+def test_kill_9_of_one_rank_then_rerun_keeps_every_id_once(clip_dir, tmp_path, capsys, kill_9_after_shards):
     images = tmp_path / "imgs"
     images.mkdir()
     for i in range(24):
@@ -157,16 +155,9 @@ def test_kill_9_of_one_rank_then_rerun_keeps_every_id_once(clip_dir, tmp_path, c
     out = tmp_path / "out"
     job = lambda index, shards=2: _args(clip_dir, out, "--images", str(images), "--shard_size", "4",  # noqa: E731
                                         "--num_shards", str(shards), "--shard_index", str(index))
-    proc = subprocess.Popen([sys.executable, str(REPO / "image_embed.py"), *job(0)], env={**os.environ, BATCH_DELAY_ENV: "0.3"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part0 = out / "image/part-00000-of-00002.json"
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        if part0.exists() and len(json.loads(part0.read_text())["shards"]) >= 1:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_9_after_shards([sys.executable, str(REPO / "image_embed.py"), *job(0)], {**os.environ, BATCH_DELAY_ENV: "0.3"},
+                        part0, shards=1, timeout=90)
     assert not json.loads(part0.read_text())["complete"]
     assert main(job(1)) == 0  # the other rank finishes; part 0 is not: no merge yet
     assert "not merged yet" in capsys.readouterr().out and not (out / "image/manifest.json").exists()

@@ -247,20 +247,13 @@ def _png_folder(folder: Path, count: int, seed: int) -> Path:
     return folder
 
 
-def test_kill_9_mid_run_then_resume(clip_dir, tmp_path):
+def test_kill_9_mid_run_then_resume(clip_dir, tmp_path, kill_9_after_shards):
     images = _png_folder(tmp_path / "imgs", 40, seed=100)
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "image_embed.py"), *_args(clip_dir, out, "--images", str(images), "--shard_size", "8")]
     env = {**os.environ, BATCH_DELAY_ENV: "0.25"}  # 10 batches of 4: ~2.5 s of encoding, time to kill it mid-way
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "image/manifest.json"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_9_after_shards(cmd, env, manifest, shards=2, timeout=60)
     killed = json.loads(manifest.read_text())
     assert not killed["complete"] and 2 <= len(killed["shards"]) < 5
     first_shard = (out / "image/image_embeds_00000.pkl").read_bytes()

@@ -163,15 +163,6 @@ SMALL_VISION = ["--hidden", "32", "--layers", "1", "--heads", "2", "--projection
 
 
 @pytest.fixture(scope="module")
-def mini_world(tmp_path_factory):
-    from revision.toy.world import PRESETS, build_world
-
-    out = tmp_path_factory.mktemp("world")
-    build_world(out, seed=0, sizes=PRESETS["mini"], workers=1)
-    return out
-
-
-@pytest.fixture(scope="module")
 def dual_encoder(minilm, mini_world, tmp_path_factory):
     """A dual encoder trained a few steps on the mini world (report and all), as the pipeline makes it."""
     from revision.toy.dual_encoder import main

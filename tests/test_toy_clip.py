@@ -8,23 +8,16 @@ from PIL import Image
 
 from revision.encoders import load_encoder
 from revision.toy.clip import REPORT, ToyClipConfig, main, retrieval, train_toy_clip
-from revision.toy.world import PRESETS, build_world
+from revision.toy.world import PRESETS
 
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--projection_dim", "16", "--batch_size", "16",
         "--lr", "3e-3", "--warmup", "2", "--steps", "40"]
 
 
 @pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    build_world(out, seed=0, sizes=PRESETS["mini"], workers=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def clip_dir(world_dir, tmp_path_factory, one_thread):
+def clip_dir(mini_world, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("toy_clip")
-    main(["--world", str(world_dir), "--out", str(out), *TINY])
+    main(["--world", str(mini_world), "--out", str(out), *TINY])
     return out
 
 
@@ -39,11 +32,11 @@ def test_loss_goes_down(report):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 
-def test_saved_checkpoint_loads_through_load_encoder(clip_dir, world_dir, one_thread):
+def test_saved_checkpoint_loads_through_load_encoder(clip_dir, mini_world, one_thread):
     encoder = load_encoder(str(clip_dir), device="cpu")
     assert encoder.name == f"hf:{clip_dir.resolve()}" and encoder.dim == 16
-    first = json.loads((world_dir / "paired.jsonl").read_text().splitlines()[0])
-    with Image.open(world_dir / first["image"]) as im:
+    first = json.loads((mini_world / "paired.jsonl").read_text().splitlines()[0])
+    with Image.open(mini_world / first["image"]) as im:
         image = encoder.encode_images([im.convert("RGB")])
     text = encoder.encode_texts([first["caption"]])
     assert image.shape == text.shape == (1, 16)
@@ -54,12 +47,12 @@ def test_saved_checkpoint_loads_through_load_encoder(clip_dir, world_dir, one_th
     assert encoder.tokenizer.tokenize("a circle on the left") == ["a</w>", "circle</w>", "on</w>", "the</w>", "left</w>"]
 
 
-def test_trained_pairs_are_closer_than_unpaired_ones(clip_dir, world_dir, one_thread):
+def test_trained_pairs_are_closer_than_unpaired_ones(clip_dir, mini_world, one_thread):
     encoder = load_encoder(str(clip_dir), device="cpu")
-    pairs = [json.loads(line) for line in (world_dir / "paired.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (mini_world / "paired.jsonl").read_text().splitlines()]
     images = []
     for p in pairs:
-        with Image.open(world_dir / p["image"]) as im:
+        with Image.open(mini_world / p["image"]) as im:
             images.append(im.convert("RGB"))
     stats = retrieval(encoder.encode_images(images).numpy(), encoder.encode_texts([p["caption"] for p in pairs]).numpy(),
                       [p["id"] for p in pairs])
@@ -83,9 +76,9 @@ def test_retrieval_counts_scene_matches():
     assert stats["chance_scene_top1"] == pytest.approx(5 / 9) and stats["paired_cosine"] == pytest.approx(1 / 3)
 
 
-def test_captions_longer_than_the_text_window_are_an_error(world_dir, tmp_path):
+def test_captions_longer_than_the_text_window_are_an_error(mini_world, tmp_path):
     with pytest.raises(ValueError, match=r"paired.jsonl: caption of 'paired-\d+' is \d+ tokens, more than max_text_len=8"):
-        train_toy_clip(world_dir, tmp_path, ToyClipConfig(max_text_len=8))
+        train_toy_clip(mini_world, tmp_path, ToyClipConfig(max_text_len=8))
 
 
 def test_too_few_pairs_is_an_error(tmp_path):

@@ -106,9 +106,11 @@ class Runner:
         for sub in ("logs", "done"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
         # the recipe; threads and printing may change on a rerun (1 and 2 threads gave identical demo numbers)
-        settings = {"seed": seed, **{k: v for k, v in asdict(budget).items() if k not in ("threads", "show")}}
-        saved = run_dir / "settings.json"
-        if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("threads", "show")} != settings:
+        def recipe(values: dict) -> dict:
+            return {k: v for k, v in values.items() if k not in ("threads", "show")}
+
+        settings, saved = recipe({"seed": seed, **asdict(budget)}), run_dir / "settings.json"
+        if saved.is_file() and recipe(json.loads(saved.read_text())) != settings:
             raise ValueError(f"{run_dir} holds a run with other settings ({saved}); use another --out or delete it")
         saved.write_text(json.dumps(settings, indent=1) + "\n")
 
