@@ -203,6 +203,8 @@ class HFEncoder(Encoder):
                  trust_remote_code: bool = False):
         from transformers import AutoModel, AutoProcessor
 
+        import revision.conv_tower  # noqa: F401  registers our small CNN tower with AutoModel (dual encoders holding one)
+
         local = Path(path).expanduser()
         source = str(local.resolve()) if local.is_dir() else path  # a folder, else a hub id
         self.name = f"hf:{source}"

@@ -41,6 +41,7 @@ class RevisionConfig:
     embed_dim: int  # D: the encoder's embedding size
     hidden_size: int  # d: the LLM's width
     projector_type: str = "mlp2x_gelu"
+    projector_tokens: int = 1  # distinct vectors the projector makes of one embedding; they fill the visual positions in turn
     num_visual_tokens: int = 576
     template: str = "plain"
     encoder: str | None = None
@@ -110,17 +111,49 @@ def _statistics(alignment) -> str:
     return json.dumps(fitted, sort_keys=True, default=lambda v: np.asarray(v).tolist())
 
 
-def build_projector(projector_type: str, in_dim: int, out_dim: int) -> nn.Sequential:
-    """`linear`, or `mlpNx_gelu`: N Linear layers with GELU between (LLaVA's naming; mlp2x_gelu is the paper's)."""
+def build_projector(projector_type: str, in_dim: int, out_dim: int, tokens: int = 1) -> nn.Sequential:
+    """`linear`, or `mlpNx_gelu`: N Linear layers with GELU between (LLaVA's naming; mlp2x_gelu is the paper's).
+    The last layer makes `tokens` vectors of out_dim (1: the paper's one vector, repeated over the visual positions).
+    The input is standardised first by the buffers input_mean [in_dim] and input_scale [1] (identity until
+    set_input_statistics): saved with the weights, so inference standardises as training did."""
+    if tokens < 1:
+        raise ValueError(f"projector tokens must be at least 1, got {tokens}")
     if projector_type == "linear":
-        return nn.Sequential(nn.Linear(in_dim, out_dim))
-    match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
-    if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown projector type {projector_type!r}; use 'linear' or 'mlpNx_gelu' (e.g. mlp2x_gelu)")
-    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-    for _ in range(int(match.group(1)) - 1):
-        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
-    return nn.Sequential(*layers)
+        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim * tokens)]
+    else:
+        match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"unknown projector type {projector_type!r}; use 'linear' or 'mlpNx_gelu' (e.g. mlp2x_gelu)")
+        depth = int(match.group(1))
+        layers = [nn.Linear(in_dim, out_dim * (tokens if depth == 1 else 1))]
+        for k in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(out_dim, out_dim * (tokens if k == depth - 2 else 1))]
+    projector = nn.Sequential(*layers)
+    projector.register_buffer("input_mean", torch.zeros(in_dim))
+    projector.register_buffer("input_scale", torch.ones(1))
+    return projector
+
+
+def set_input_statistics(projector: nn.Module, embeds: np.ndarray) -> tuple[float, float]:
+    """Standardise the projector's input with the mean and one scalar std of `embeds` [N, D] (the inputs it will
+    train on): raw text, aligned text and image embeddings sit at different offsets and spreads on the sphere,
+    and a projector fed their small deviations from a large common mean learns slowly (docs/recipe.md).
+    Returns (norm of the mean, scalar std)."""
+    x = np.asarray(embeds, dtype=np.float64)
+    mean = x.mean(0)
+    scale = float(np.sqrt(((x - mean) ** 2).sum(1).mean() / x.shape[1])) or 1.0
+    projector.input_mean.copy_(torch.from_numpy(mean).to(projector.input_mean))
+    projector.input_scale.fill_(scale)
+    return float(np.linalg.norm(mean)), scale
+
+
+def load_projector_state(projector: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """load_state_dict, where a projector saved before input standardisation existed keeps the identity."""
+    buffers = {"input_mean", "input_scale"}
+    result = projector.load_state_dict(weights, strict=False)
+    missing = set(result.missing_keys) - (buffers if not buffers & set(weights) else set())
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"missing keys {sorted(missing)[:3]}, unexpected keys {result.unexpected_keys[:3]}")
 
 
 def default_attn_implementation() -> str:
@@ -158,14 +191,15 @@ class RevisionModel(nn.Module):
         super().__init__()
         self.llm = llm
         self.revision_config = config
-        self.projector = projector or build_projector(config.projector_type, config.embed_dim, config.hidden_size)
+        self.projector = projector or build_projector(config.projector_type, config.embed_dim, config.hidden_size,
+                                                      config.projector_tokens)
         self.projector.to(dtype=llm.dtype)
         self.alignment = None  # revision.align.Alignment whose image_map real image embeddings need
 
     @classmethod
     def from_llm(cls, llm_path: str, embed_dim: int, projector_type: str = "mlp2x_gelu", num_visual_tokens: int = 576,
                  template: str = "plain", encoder: str | None = None, dtype: torch.dtype | None = None,
-                 attn_implementation: str | None = None) -> "RevisionModel":
+                 attn_implementation: str | None = None, projector_tokens: int = 1) -> "RevisionModel":
         """A fresh projector on a pretrained LLM (a folder, hub id, or .gguf file: revision.gguf converts it once)."""
         from revision.gguf import resolve_llm
 
@@ -174,6 +208,7 @@ class RevisionModel(nn.Module):
             llm_path, dtype=dtype or torch.float32, attn_implementation=attn_implementation or default_attn_implementation())
         config = RevisionConfig(embed_dim=embed_dim, hidden_size=llm.config.hidden_size, projector_type=projector_type,
                                 num_visual_tokens=num_visual_tokens, template=template, encoder=encoder,
+                                projector_tokens=projector_tokens,
                                 base_model=str(Path(llm_path).resolve()) if Path(llm_path).exists() else llm_path)
         return cls(llm, config)
 
@@ -196,7 +231,7 @@ class RevisionModel(nn.Module):
 
                 llm = PeftModel.from_pretrained(llm, folder)
         model = cls(llm, config)
-        model.projector.load_state_dict(load_projector_weights(folder))
+        load_projector_state(model.projector, load_projector_weights(folder))
         if config.alignment:
             from revision.align import load_alignment
 
@@ -223,12 +258,27 @@ class RevisionModel(nn.Module):
                 raise ValueError("input_ids hold <image> positions but no image_embeds were given")
             return text_embeds
         self.check_embed_dim(image_embeds.shape[-1], "image_embeds")
-        projected = self.projector(image_embeds.to(self.projector[0].weight.dtype))  # [B, d]: once per sample
-        if image_index is not None:  # packed: each visual position takes its own sample's projection
-            per_position = projected[image_index[is_visual]].to(text_embeds.dtype)
-            return text_embeds.masked_scatter(is_visual.unsqueeze(-1), per_position)
-        # Broadcasting [B, 1, d] over the sequence is the repeat; gradients from every position sum into it.
-        return torch.where(is_visual.unsqueeze(-1), projected.unsqueeze(1).to(text_embeds.dtype), text_embeds)
+        projected = self.project(image_embeds)  # [B, k, d]: once per sample
+        tokens = projected.shape[1]
+        # the n-th visual position of a sample takes vector n mod k (k = 1: the one vector fills every position)
+        ordinal = is_visual.long().cumsum(1) - 1
+        if image_index is not None:  # packed: several samples per row; count from each sample's first visual position
+            rows = image_index[is_visual]
+            first = torch.full((len(projected),), ordinal.numel(), dtype=ordinal.dtype, device=ordinal.device)
+            first = first.scatter_reduce(0, rows, ordinal[is_visual], "amin")
+            per_position = projected[rows, (ordinal[is_visual] - first[rows]) % tokens]
+            return text_embeds.masked_scatter(is_visual.unsqueeze(-1), per_position.to(text_embeds.dtype))
+        if tokens == 1:  # broadcasting [B, 1, d] over the sequence is the repeat; gradients from every position sum into it
+            return torch.where(is_visual.unsqueeze(-1), projected.to(text_embeds.dtype), text_embeds)
+        chosen = projected.gather(1, (ordinal.clamp(min=0) % tokens).unsqueeze(-1).expand(-1, -1, projected.shape[-1]))
+        return torch.where(is_visual.unsqueeze(-1), chosen.to(text_embeds.dtype), text_embeds)
+
+    def project(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, D] embeddings -> [B, k, d]: standardised, then projected to the projector's k vectors."""
+        projector = self.projector
+        dtype = projector[0].weight.dtype
+        x = (image_embeds.to(dtype) - projector.input_mean.to(dtype)) / projector.input_scale.to(dtype)
+        return projector(x).view(len(image_embeds), self.revision_config.projector_tokens, -1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
@@ -317,7 +367,7 @@ class RevisionModel(nn.Module):
     def load_trainable(self, folder: str | os.PathLike) -> None:
         """Load back the weights a checkpoint of this run holds (used when resuming)."""
         folder = Path(folder)
-        self.projector.load_state_dict(load_projector_weights(folder))
+        load_projector_state(self.projector, load_projector_weights(folder))
         saved = RevisionConfig.load(folder).llm_weights
         if saved == "lora":
             from peft import set_peft_model_state_dict

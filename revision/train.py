@@ -13,7 +13,9 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback
@@ -24,7 +26,7 @@ from revision.data import (EmbeddingTable, InputError, SupervisedDataset, check_
                            image_map_from)
 from revision.gguf import resolve_llm
 from revision.model import (CONFIG_FILE, RevisionConfig, RevisionModel, checkpoint_config, inherit_settings,
-                            load_projector_weights)
+                            load_projector_state, load_projector_weights, set_input_statistics)
 from revision.packing import EpochLengthGroupedSampler, make_collator
 from revision.store import StoreError
 
@@ -38,6 +40,10 @@ class ModelArguments:
     # None: the stage-1 folder's (--pretrain_mm_mlp_adapter) or ReVision checkpoint's, else RevisionConfig's default
     mm_projector_type: str | None = field(default=None, metadata={"help": "linear or mlpNx_gelu (default: inherited, else mlp2x_gelu)"})
     num_visual_tokens: int | None = field(default=None, metadata={"help": "positions the projected embedding fills (default: inherited, else 576)"})
+    mm_projector_tokens: int | None = field(default=None, metadata={
+        "help": "distinct vectors the projector makes of one embedding, filling the visual positions in turn (default: inherited, else 1)"})
+    standardize_projector_input: bool = field(default=True, metadata={
+        "help": "a fresh projector standardises its input with the training embeddings' mean and scalar std (kept in the checkpoint)"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
         "help": "stage-1 output folder (projector, its settings and alignment) or a projector weights file"})
@@ -234,6 +240,12 @@ def settle_settings(model_args: ModelArguments, data_args: DataArguments) -> Non
     if folder is not None:
         model_args.mm_projector_type, model_args.num_visual_tokens, data_args.align_stats = inherit_settings(
             folder, model_args.mm_projector_type, model_args.num_visual_tokens, data_args.align_stats)
+        recorded = RevisionConfig.load(folder).projector_tokens
+        if model_args.mm_projector_tokens not in (None, recorded):
+            raise InputError(f"--mm_projector_tokens {model_args.mm_projector_tokens} contradicts projector_tokens {recorded} "
+                             f"recorded in {folder}; drop the flag to continue that projector")
+        model_args.mm_projector_tokens = recorded
+    model_args.mm_projector_tokens = model_args.mm_projector_tokens or RevisionConfig.projector_tokens
     model_args.mm_projector_type = model_args.mm_projector_type or RevisionConfig.projector_type
     if model_args.num_visual_tokens is None:
         model_args.num_visual_tokens = RevisionConfig.num_visual_tokens
@@ -260,8 +272,13 @@ def model_dtype(training_args: TrainingArguments) -> torch.dtype:
     return torch.float32
 
 
-def build_model(model_args: ModelArguments, training_args: TrainingArguments, table: EmbeddingTable) -> RevisionModel:
-    """The model for this stage, with the right parameters trainable."""
+STANDARDIZE_ROWS = 100_000  # rows (evenly spread over the store) that fix a fresh projector's input statistics
+
+
+def build_model(model_args: ModelArguments, training_args: TrainingArguments, table: EmbeddingTable,
+                image_map: Callable[[np.ndarray], np.ndarray] | None = None) -> RevisionModel:
+    """The model for this stage, with the right parameters trainable; `image_map` is what the data applies to the
+    store's rows (a fresh projector's input statistics are taken after it)."""
     dtype, attn = model_dtype(training_args), model_args.attn_implementation
     if Path(model_args.model_name_or_path, CONFIG_FILE).exists():  # continue from a ReVision checkpoint
         model = RevisionModel.from_pretrained(model_args.model_name_or_path, dtype=dtype, attn_implementation=attn)
@@ -271,7 +288,13 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, ta
         _warn_other_encoder(model.revision_config, table, model_args.model_name_or_path)
     else:
         model = RevisionModel.from_llm(model_args.model_name_or_path, table.dim, model_args.mm_projector_type,
-                                       model_args.num_visual_tokens, model_args.version, table.encoder, dtype, attn)
+                                       model_args.num_visual_tokens, model_args.version, table.encoder, dtype, attn,
+                                       model_args.mm_projector_tokens)
+        if model_args.standardize_projector_input and not model_args.pretrain_mm_mlp_adapter:
+            sample = table.embeds[np.linspace(0, len(table) - 1, min(len(table), STANDARDIZE_ROWS)).astype(np.int64)]
+            mean_norm, scale = set_input_statistics(model.projector, image_map(sample) if image_map else sample)
+            logger.info("projector input standardised: mean norm %.4f, scalar std %.5f (%d rows of %s)", mean_norm, scale,
+                        len(sample), table.root)
     if model_args.pretrain_mm_mlp_adapter:
         adapter = model_args.pretrain_mm_mlp_adapter
         weights = load_projector_weights(adapter)
@@ -280,7 +303,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, ta
             raise ValueError(f"{adapter}: projector takes dim {first.shape[1]}, but the "
                              f"embeddings in {table.root} have dim {table.dim} (another encoder?)")
         try:
-            model.projector.load_state_dict(weights)
+            load_projector_state(model.projector, weights)
         except RuntimeError as e:  # another projector type or LLM width than this model's
             raise ValueError(f"{adapter}: these projector weights do not fit a {model_args.mm_projector_type} projector "
                              f"{table.dim} -> {model.revision_config.hidden_size}: {e}") from None
@@ -324,11 +347,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                                               model_max_length=training_args.model_max_length, padding_side="right")
     if Path(model_args.model_name_or_path).is_dir():  # a ReVision output folder whose save was interrupted: refused
         checkpoint.check_loadable(model_args.model_name_or_path)
+    image_map = image_map_from(data_args.align_stats) if table.kind == "image" else None
     try:
-        model = build_model(model_args, training_args, table)
+        model = build_model(model_args, training_args, table, image_map)
     except ValueError as e:  # a checkpoint, projector or LLM that does not fit this run's embeddings or flags
         raise InputError(str(e)) from e
-    image_map = image_map_from(data_args.align_stats) if table.kind == "image" else None
     noise_std, noise_source = embed_noise(data_args.embed_noise_std, data_args.align_stats, table.kind)
     logger.info("embedding noise std %g (from %s)", noise_std, noise_source)
     dataset = SupervisedDataset(data_args.data_path, tokenizer, table, model_args.version, model_args.num_visual_tokens,

