@@ -41,9 +41,10 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
                  encoder: str | None = None, base_model: str | None = None, encoder_batch_size: int = 64,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, verify: bool = True):
         self.folder = Path(checkpoint)
-        check_loadable(self.folder)  # an interrupted save (a mix of two saves) or files changed since: refused
+        # an interrupted save (a mix of two saves) or a file changed since (sha256; verify=False skips it): refused
+        check_loadable(self.folder, hashes=verify)
         if not (self.folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{self.folder}: not a ReVision checkpoint: {CONFIG_FILE} is missing "
                                     "(a folder written by train.py / RevisionModel.save_pretrained has one)")

@@ -55,7 +55,8 @@ class DataArguments:
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
     skip_bad_embeddings: bool = field(default=False, metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})
-    no_verify: bool = field(default=False, metadata={"help": "build the table cache without checking shard sha256s"})
+    no_verify: bool = field(default=False, metadata={"help": "skip the sha256 checks of the store's shards (table cache) "
+                                                            "and of the checkpoint this run starts from"})
 
 
 @dataclass
@@ -322,8 +323,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model_args.model_name_or_path = resolve_llm(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
-    if Path(model_args.model_name_or_path).is_dir():  # a ReVision output folder whose save was interrupted: refused
-        checkpoint.check_loadable(model_args.model_name_or_path)
+    # A ReVision folder this run starts from: an interrupted save, or a file changed since it was saved, is refused
+    for folder in (model_args.model_name_or_path, model_args.pretrain_mm_mlp_adapter):
+        if folder and Path(folder).exists():
+            checkpoint.check_loadable(folder if Path(folder).is_dir() else Path(folder).parent, hashes=not data_args.no_verify)
     try:
         model = build_model(model_args, training_args, table)
     except ValueError as e:  # a checkpoint, projector or LLM that does not fit this run's embeddings or flags

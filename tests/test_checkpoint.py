@@ -1,12 +1,14 @@
 """Atomic checkpoints: a run killed while saving leaves nothing that loads as complete; resume verifies hashes."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +143,47 @@ def test_manifest_names_outside_the_folder_are_refused(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"format": checkpoint.FORMAT, "files": {"../x": {"size": 1, "sha256": ""}}}))
     with pytest.raises(CheckpointError, match=r"lists '../x', which is not a file inside the checkpoint"):
         checkpoint.verify(tmp_path)
+
+
+def error_lines(capsys) -> list[str]:
+    """stderr without progress bars: what the user reads."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not re.search(r"\d+%\|", line)]
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: only the hash tells
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_checkpoint_file_is_refused_by_prediction_the_adapter_and_stage_2(world, tmp_path, capsys):
+    from revision.lmms_eval_model import ReVision
+
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "1", "--save_strategy", "no")
+    flip_a_bit(out / "projector.safetensors")
+    np.save(tmp_path / "e.npy", np.ones(16, np.float32))
+    predict = ["--model", str(out), "--embedding", str(tmp_path / "e.npy"), "--device", "cpu", "--max_new_tokens", "2"]
+    assert predict_main(predict) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "out/projector.safetensors: sha256" in err[0] and "--no_verify" in err[0]
+    with pytest.raises(CheckpointError, match=r"projector.safetensors: sha256 .* differs"):
+        ReVision(pretrained=str(out), device="cpu")
+    with pytest.raises(CheckpointError, match=r"out/projector.safetensors: sha256 .* differs"):
+        run(world, tmp_path / "s2", "--max_steps", "1", "--save_strategy", "no", "--pretrain_mm_mlp_adapter", str(out))
+    assert not (tmp_path / "s2").exists()
+    # knowingly: the same checkpoint loads
+    assert predict_main([*predict, "--no_verify"]) == 0
+    ReVision(pretrained=str(out), device="cpu", no_verify="True")
+    run(world, tmp_path / "s2", "--max_steps", "1", "--save_strategy", "no", "--pretrain_mm_mlp_adapter", str(out), "--no_verify")
+
+
+def test_a_weights_file_that_is_not_safetensors_is_one_line(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "1", "--save_strategy", "no")
+    (out / "projector.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    write_manifest(out)  # the manifest says these bytes are what was saved: only the format check is left
+    np.save(tmp_path / "e.npy", np.ones(16, np.float32))
+    assert predict_main(["--model", str(out), "--embedding", str(tmp_path / "e.npy"), "--device", "cpu"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and err[0].startswith(f"error: {out}/projector.safetensors: not a readable weights file (SafetensorError: ")
