@@ -7,21 +7,25 @@ staging folder into place. So a `checkpoint-N` folder exists only once it is com
 says exactly which bytes this run wrote.
 
 Loading checks the manifest: resuming verifies every file's sha256 and refuses anything that differs, is
-missing, or was added (DeepSpeed unpickles its `.pt` files with weights_only=False: only files this run
-wrote, unchanged, are ever loaded). `latest` is the newest checkpoint with a manifest. Prediction, the
+missing, or was added. DeepSpeed unpickles its `.pt` files with weights_only=False: resuming forces
+weights_only=True with a minimal allow-list (weights_only_loads), so a prepared file never runs code. `latest` is the newest checkpoint with a manifest. Prediction, the
 lmms-eval adapter and a stage-2 run starting from a checkpoint verify every listed file by sha256 too
 (`--no_verify` skips the hashes knowingly), and refuse a folder whose save was interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +37,12 @@ STAGING_PREFIX = "tmp-"  # tmp-checkpoint-N: HF's checkpoint globs ("checkpoint-
 FINAL_STAGING = "tmp-final"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PAUSE_ENV = "REVISION_TEST_PAUSE_AT"  # tests: stop (sleep) at a named point of a save, to be killed there
+# What DeepSpeed's own state files (global_stepN/*.pt) hold beyond tensors and plain data: ZeRO-2/3 optimizer
+# states pickle the loss scaler, the ZeRO stage and fragment addresses. Nothing else is unpickled at resume.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 class CheckpointError(ValueError):
@@ -285,3 +295,49 @@ def check_loadable(folder: str | os.PathLike, hashes: bool = True) -> None:
         raise CheckpointError(f"{folder}: a save into this folder was interrupted ({FINAL_STAGING} is there, "
                               f"{MANIFEST} is not): its files may mix two saves. Rerun the training, or load a "
                               "complete checkpoint-N")
+
+
+def _deepspeed_safe_globals() -> list:
+    found = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        with contextlib.suppress(ImportError, AttributeError):  # an older DeepSpeed without one of them
+            found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Resuming from a checkpoint with DeepSpeed state (global_stepN/*.pt, which DeepSpeed unpickles with
+    weights_only=False): each of those files is checked first (a pickle global outside tensors, plain data and
+    DEEPSPEED_SAFE_GLOBALS is refused naming the file), and every torch.load inside the block runs weights-only
+    with that allow-list (HF's own loads already are). A hash manifest guards against accidents only: this is
+    what stops a checkpoint someone else prepared from running code. Without DeepSpeed state: nothing changes."""
+    files = sorted(Path(folder).glob("global_step*/*.pt")) if folder else []
+    if not files:
+        yield
+        return
+    import torch
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for path in files:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception as e:  # not a zip-format torch file (DeepSpeed writes only those)
+                raise CheckpointError(f"{path}: not a torch checkpoint file DeepSpeed writes ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200]}); refused before loading") from None
+            if unsafe:
+                raise CheckpointError(f"{path}: would unpickle {unsafe[0]}, which DeepSpeed's state never holds; refused "
+                                      "before loading (nothing in it ran)")
+        previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read by every torch.load, DeepSpeed's weights_only=False included
+        try:
+            yield
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{folder}: DeepSpeed's state asked to unpickle something outside tensors and plain "
+                                  f"data ({str(e).splitlines()[0][:200]}); refused, nothing in it ran") from None
+        finally:
+            if previous is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
