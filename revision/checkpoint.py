@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from revision.nofollow import LinkError, open_nofollow
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint_manifest.json"
@@ -86,7 +88,7 @@ def write_manifest(folder: str | os.PathLike, names: list[str] | None = None) ->
     folder = Path(folder)
     manifest = {"format": FORMAT, "files": hash_files(folder, _files(folder) if names is None else names)}
     tmp = folder / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
+    with open_nofollow(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -185,6 +187,9 @@ def publish_final(staging: Path, out: Path) -> None:
         if name not in manifest["files"] and not CHECKPOINT_RE.match(Path(name).parts[0]):
             (out / name).unlink(missing_ok=True)
     for i, name in enumerate(manifest["files"]):
+        linked = next((p for p in (out / name).parents if p != out and out in p.parents and p.is_symlink()), None)
+        if linked is not None:
+            raise LinkError(f"{linked}: is a symbolic link where this save puts a folder; refusing to write through it")
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / name, out / name)
         if i == 0:

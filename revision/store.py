@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from revision.nofollow import open_nofollow
 from revision.safe_pickle import StoreError, UnsafePickleError, check_digest, safe_load  # noqa: F401  (re-exported: the store's errors)
 
 FORMAT = "revision.embeddings/1"
@@ -149,7 +150,7 @@ def describe_bad_row(vec: np.ndarray) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open_nofollow(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -181,7 +182,7 @@ def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16", d
     # pickle.dump streams large arrays straight to the file: no second copy of the shard in memory
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open_nofollow(tmp, "wb") as f:
         out = _HashingFile(f)
         pickle.dump(payload, out, protocol=5)
         f.flush()

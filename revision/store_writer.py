@@ -3,7 +3,9 @@ for locks, rank parts and the merge)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,11 +16,13 @@ import numpy as np
 
 from revision import store
 from revision.locks import StoreLock, part_tag
+from revision.nofollow import LinkError, open_nofollow
 from revision.store import (
     FORMAT, KINDS, MANIFEST, PART_GLOB, SKIPPED, Shard, StoreError, _squared_norms, _write_manifest, bad_rows,
     check_unique_ids, describe_bad_row, load_shard, read_manifest,
 )
 
+logger = logging.getLogger(__name__)
 Position = tuple  # (unit, offset): an input's place in the writer's input stream (unit index, item in the unit)
 
 
@@ -95,6 +99,10 @@ class StoreWriter:
         _write_manifest(self.root, self.manifest, self.book_name)
 
     def _open(self, encoder: str, overwrite: bool, extra: dict, inputs: str | None) -> None:
+        for name in (MANIFEST, self.book_name, self.skip_log_path.name):  # checked before any file is read or touched
+            if (self.root / name).is_symlink():
+                raise LinkError(f"{self.root / name}: is a symbolic link where this writer keeps its own file; "
+                                "refusing to read or write through it (remove the link)")
         manifest = read_manifest(self.root)  # every shard name checked before any file is touched
         parts = {p.name: read_manifest(self.root, p.name) for p in sorted(self.root.glob(PART_GLOB))}
         if self.part is None:
@@ -132,11 +140,19 @@ class StoreWriter:
         elif self.part is None and any(self.root.glob("*.pkl")) and not overwrite:
             raise StoreError(f"{self.root}: holds *.pkl files but no {MANIFEST}; pass --overwrite to replace them")
         listed = {e["name"] for e in book["shards"]} if book else set()
-        # Leftovers of this writer's own killed runs only: its temp files and shards written but never recorded.
-        for stale in [*self.root.glob(f"{self.shard_prefix}*.tmp"), *self.root.glob(f"{self.shard_prefix}*.pkl")]:
-            if stale.name not in listed:
+        # Leftovers of this writer's own killed runs only (names it gives: shard_prefix + 5 digits, .pkl or .pkl.tmp):
+        # shards written but never recorded, and temp files. Anything else is the user's: left alone, and named.
+        ours = re.compile(re.escape(self.shard_prefix) + r"\d{5}\.pkl(\.tmp)?")
+        for stale in sorted(self.root.glob(f"{self.kind}_embeds_*")):
+            if stale.name in listed:
+                continue
+            if ours.fullmatch(stale.name) and not stale.is_symlink():
                 stale.unlink()
+            elif stale.name.endswith(".pkl") and self.part is None:
+                logger.warning("%s: looks like a shard but is not one this store lists; left alone (not read, not "
+                               "deleted)", stale)
         (self.root / f"{self.book_name}.tmp").unlink(missing_ok=True)
+        self._fresh = book is None  # the manifest this writer writes next is its own: removed if it fails before a shard
         self.was_complete = bool(book and book.get("complete"))
         self.manifest = book or {
             "format": FORMAT, "kind": self.kind, "encoder": encoder, "dim": self.dim, "dtype": self.dtype,
@@ -152,7 +168,7 @@ class StoreWriter:
         self.resume = Resume(tuple(last.get("end", (0, 0))), last.get("consumed", 0), last.get("skipped", 0))
         self._skipped = self.resume.skipped
         if not self.was_complete and self.skip_log_path.exists():  # the log holds exactly the skips before the resume point
-            with open(self.skip_log_path, "r+b") as log:
+            with open_nofollow(self.skip_log_path, "r+b") as log:
                 log.truncate(last.get("skip_log_bytes", 0))
 
     @property
@@ -181,7 +197,7 @@ class StoreWriter:
         self._skips = [(pos, line) for pos, line in self._skips if end is not None and pos >= end]
         if not due and not self.skip_log_path.exists():
             return 0, 0  # no skips, no log (stores written by alignment never have one)
-        with open(self.skip_log_path, "a", encoding="utf-8") as log:
+        with open_nofollow(self.skip_log_path, "a", encoding="utf-8") as log:
             log.writelines(due)
             log.flush()
             os.fsync(log.fileno())  # on disk before the bookkeeping that counts it
@@ -261,6 +277,9 @@ class StoreWriter:
         if self._shard_writer is not None:
             self._shard_writer.shutdown()
             self._shard_writer = None
+        if self._fresh and not self.manifest["shards"] and not self.manifest["complete"]:
+            (self.root / self.book_name).unlink(missing_ok=True)  # a failed first run leaves no empty, incomplete store
+        self._fresh = False
         self.lock.release()
 
     def close(self, **summary: Any) -> dict:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from revision import nofollow
 from revision.align.streams import BadRows, Stream, map_chunks, sample_rows
 from revision.store import Shard, StoreError
 
@@ -204,7 +205,7 @@ class Alignment:
         if path.is_dir():
             path = path / STATS_FILE
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()) + "\n")
+        nofollow.write_bytes(tmp, (json.dumps(self.to_dict()) + "\n").encode())
         os.replace(tmp, path)
         return path
 

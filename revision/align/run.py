@@ -46,6 +46,20 @@ def _check_inputs(texts: EmbeddingStore, images: EmbeddingStore | None, stats: A
         raise StoreError(f"embeddings come from different encoders ({named}); pass --force if that is intended")
 
 
+def _check_out(out: Path, method: str) -> None:
+    """Before any file in --out is touched: refuse a folder holding another store than an aligned one of this method
+    (the writer would mark it incomplete and restamp it), or a partial one that lost its statistics."""
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("parts"):
+        return
+    if manifest.get("method") != method:
+        what = f"a store aligned with {manifest['method']!r}" if manifest.get("method") else "a store not written by embed_mean.py"
+        raise StoreError(f"--out {out} holds {what} ({manifest.get('count')} rows); nothing was changed. Write the "
+                         f"{method} alignment to a new folder, or pass --overwrite to replace that store")
+    if manifest.get("shards") and not manifest.get("complete") and not (out / STATS_FILE).exists():
+        raise StoreError(f"{out}: a partial aligned store without {STATS_FILE}; pass --overwrite to start again")
+
+
 def align_stores(
     text_dir: str | os.PathLike,
     image_dir: str | os.PathLike | None,
@@ -95,6 +109,8 @@ def align_stores(
     if loaded is not None and not overwrite:
         _check_same_stats(loaded, stats_path, apply_stats)
 
+    if part is None and not overwrite:
+        _check_out(out, method)
     encoder = texts.encoder or (images.encoder if images is not None else None) or "unknown"
     writer = StoreWriter(out, "text", encoder, texts.dim, dtype, shard_size, overwrite,
                          extra={"method": method, "aligned_from": str(text_dir), "alignment": STATS_FILE},
