@@ -347,3 +347,31 @@ def test_a_dead_decoding_worker_stops_the_run_instead_of_hanging(tmp_path):
     assert [len(kept) for kept, _, _ in image_batches(iter(samples[:5]), _dies_on_wide_images, 2, 2)] == [2, 2, 1]
     with pytest.raises(RuntimeError, match=r"a decoding worker died .* being decoded start at id '\d' \(\d.png\)"):
         list(image_batches(iter(samples), _dies_on_wide_images, batch_size=2, num_workers=2))
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(clip_dir, tmp_path, sideways_photo):
+    (tmp_path / "imgs").mkdir()
+    paths = sideways_photo(tmp_path / "imgs")
+    upright, exif, raw = (load_image(paths[n]) for n in ("upright", "exif", "raw"))
+    assert exif.size == upright.size == (64, 48) and raw.size == (48, 64)
+    assert np.abs(np.asarray(exif, np.int16) - np.asarray(upright, np.int16)).mean() < 2
+    assert main(_args(clip_dir, tmp_path / "out", "--images", str(tmp_path / "imgs"), "--num_workers", "1")) == 0
+    store = EmbeddingStore(tmp_path / "out" / "image").load_all()
+    got = dict(zip(store.ids, store.embeds.astype(np.float32)))
+    np.testing.assert_allclose(got["exif.jpg"], got["upright.jpg"], atol=2e-3)
+    assert np.abs(got["raw.jpg"] - got["upright.jpg"]).max() > 1e-2  # the sideways pixels embed differently
+
+
+def test_pixel_cap_bounds_the_resized_size_for_any_aspect_ratio(clip_dir, tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (100_000, 1)).save(tmp_path / "imgs" / "thin.png")  # 377 bytes, 0.1 MP: under the 100 MP cap
+    Image.new("RGB", (1, 4000)).save(tmp_path / "imgs" / "tall.png")
+    _random_rgb(0, size=(40, 30)).save(tmp_path / "imgs" / "normal.png")
+    with pytest.raises(ValueError, match=r"100000x1: resized to 448 px on its short side it would be 20070 MP \(aspect "
+                                         r"ratio 100000:1\), over the 100 MP pixel cap \(--max_pixels\)"):
+        load_image(tmp_path / "imgs" / "thin.png")
+    assert main(_args(clip_dir, tmp_path / "out", "--images", str(tmp_path / "imgs"), "--max_pixels", "1000000")) == 0
+    assert "3 inputs, 1 encoded, 0 done before (resumed), 2 skipped" in capsys.readouterr().out
+    skipped = {s["id"]: s["reason"] for s in map(json.loads, (tmp_path / "out/image/skipped.jsonl").read_text().splitlines())}
+    assert skipped["thin.png"].startswith("ValueError: 100000x1: resized to 32 px on its short side it would be 102 MP")
+    assert skipped["tall.png"].startswith("ValueError: 1x4000: resized to 32 px on its short side it would be 4 MP")

@@ -294,3 +294,13 @@ def test_an_unusable_store_row_is_named_not_answered(tmp_path):
                           "float32")
     with pytest.raises(ValueError, match=r"'b.png': unusable embedding in .*s/image_embeds_1.pkl row 1 \(id 'b'\): NaN"):
         store_embedding(EmbeddingTable(tmp_path / "s"), "b.png")
+
+
+def test_prediction_turns_photos_upright_like_image_embed(world, predictor, tmp_path, sideways_photo):
+    paths = sideways_photo(tmp_path)
+    upright = predictor.image_embeddings([paths["upright"]])
+    np.testing.assert_allclose(predictor.image_embeddings([paths["exif"]]), upright, atol=1e-3)
+    np.testing.assert_allclose(predictor.image_embeddings([Image.open(paths["exif"])]), upright, atol=1e-3)  # lmms-eval's PIL visuals
+    assert np.abs(predictor.image_embeddings([paths["raw"]]) - upright).max() > 1e-2
+    with pytest.raises(ValueError, match=r"100000x1: resized to 448 px on its short side"):
+        predictor.prepare(Image.new("RGB", (100_000, 1)))
