@@ -164,6 +164,7 @@ def publish_checkpoint(staged: Path, final: Path) -> None:
         old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
+        pause_point("checkpoint-swap")  # killed here: `final` is gone, both complete saves remain (recover_swaps)
         os.rename(staged, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -274,8 +275,30 @@ def resume_for(args) -> str | None:
         return resolve_resume(args.resume_from_checkpoint, args.output_dir, hashes=is_main)
 
 
+def recover_swaps(output_dir: str | os.PathLike) -> None:
+    """A re-save killed between its two renames leaves checkpoint-N missing, the old one moved to tmp-old-checkpoint-N
+    and the new one, complete, in tmp-checkpoint-N/checkpoint-N: put the new one in place if its manifest is there,
+    else the old one back. Either way checkpoint-N is complete again before anything is removed."""
+    folder = Path(output_dir)
+    for old in sorted(folder.glob(f"{STAGING_PREFIX}old-checkpoint-*")) if folder.is_dir() else []:
+        final = folder / old.name[len(f"{STAGING_PREFIX}old-"):]
+        staged = folder / f"{STAGING_PREFIX}{final.name}" / final.name
+        if final.exists() or not CHECKPOINT_RE.match(final.name):
+            continue
+        try:
+            verify(staged, hashes=False, exact=False)
+            newer = True
+        except CheckpointError:
+            newer = False
+        logger.warning("%s: its re-save was interrupted between two renames; restoring the %s complete save", final,
+                       "new" if newer else "previous")
+        os.rename(staged if newer else old, final)
+        _fsync_dir(folder)
+
+
 def remove_stale_staging(output_dir: str | os.PathLike) -> None:
-    """Drop the staging folders of killed saves (they hold no complete checkpoint)."""
+    """Drop the staging folders of killed saves (they hold no complete checkpoint, once recover_swaps has run)."""
+    recover_swaps(output_dir)
     folder = Path(output_dir)
     for stale in folder.glob(f"{STAGING_PREFIX}*checkpoint-*") if folder.is_dir() else []:
         logger.warning("removing %s: a checkpoint save that did not finish", stale)

@@ -245,6 +245,11 @@ class RevisionModel(nn.Module):
             return text_embeds
         self.check_embed_dim(image_embeds.shape[-1], "image_embeds")
         projected = self.projector(image_embeds.to(self.projector[0].weight.dtype))  # [B, d]: once per sample
+        # The LLM's first norm squares each row: NaN, Inf or a square that overflows reaches it as garbage (an empty
+        # answer). Refused like a non-finite loss (training: the loss guard stops it).
+        if not self.training and not torch.isfinite(projected.float().square().sum(-1)).all():
+            raise ValueError("the projector's output holds NaN / Inf, or values too large to normalise (its weights: "
+                             "e.g. a bias near 1e38); refusing to answer from it")
         if image_index is not None:  # packed: each visual position takes its own sample's projection
             per_position = projected[image_index[is_visual]].to(text_embeds.dtype)
             return text_embeds.masked_scatter(is_visual.unsqueeze(-1), per_position)

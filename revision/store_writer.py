@@ -43,6 +43,10 @@ class StoreWriter:
     shards into the same folder, its bookkeeping in part-INDEX-of-COUNT.json; only the merge
     (revision.distributed.merge_parts) writes the manifest. Without `part`, the writer keeps manifest.json itself.
 
+    Ids: with `positions` (a stream of inputs), an id this run already stored is skipped and listed, its first row
+    kept (e.g. one key in two tars); the set of ids costs ~100 bytes a row. Ids of an earlier, resumed run are not
+    in it: the training table refuses a duplicate there.
+
     Resume: a caller that gives each row's input `positions` and reports skipped inputs with skip() finds, on a
     rerun, `resume`: the position after the last recorded shard (read the inputs again from there: skipped inputs
     before it stay listed, later ones are retried). `inputs` fingerprints what is being encoded: a rerun on other
@@ -96,6 +100,7 @@ class StoreWriter:
         self._pending: tuple[Future, dict, list[str]] | None = None
         self._buffered = 0
         self._done_ids: set[str] | None = None
+        self._seen: set[str] = set()  # ids this run stored: a repeat (the same key in two tars) is skipped and listed
         _write_manifest(self.root, self.manifest, self.book_name)
 
     def _open(self, encoder: str, overwrite: bool, extra: dict, inputs: str | None) -> None:
@@ -222,6 +227,18 @@ class StoreWriter:
         embeds = np.asarray(embeds.float().cpu() if hasattr(embeds, "float") else embeds)
         if embeds.ndim != 2 or embeds.shape != (len(ids), self.dim):
             raise StoreError(f"{self.root}: got embeddings of shape {embeds.shape} for {len(ids)} ids, dim {self.dim}")
+        if positions is not None:  # a stream of inputs: a repeated id is skipped (listed), its first row kept
+            keep = []
+            for i, id_ in enumerate(ids):
+                if id_ in self._seen:
+                    self.skip({"id": id_, "reason": "duplicate id: an earlier input of this run has the same id (kept)"},
+                              positions[i])
+                else:
+                    self._seen.add(id_)
+                    keep.append(i)
+            if len(keep) < len(ids):
+                ids, embeds, positions = [ids[i] for i in keep], embeds[keep], [positions[i] for i in keep]
+                sources = [sources[i] for i in keep] if sources is not None else None
         bad = bad_rows(embeds) if not unit_rows else []
         if len(bad):
             row = int(bad[0])

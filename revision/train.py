@@ -218,6 +218,10 @@ def parse_args(argv: list[str] | None = None, default_embed_folder: str = ""):
     for name, value in (("--model_name_or_path", model_args.model_name_or_path), ("--data_path", data_args.data_path)):
         if not value:
             raise SystemExit(f"{name} is required")
+    for name, value in (("learning_rate", training_args.learning_rate), ("mm_projector_lr", training_args.mm_projector_lr),
+                        ("weight_decay", training_args.weight_decay), ("embed_noise_std", data_args.embed_noise_std)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"--{name} {value}: expected a finite number >= 0")
     return model_args, data_args, training_args
 
 

@@ -187,3 +187,29 @@ def test_a_weights_file_that_is_not_safetensors_is_one_line(world, tmp_path, cap
     assert predict_main(["--model", str(out), "--embedding", str(tmp_path / "e.npy"), "--device", "cpu"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith(f"error: {out}/projector.safetensors: not a readable weights file (SafetensorError: ")
+
+
+def test_a_kill_between_the_two_renames_of_a_re_save_resumes_from_a_complete_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    old = checkpoint.verify(out / "checkpoint-2")["files"]
+    # the same run again (not resumed): its checkpoint-2 replaces the first, and is killed between the renames
+    killed_at(world, out, "checkpoint-swap", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+              "--learning_rate", "5e-2")
+    assert not (out / "checkpoint-2").exists()
+    assert (out / "tmp-old-checkpoint-2").is_dir() and (out / "tmp-checkpoint-2" / "checkpoint-2" / MANIFEST).is_file()
+    new = checkpoint.verify(out / "tmp-checkpoint-2" / "checkpoint-2")["files"]
+    assert new["projector.safetensors"] != old["projector.safetensors"]
+    saved = json.loads((out / "tmp-checkpoint-2" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    resumed = run(world, out, "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint", "latest")
+    history = [h for h in resumed.state.log_history if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3]  # steps 1-2 from the new, complete checkpoint-2
+    assert [h["loss"] for h in history[:2]] == [h["loss"] for h in saved if "loss" in h]
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == new
+    assert not list(out.glob("tmp-*"))
+    # killed before the new save's manifest was written: the previous checkpoint is put back
+    os.rename(out / "checkpoint-2", out / "tmp-old-checkpoint-2")
+    (out / "tmp-checkpoint-2" / "checkpoint-2").mkdir(parents=True)
+    (out / "tmp-checkpoint-2" / "checkpoint-2" / "projector.safetensors").write_bytes(b"half")
+    checkpoint.remove_stale_staging(out)
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == new and not list(out.glob("tmp-*"))

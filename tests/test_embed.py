@@ -375,3 +375,10 @@ def test_pixel_cap_bounds_the_resized_size_for_any_aspect_ratio(clip_dir, tmp_pa
     skipped = {s["id"]: s["reason"] for s in map(json.loads, (tmp_path / "out/image/skipped.jsonl").read_text().splitlines())}
     assert skipped["thin.png"].startswith("ValueError: 100000x1: resized to 32 px on its short side it would be 102 MP")
     assert skipped["tall.png"].startswith("ValueError: 1x4000: resized to 32 px on its short side it would be 4 MP")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_text_or_path(tmp_path):
+    (tmp_path / "t.txt").write_bytes("\ufeffa red cube\na blue ball\n".encode())
+    assert [t.text for t in read_texts(tmp_path / "t.txt")] == ["a red cube", "a blue ball"]
+    (tmp_path / "i.txt").write_bytes("\ufeffimgs/a.png\n".encode())
+    assert [i.source for i in read_images(tmp_path / "i.txt")] == ["imgs/a.png"]

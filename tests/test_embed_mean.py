@@ -381,3 +381,13 @@ def test_stores_smaller_than_the_report_neighbourhoods_align_and_report(tmp_path
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "gap_report.json").read_text())
     assert 0 <= report["after"]["knn_mixing"] <= 1 and report["after"]["knn_overlap_kept"] == 1.0
+
+
+def test_statistics_messages_say_what_is_wrong(inputs):
+    nan = [0.1] * 32
+    nan[7] = float("nan")
+    with pytest.raises(StoreError, match=r"alignment statistic 'mu_text' holds nan at index 7 \(1 non-finite values of 32\)"):
+        align_stores(inputs / "text", None, inputs / "out", apply_stats=bad_stats_file(inputs, "a.json", mu_text=nan), progress=False)
+    with pytest.raises(StoreError, match=r"alignment statistic 'mu_text' has shape \(31,\), expected \(32,\)$"):
+        align_stores(inputs / "text", None, inputs / "out", apply_stats=bad_stats_file(inputs, "b.json", mu_text=[1.0] * 31),
+                     progress=False)

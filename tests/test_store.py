@@ -341,3 +341,50 @@ def test_a_first_run_that_fails_before_a_shard_leaves_no_manifest(tmp_path):
     resumed = StoreWriter(tmp_path / "s", "text", "enc", 12)  # not its first run: the manifest stays
     resumed.shutdown()
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["count"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dtype": "int8"}, r"dtype is 'int8', expected 'float16' or 'float32'"),
+    ({"dtype": "float8"}, r"dtype is 'float8', expected 'float16' or 'float32'"),
+    ({"kind": None}, r"kind is None, expected 'text' or 'image'"),
+    ({"count": 15}, r"count is 15, expected 10, the sum of its shards' rows"),
+    ({"dim": "12"}, r"dim is '12', expected a positive integer"),
+])
+def test_manifest_fields_a_reader_relies_on_are_checked_first(tmp_path, rows, change, message):
+    ids, embeds, captions = rows
+    write_store(tmp_path / "s", "text", ids, embeds, captions, dtype="float32", shard_size=4)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest.update(change)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if v is not None}))
+    with pytest.raises(StoreError, match=r"s/manifest.json: " + message):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_shards_must_hold_the_manifests_dtype(tmp_path, rows):
+    ids, embeds, captions = rows
+    write_store(tmp_path / "s", "text", ids, embeds, captions, dtype="float32")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "dtype": "float16"}))
+    with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: holds float32 embeddings, but manifest.json says dtype float16"):
+        EmbeddingStore(tmp_path / "s").load_all()
+
+
+def test_a_memory_bomb_shard_costs_nothing(tmp_path, rows):
+    """bytearray(10**12) in a 30-byte pickle: with a manifest the hash refuses it before unpickling; without one
+    (the official layout) the unpickler refuses the size. Either way nothing is allocated (it would be 1 TB)."""
+    ids, embeds, captions = rows
+    write_store(tmp_path / "s", "text", ids, embeds, captions)
+    bomb = b"\x80\x02cbuiltins\nbytearray\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R."  # protocol 2: bytearray(10**12)
+    (tmp_path / "s" / "text_embeds_00000.pkl").write_bytes(bomb)
+    with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: sha256 .* differs from the manifest's"):
+        EmbeddingStore(tmp_path / "s").load_all()
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "text_embeds_1.pkl").write_bytes(bomb)
+    with pytest.raises(UnsafePickleError, match=r"refused to unpickle bytearray\(1000000000000\)"):
+        EmbeddingStore(tmp_path / "ref")
+    assert safe_load_bytes(pickle.dumps({"b": bytearray(b"ok"), "c": b"x"}, protocol=4), tmp_path) == {"b": bytearray(b"ok"), "c": b"x"}
+
+
+def safe_load_bytes(data: bytes, folder) -> object:
+    (folder / "x.pkl").write_bytes(data)
+    return safe_load(folder / "x.pkl")

@@ -222,6 +222,9 @@ def test_projector_lr_and_length_grouping(world, tmp_path):
 def test_start_up_errors(world, tmp_path):
     with pytest.raises(ValueError, match="model_max_length 6 leaves no room for text"):
         run(world, tmp_path / "a", "pretrain", "--model_max_length", "6")
+    for flag, value in (("--learning_rate", "nan"), ("--learning_rate", "-1.0"), ("--embed_noise_std", "inf")):
+        with pytest.raises(InputError, match=rf"^{flag} {value}: expected a finite number >= 0$"):
+            run(world, tmp_path / "a", "pretrain", flag, value)
     run(world, tmp_path / "s1", "pretrain", "--max_steps", "1")
     other_store, _ = make_tiny_corpus(tmp_path / "other", "image", n=8, dim=12)
     with pytest.raises(ValueError, match="projector takes dim 16, but the embeddings in .* have dim 12"):
