@@ -275,6 +275,15 @@ def resume_for(args) -> str | None:
         return resolve_resume(args.resume_from_checkpoint, args.output_dir, hashes=is_main)
 
 
+def refuse_links(output_dir: str | os.PathLike) -> None:
+    """Before a run writes anything: HF's Trainer writes trainer_state.json straight into output_dir (every other
+    file goes through a staging folder and a rename, which replaces a link instead of following it)."""
+    path = Path(output_dir) / "trainer_state.json"
+    if path.is_symlink():
+        raise LinkError(f"{path}: is a symbolic link where this run writes its own file; refusing to write through it "
+                        "(remove the link)")
+
+
 def recover_swaps(output_dir: str | os.PathLike) -> None:
     """A re-save killed between its two renames leaves checkpoint-N missing, the old one moved to tmp-old-checkpoint-N
     and the new one, complete, in tmp-checkpoint-N/checkpoint-N: put the new one in place if its manifest is there,

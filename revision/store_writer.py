@@ -101,7 +101,8 @@ class StoreWriter:
         self._buffered = 0
         self._done_ids: set[str] | None = None
         self._seen: set[str] = set()  # ids this run stored: a repeat (the same key in two tars) is skipped and listed
-        _write_manifest(self.root, self.manifest, self.book_name)
+        if not self.was_complete:  # a complete store stays as it is on disk until this writer adds to it or closes
+            _write_manifest(self.root, self.manifest, self.book_name)
 
     def _open(self, encoder: str, overwrite: bool, extra: dict, inputs: str | None) -> None:
         for name in (MANIFEST, self.book_name, self.skip_log_path.name):  # checked before any file is read or touched

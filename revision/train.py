@@ -350,6 +350,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                               data_collator=collator,
                               align_stats=data_args.align_stats, callbacks=[EpochToDataset(dataset)])
     # Only a complete checkpoint whose every file this run wrote, unchanged, is resumed from (checkpoint.py).
+    checkpoint.refuse_links(training_args.output_dir)
     resume = checkpoint.resume_for(training_args)
     with checkpoint.weights_only_loads(resume):  # DeepSpeed's own state files: no pickled code runs
         trainer.train(resume_from_checkpoint=resume)

@@ -213,3 +213,13 @@ def test_a_kill_between_the_two_renames_of_a_re_save_resumes_from_a_complete_che
     (out / "tmp-checkpoint-2" / "checkpoint-2" / "projector.safetensors").write_bytes(b"half")
     checkpoint.remove_stale_staging(out)
     assert checkpoint.verify(out / "checkpoint-2")["files"] == new and not list(out.glob("tmp-*"))
+
+
+def test_a_link_where_training_writes_its_state_is_refused_before_training(world, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    os.symlink(outside, tmp_path / "out" / "trainer_state.json")
+    with pytest.raises(OSError, match=r"out/trainer_state.json: is a symbolic link where this run writes its own file"):
+        run(world, tmp_path / "out", "--max_steps", "1", "--save_strategy", "no")
+    assert outside.read_text() == "precious\n" and not (tmp_path / "out" / "projector.safetensors").exists()

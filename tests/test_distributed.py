@@ -82,9 +82,9 @@ def test_webdataset_round_trip_with_corrupt_and_truncated_tars(clip_dir, tmp_pat
     keys = _tars(data, 2, 3)
     _write_tar(data / "00002.tar", [("bad.jpg", b"\xff\xd8 not a jpeg"), ("bad.txt", b"caption bad"),
                                     ("nojpg.txt", b"caption only"), ("latin.jpg", _jpeg(7)), ("latin.txt", "café".encode("latin-1"))])
-    full = _tars(tmp_path / "tmp", 1, 4)
-    whole = (tmp_path / "tmp/00000.tar").read_bytes()
-    with tarfile.open(tmp_path / "tmp/00000.tar") as tar:
+    full = _tars(tmp_path / "tmp", 5, 4)[16:]  # the fifth tar's keys: none of them is in the first tars
+    whole = (tmp_path / "tmp/00004.tar").read_bytes()
+    with tarfile.open(tmp_path / "tmp/00004.tar") as tar:
         cut = tar.getmember(f"{full[2]}.jpg").offset_data + 100
     (data / "00003.tar").write_bytes(whole[:cut])  # truncated in the middle of the third sample's image
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ from revision.embed import (BATCH_DELAY_ENV, InputError, image_batches, load_ima
                             read_texts, worker_chunk)
 from revision.encoders import load_encoder
 from revision.inputs import Sample
-from revision.store import EmbeddingStore, UnsafePickleError
+from revision.store import EmbeddingStore, StoreError, UnsafePickleError
 from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,8 +232,10 @@ def test_pickle_with_code_payload_is_refused_never_run(clip_dir, texts_file, tmp
     marker = tmp_path / "pwned"
     (out / "text/text_embeds_00000.pkl").write_bytes(pickle.dumps([{"id": "1", "embed": _Payload(marker)}]))
     assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 0  # resuming reads bookkeeping, never shards
-    with pytest.raises(UnsafePickleError, match=r"text_embeds_00000.pkl: refused to unpickle global"):
+    with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: sha256 .* differs"):  # hashed before unpickling
         EmbeddingStore(out / "text").load_all()
+    with pytest.raises(UnsafePickleError, match=r"text_embeds_00000.pkl: refused to unpickle global"):
+        EmbeddingStore(out / "text", verify=False).load_all()
     (tmp_path / "payload.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     assert main(_args(clip_dir, tmp_path / "o2", "--images", str(tmp_path / "payload.pkl"))) == 2
     assert "expected a folder, a .txt list" in capsys.readouterr().err
@@ -382,3 +384,16 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text_or_path(tmp_path):
     assert [t.text for t in read_texts(tmp_path / "t.txt")] == ["a red cube", "a blue ball"]
     (tmp_path / "i.txt").write_bytes("\ufeffimgs/a.png\n".encode())
     assert [i.source for i in read_images(tmp_path / "i.txt")] == ["imgs/a.png"]
+
+
+def test_a_refused_store_leaves_the_other_kinds_complete_store_as_it_was(clip_dir, image_dir, texts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--images", str(image_dir))) == 0
+    before = (out / "image" / "manifest.json").read_bytes()
+    siglip = build_tiny_clip(tmp_path / "siglip", siglip=True)
+    main(_args(siglip, out, "--texts", str(texts_file)))  # a text store of another encoder (dim 32)
+    capsys.readouterr()
+    assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file))) == 2
+    assert "out/text: existing store has encoder" in capsys.readouterr().err  # refused after the image store was opened
+    assert (out / "image" / "manifest.json").read_bytes() == before  # still complete, not restamped
+    EmbeddingStore(out / "image").require_complete()

@@ -132,6 +132,8 @@ def align_stores(
             raise StoreError(f"{out}: a partial store aligned with {loaded.method!r}; pass --overwrite to replace it")
 
     cache_dir = out / ".align_cache"
+    if cache_dir.is_symlink():  # our temp name: a link there would send the spill files elsewhere
+        cache_dir.unlink()
     shutil.rmtree(cache_dir, ignore_errors=True)
     fit_passes = REGISTRY[method].text_passes if loaded is None else 0  # passes the fit makes over the texts
     if stats_sample:
