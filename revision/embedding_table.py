@@ -2,8 +2,8 @@
 
 An embedding store (pkl shards) is converted once into a contiguous cache next to it: `embeds.npy` [N, D] in
 store order, plus the ids (and, for image stores, the image paths) as one byte blob with row offsets and an index
-sorted by a 64-bit hash of each key (so the index costs 16 bytes a row plus the keys' own bytes, however long the
-longest key; a lookup compares the exact bytes), and the rows that are unusable (NaN / Inf / all zero). Every rank opens these with np.load(mmap_mode="r"), so a
+sorted by a 128-bit digest of each key (32 bytes a row plus the keys' own bytes, however long the longest key is;
+a lookup matches the whole digest), and the rows that are unusable (NaN / Inf / all zero). Every rank opens these with np.load(mmap_mode="r"), so a
 process holds only the pages it touches, whatever the corpus size. The cache is keyed by the shards' sha256 (or
 names, sizes and mtimes for bare reference folders): a changed store gets a new cache; ranks building the same
 cache at once race harmlessly (temp folder + rename).
@@ -88,35 +88,39 @@ def _cache_key(store: EmbeddingStore) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _hashes(keys: list[bytes]) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(k, digest_size=8).digest(), "little") for k in keys], np.uint64)
+def _hashes(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit halves of each key's 128-bit blake2b digest: the first is searched, the second checked."""
+    digests = np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in keys), np.uint64)
+    return digests[0::2].copy(), digests[1::2].copy()
 
 
 class KeyIndex:
-    """Keys (ids or image paths) of a table's rows: one blob of their bytes with row offsets, and the rows sorted by
-    a 64-bit hash of their key (ties: lowest row first). Memory-mapped like the embeddings."""
+    """Keys (ids or image paths) of a table's rows, memory-mapped like the embeddings: their bytes as one blob with
+    row offsets (to name a row's key), and the rows sorted by a 128-bit digest of their key (ties: lowest row first).
+    A lookup matches the whole digest: a key one byte away ("trail" and "trail\\0") never matches."""
 
     def __init__(self, cache: Path, name: str):
-        self.blob, self.offsets, self.hashes, self.rows_by_hash = (
-            np.load(cache / f"{name}_{part}.npy", mmap_mode="r") for part in ("blob", "offsets", "hashes", "rows"))
+        self.blob, self.offsets, self.hashes, self.checks, self.rows_by_hash = (
+            np.load(cache / f"{name}_{part}.npy", mmap_mode="r") for part in ("blob", "offsets", "hashes", "checks", "rows"))
 
     def key(self, row: int) -> str:
         return bytes(self.blob[int(self.offsets[row]): int(self.offsets[row + 1])]).decode()
 
     def rows(self, keys: list[str]) -> np.ndarray:
-        """Row of each key, -1 where absent: the hash finds the candidates, the exact bytes decide."""
+        """Row of each key, -1 where absent."""
         found = np.full(len(keys), -1, np.int64)
         if not len(self.hashes) or not keys:
             return found
-        encoded = [k.encode() for k in keys]
-        wanted = _hashes(encoded)
-        starts = np.searchsorted(self.hashes, wanted)
-        for i in np.flatnonzero(starts < len(self.hashes)):
-            at = int(starts[i])
-            while at < len(self.hashes) and self.hashes[at] == wanted[i]:  # more than one only on a 64-bit collision
-                row = int(self.rows_by_hash[at])
-                if bytes(self.blob[int(self.offsets[row]): int(self.offsets[row + 1])]) == encoded[i]:
-                    found[i] = row
+        wanted, check = _hashes([k.encode() for k in keys])
+        pos = np.minimum(np.searchsorted(self.hashes, wanted), len(self.hashes) - 1)
+        first = np.asarray(self.hashes[pos]) == wanted
+        hit = first & (np.asarray(self.checks[pos]) == check)
+        found[hit] = np.asarray(self.rows_by_hash[pos[hit]])
+        for i in np.flatnonzero(first & ~hit):  # the first 64 bits shared with another key: look past it
+            at = int(pos[i])
+            while at < len(self.hashes) and self.hashes[at] == wanted[i]:
+                if self.checks[at] == check[i]:
+                    found[i] = int(self.rows_by_hash[at])
                     break
                 at += 1
         return found
@@ -127,16 +131,17 @@ def _write_key_index(folder: Path, name: str, keys: list[str], where: str, uniqu
     encoded = [k.encode() for k in keys]
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(k) for k in encoded], out=offsets[1:])
-    hashes = _hashes(encoded)
-    order = np.argsort(hashes, kind="stable")
+    hashes, checks = _hashes(encoded)
+    order = np.lexsort((np.arange(len(keys)), checks, hashes))
     if unique and len(order) > 1:
-        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        same = np.flatnonzero((hashes[order][1:] == hashes[order][:-1]) & (checks[order][1:] == checks[order][:-1]))
         for a, b in zip(order[same], order[same + 1]):
             if encoded[a] == encoded[b]:
                 raise StoreError(f"{where}: duplicate id {keys[a]!r}; ids must be unique")
     np.save(folder / f"{name}_blob.npy", np.frombuffer(b"".join(encoded), np.uint8))
     np.save(folder / f"{name}_offsets.npy", offsets)
     np.save(folder / f"{name}_hashes.npy", hashes[order])
+    np.save(folder / f"{name}_checks.npy", checks[order])
     np.save(folder / f"{name}_rows.npy", order.astype(np.int64))
 
 

@@ -303,7 +303,7 @@ def test_ids_match_exactly_and_one_long_id_costs_its_own_bytes(tmp_path):
     assert table.rows(["trail", "trail\0", "x" * 400_000, "x" * 399_999, "t5", "t1999", "nope"]).tolist() == [-1, 3, 7, -1, 5, 1999, -1]
     cache = next((tmp_path / "s" / ".revision_cache").iterdir())
     index_bytes = sum(f.stat().st_size for f in cache.glob("ids_*.npy"))
-    assert index_bytes < 400_000 + 2000 * 32 + 4 * 128  # the keys' bytes, 16 bytes a row of index + offsets, npy headers
+    assert index_bytes < 400_000 + 2000 * 40 + 5 * 128  # the keys' bytes, 32 bytes a row of index + offsets, npy headers
     assert "text_embeds_00000.pkl row 3 (id 'trail\\x00')" in table.describe(3)  # named exactly
 
 
