@@ -90,7 +90,7 @@ def _columnar_from_records(records: list, path: str, kind_hint: str | None) -> S
 
 def load_shard(path: str | os.PathLike, kind_hint: str | None = None, sha256: str | None = None) -> Shard:
     """Load one shard (our columnar layout or the reference record layout) with the safe unpickler; with `sha256`,
-    verified against it in the same read."""
+    verified against it before it is unpickled."""
     path = str(path)
     obj = safe_load(path, sha256)
     if isinstance(obj, list):
@@ -262,7 +262,7 @@ class EmbeddingStore:
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: no such store folder")
         self.manifest = read_manifest(self.root)
-        self.verify_hashes = verify  # every shard read is checked against the manifest's sha256 in the same pass
+        self.verify_hashes = verify  # every shard read is checked against the manifest's sha256 before unpickling
         self._verified: set[str] = set()  # shards already checked by this reader: later passes do not hash again
         self._first: Shard | None = None
         if self.manifest is None and any(self.root.glob(PART_GLOB)):
