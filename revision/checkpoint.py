@@ -8,9 +8,10 @@ says exactly which bytes this run wrote.
 
 Loading checks the manifest: resuming verifies every file's sha256 and refuses anything that differs, is
 missing, or was added. DeepSpeed unpickles its `.pt` files with weights_only=False: resuming forces
-weights_only=True with a minimal allow-list (weights_only_loads), so a prepared file never runs code. `latest` is the newest checkpoint with a manifest. Prediction, the
-lmms-eval adapter and a stage-2 run starting from a checkpoint verify every listed file by sha256 too
-(`--no_verify` skips the hashes knowingly), and refuse a folder whose save was interrupted.
+weights_only=True with a minimal allow-list (weights_only_loads), so a prepared file never runs code.
+`latest` is the newest checkpoint with a manifest. Prediction, the lmms-eval adapter and a run starting from
+a checkpoint verify every listed file by sha256 too (`--no_verify` skips the hashes knowingly), and refuse a
+folder whose save was interrupted.
 """
 from __future__ import annotations
 
