@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from revision import nofollow
 from revision.nofollow import LinkError, open_nofollow
 
 logger = logging.getLogger(__name__)
@@ -279,10 +280,7 @@ def resume_for(args) -> str | None:
 def refuse_links(output_dir: str | os.PathLike) -> None:
     """Before a run writes anything: HF's Trainer writes trainer_state.json straight into output_dir (every other
     file goes through a staging folder and a rename, which replaces a link instead of following it)."""
-    path = Path(output_dir) / "trainer_state.json"
-    if path.is_symlink():
-        raise LinkError(f"{path}: is a symbolic link where this run writes its own file; refusing to write through it "
-                        "(remove the link)")
+    nofollow.refuse_links(Path(output_dir) / "trainer_state.json")
 
 
 def recover_swaps(output_dir: str | os.PathLike) -> None:

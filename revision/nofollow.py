@@ -14,16 +14,22 @@ class LinkError(OSError):
     """One of our file names is a link (or not a regular file): refused before anything is written through it."""
 
 
+def refuse_links(*paths: str | os.PathLike) -> None:
+    """Before anything is written: none of these names of our files may be a symbolic link."""
+    for path in paths:
+        if os.path.islink(path):
+            raise LinkError(f"{path}: is a symbolic link where this program writes its own file; refusing to write "
+                            "through it (remove the link)")
+
+
 def open_fd(path: str | os.PathLike, flags: int, truncate: bool = False, mode: int = 0o644) -> int:
     """os.open with O_NOFOLLOW, then checked to be a regular file with no other hard link; `truncate` empties it
     only after that check (O_TRUNC would truncate before it)."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except OSError as e:
-        if os.path.islink(path):
-            raise LinkError(f"{path}: is a symbolic link where this program writes its own file; refusing to write "
-                            "through it (remove the link)") from None
-        raise e
+    except OSError:
+        refuse_links(path)  # O_NOFOLLOW's ELOOP: say what it means
+        raise
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
         os.close(fd)

@@ -16,7 +16,7 @@ import numpy as np
 
 from revision import store
 from revision.locks import StoreLock, part_tag
-from revision.nofollow import LinkError, open_nofollow
+from revision.nofollow import open_nofollow, refuse_links
 from revision.store import (
     FORMAT, KINDS, MANIFEST, PART_GLOB, SKIPPED, Shard, StoreError, _squared_norms, _write_manifest, bad_rows,
     check_unique_ids, describe_bad_row, load_shard, read_manifest,
@@ -105,10 +105,8 @@ class StoreWriter:
             _write_manifest(self.root, self.manifest, self.book_name)
 
     def _open(self, encoder: str, overwrite: bool, extra: dict, inputs: str | None) -> None:
-        for name in (MANIFEST, self.book_name, self.skip_log_path.name):  # checked before any file is read or touched
-            if (self.root / name).is_symlink():
-                raise LinkError(f"{self.root / name}: is a symbolic link where this writer keeps its own file; "
-                                "refusing to read or write through it (remove the link)")
+        # checked before any file is read or touched
+        refuse_links(*(self.root / name for name in (MANIFEST, self.book_name, self.skip_log_path.name)))
         manifest = read_manifest(self.root)  # every shard name checked before any file is touched
         parts = {p.name: read_manifest(self.root, p.name) for p in sorted(self.root.glob(PART_GLOB))}
         if self.part is None:

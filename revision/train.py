@@ -198,7 +198,10 @@ class RevisionTrainer(Trainer):
         checkpoint.pause_point(f"model-saved:{Path(output_dir).name}")  # tests kill the run here
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        (model or self.model).load_trainable(resume_from_checkpoint)
+        try:
+            (model or self.model).load_trainable(resume_from_checkpoint)
+        except ValueError as e:  # weights that are not readable, or do not fit: one line (main), not a traceback
+            raise checkpoint.CheckpointError(str(e)) from None
 
 
 class EpochToDataset(TrainerCallback):

@@ -1,6 +1,7 @@
 """embed_mean.py / align_stores: the written store, statistics, report, bad input and crash recovery."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -391,3 +392,15 @@ def test_statistics_messages_say_what_is_wrong(inputs):
     with pytest.raises(StoreError, match=r"alignment statistic 'mu_text' has shape \(31,\), expected \(32,\)$"):
         align_stores(inputs / "text", None, inputs / "out", apply_stats=bad_stats_file(inputs, "b.json", mu_text=[1.0] * 31),
                      progress=False)
+
+
+def test_a_link_where_the_report_goes_is_refused_before_any_write(inputs):
+    (inputs / "out").mkdir()
+    (inputs / "outside.json").write_text("precious\n")
+    os.symlink(inputs / "outside.json", inputs / "out" / "gap_report.json")
+    done = run_cli("--text", inputs / "text", "--image", inputs / "image", "--out", inputs / "out")
+    assert done.returncode == 2 and done.stderr.strip().endswith(
+        "out/gap_report.json: is a symbolic link where this program writes its own file; refusing to write through it "
+        "(remove the link)")
+    assert (inputs / "outside.json").read_text() == "precious\n"
+    assert sorted(p.name for p in (inputs / "out").iterdir()) == ["gap_report.json"]

@@ -27,6 +27,7 @@ from revision.align.base import REGISTRY, STATS_FILE, Alignment, load_alignment,
 from revision.align.streams import DEFAULT_MEMORY_BUDGET, BadRows, PassCache
 from revision.distributed import merge_if_last, merge_parts
 from revision.locks import StoreLock
+from revision.nofollow import refuse_links
 from revision.store import PART_GLOB, EmbeddingStore, StoreError, StoreWriter, _write_manifest, read_manifest
 
 
@@ -111,6 +112,7 @@ def align_stores(
 
     if part is None and not overwrite:
         _check_out(out, method)
+    refuse_links(out / "gap_report.json", out / "gap_report.png")  # written late, on a thread: checked now
     encoder = texts.encoder or (images.encoder if images is not None else None) or "unknown"
     writer = StoreWriter(out, "text", encoder, texts.dim, dtype, shard_size, overwrite,
                          extra={"method": method, "aligned_from": str(text_dir), "alignment": STATS_FILE},
