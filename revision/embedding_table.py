@@ -22,7 +22,7 @@ import numpy as np
 
 from revision.store import EmbeddingStore, StoreError, bad_rows, describe_bad_row
 
-CACHE_VERSION = "3"  # 2: the cache records the store's unusable rows; 3: keys as a blob + hash index
+CACHE_VERSION = "4"  # 2: the cache records the store's unusable rows; 4: keys as a blob + a 128-bit digest index
 logger = logging.getLogger(__name__)
 
 
