@@ -220,6 +220,6 @@ def test_a_link_where_training_writes_its_state_is_refused_before_training(world
     outside.write_text("precious\n")
     (tmp_path / "out").mkdir()
     os.symlink(outside, tmp_path / "out" / "trainer_state.json")
-    with pytest.raises(OSError, match=r"out/trainer_state.json: is a symbolic link where this run writes its own file"):
+    with pytest.raises(OSError, match=r"out/trainer_state.json: is a symbolic link where this program writes its own file"):
         run(world, tmp_path / "out", "--max_steps", "1", "--save_strategy", "no")
     assert outside.read_text() == "precious\n" and not (tmp_path / "out" / "projector.safetensors").exists()
