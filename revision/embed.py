@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 1)),
                         help="processes decoding images while this one encodes (0: decode inline)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="skip (and list) images with more pixels, read from the header before decoding (0: no cap)")
+                        help="skip (and list) images with more pixels, decoded or once resized to the encoder's input on "
+                        "the short side, read from the header before decoding (0: no cap)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="let a Hugging Face encoder folder run the Python it ships (its config's auto_map)")

@@ -223,3 +223,14 @@ def test_a_link_where_training_writes_its_state_is_refused_before_training(world
     with pytest.raises(OSError, match=r"out/trainer_state.json: is a symbolic link where this program writes its own file"):
         run(world, tmp_path / "out", "--max_steps", "1", "--save_strategy", "no")
     assert outside.read_text() == "precious\n" and not (tmp_path / "out" / "projector.safetensors").exists()
+
+
+def test_a_kill_after_the_new_manifest_but_before_the_swap_resumes_from_the_previous_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    old = checkpoint.verify(out / "checkpoint-2")["files"]
+    killed_at(world, out, "checkpoint-publish", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+              "--learning_rate", "5e-2")
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == old  # untouched: the swap had not begun
+    run(world, out, "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint", "latest")
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == old and not list(out.glob("tmp-*"))
