@@ -189,13 +189,18 @@ def test_a_weights_file_that_is_not_safetensors_is_one_line(world, tmp_path, cap
     assert len(err) == 1 and err[0].startswith(f"error: {out}/projector.safetensors: not a readable weights file (SafetensorError: ")
 
 
-def test_a_kill_between_the_two_renames_of_a_re_save_resumes_from_a_complete_checkpoint(world, tmp_path):
-    out = tmp_path / "out"
+def resave_killed_at(world, out: Path, pause: str) -> dict:
+    """A run that saved checkpoint-2, then the same run again (not resumed, another learning rate) whose re-save of
+    checkpoint-2 is killed at `pause`; returns the first save's manifest entries."""
     run(world, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
     old = checkpoint.verify(out / "checkpoint-2")["files"]
-    # the same run again (not resumed): its checkpoint-2 replaces the first, and is killed between the renames
-    killed_at(world, out, "checkpoint-swap", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
-              "--learning_rate", "5e-2")
+    killed_at(world, out, pause, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "5e-2")
+    return old
+
+
+def test_a_kill_between_the_two_renames_of_a_re_save_resumes_from_a_complete_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    old = resave_killed_at(world, out, "checkpoint-swap")
     assert not (out / "checkpoint-2").exists()
     assert (out / "tmp-old-checkpoint-2").is_dir() and (out / "tmp-checkpoint-2" / "checkpoint-2" / MANIFEST).is_file()
     new = checkpoint.verify(out / "tmp-checkpoint-2" / "checkpoint-2")["files"]
@@ -227,10 +232,7 @@ def test_a_link_where_training_writes_its_state_is_refused_before_training(world
 
 def test_a_kill_after_the_new_manifest_but_before_the_swap_resumes_from_the_previous_checkpoint(world, tmp_path):
     out = tmp_path / "out"
-    run(world, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
-    old = checkpoint.verify(out / "checkpoint-2")["files"]
-    killed_at(world, out, "checkpoint-publish", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
-              "--learning_rate", "5e-2")
+    old = resave_killed_at(world, out, "checkpoint-publish")
     assert checkpoint.verify(out / "checkpoint-2")["files"] == old  # untouched: the swap had not begun
     run(world, out, "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint", "latest")
     assert checkpoint.verify(out / "checkpoint-2")["files"] == old and not list(out.glob("tmp-*"))
