@@ -25,6 +25,7 @@ from revision.align import DEFAULT_MEMORY_BUDGET, align_stores, method_names  # 
 from revision.align.run import merge_aligned  # noqa: E402
 from revision.distributed import detect_rank  # noqa: E402
 from revision.locks import LockedError  # noqa: E402
+from revision.nofollow import LinkError  # noqa: E402
 from revision.store import StoreError  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             progress=not args.quiet, memory_budget=int(args.memory_budget_gb * 2**30), verify=not args.no_verify,
             part=rank.partial,
         )
-    except (StoreError, ValueError, LockedError) as e:  # bad input: one clear line, no traceback
+    except (StoreError, ValueError, LockedError, LinkError) as e:  # bad input: one clear line, no traceback
         p.exit(2, f"embed_mean.py: error: {e}\n")
     print(json.dumps(summary, indent=1))
 

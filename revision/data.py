@@ -166,6 +166,14 @@ class SupervisedDataset(Dataset):
             raise InputError(f"{where}: has neither 'conversations' nor 'caption'")
         if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
             return None  # an empty conversation, or no answer: 0 tokens to learn from (and 0-token batches crash)
+        # what render() would refuse mid-training, refused here (the first such sample, named, before a step runs)
+        first = next(t["role"] for t in turns if t["role"] != "system")
+        if first != "user":
+            raise InputError(f"{where}: begins with a gpt turn; a conversation begins with a human turn (the question, "
+                             f"or {IMAGE_TOKEN} for a caption)")
+        answers = sum(t["role"] == "assistant" for t in turns)
+        if self.template == "plain" and answers != 1:
+            raise InputError(f"{where}: {answers} gpt turns; pretraining (plain) takes one caption per sample")
         images = count_images(turns)
         if images > 1:
             raise InputError(f"{where}: {images} {IMAGE_TOKEN} placeholders; a sample carries one image embedding")

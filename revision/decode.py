@@ -12,18 +12,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from revision.encoders import to_rgb
 from revision.inputs import Sample
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: ~300 MB as RGB, ~1 GB with a decoder's copies; x16 workers fits a node
+# The short side an encoder resizes to when the caller does not know its encoder's (CLIP ViT-L/14-336: 336): the
+# resized size, not only the decoded one, must stay under the cap (a 100000x1 PNG of 377 bytes resizes to GBs).
+DEFAULT_INPUT_SIDE = 448
+ORIENTATION = 0x0112  # the EXIF tag that says how the stored pixels are turned
 
 
-def load_image(source: Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image (a file or its bytes) as RGB. PIL opens lazily: the size comes from the header,
-    so an image over `max_pixels` is refused before a pixel is decoded (a 20 KB PNG can declare 13000x13000), and
-    truncation shows only when the pixels are read."""
+def check_size(width: int, height: int, max_pixels: int | None, side: int = DEFAULT_INPUT_SIDE) -> None:
+    """Refuse an image whose decoded size, or its size once resized to `side` pixels on its short side (what CLIP
+    preprocessing does before cropping), is over `max_pixels`: memory is bounded for any aspect ratio."""
+    if not width or not height:
+        raise ValueError(f"{width}x{height}: an image with no pixels")
+    if not max_pixels:
+        return
+    if width * height > max_pixels:
+        raise ValueError(f"{width}x{height} = {width * height / 1e6:.0f} MP is over the {max_pixels / 1e6:g} MP "
+                         "pixel cap (--max_pixels)")
+    aspect = max(width, height) / min(width, height)
+    if side * side * aspect > max_pixels:
+        raise ValueError(f"{width}x{height}: resized to {side} px on its short side it would be {side * side * aspect / 1e6:.0f} "
+                         f"MP (aspect ratio {aspect:.0f}:1), over the {max_pixels / 1e6:g} MP pixel cap (--max_pixels)")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: turned by its EXIF orientation (phone photos store pixels sideways)."""
+    if image.getexif().get(ORIENTATION, 1) in (1, None):
+        return image  # nothing to turn: no copy
+    return ImageOps.exif_transpose(image)
+
+
+def load_image(source: Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, side: int = DEFAULT_INPUT_SIDE
+               ) -> Image.Image:
+    """Open and fully decode an image (a file or its bytes) as upright RGB: the one loader of image_embed.py, predict
+    and the lmms-eval adapter. PIL opens lazily: the size comes from the header, so an image over `max_pixels`
+    (decoded, or resized to `side` on its short side: check_size) is refused before a pixel is decoded (a 20 KB PNG
+    can declare 13000x13000), and truncation shows only when the pixels are read."""
     with warnings.catch_warnings():  # PIL warns from 89 MP on: our cap decides (and says so in the skip list)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         if isinstance(source, (bytes, bytearray)):
@@ -33,12 +62,14 @@ def load_image(source: Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS
     if opened is None:
         raise ValueError("empty file (0 bytes)")
     with opened as image:
-        width, height = image.size
-        if max_pixels and width * height > max_pixels:
-            raise ValueError(f"{width}x{height} = {width * height / 1e6:.0f} MP is over the {max_pixels / 1e6:g} MP "
-                             "pixel cap (--max_pixels)")
+        check_size(*image.size, max_pixels, side)
         image.load()
-        return to_rgb(image)
+        return to_rgb(upright(image))
+
+
+def input_side(preprocess: Any) -> int:
+    """The short side `preprocess` resizes to, from the pixels it makes of a small square image."""
+    return int(min(preprocess(Image.new("RGB", (64, 64))).shape[-2:]))
 
 
 class DecodeError(RuntimeError):
@@ -48,23 +79,23 @@ class DecodeError(RuntimeError):
 _WORKER: dict[str, Any] = {}  # a decoding worker's preprocess and pixel cap (set once, before any task)
 
 
-def _init_worker(preprocess: Any, max_pixels: int | None) -> None:
+def _init_worker(preprocess: Any, max_pixels: int | None, side: int = DEFAULT_INPUT_SIDE) -> None:
     torch.set_num_threads(1)  # workers decode; several torch thread pools per worker only oversubscribe the CPU
-    _WORKER.update(preprocess=preprocess, max_pixels=max_pixels)
+    _WORKER.update(preprocess=preprocess, max_pixels=max_pixels, side=side)
 
 
-def _decode_chunk(payloads: list[tuple[Any, str]], preprocess: Any = None, max_pixels: int | None = None
-                  ) -> tuple[torch.Tensor | None, list[str]]:
+def _decode_chunk(payloads: list[tuple[Any, str]], preprocess: Any = None, max_pixels: int | None = None,
+                  side: int = DEFAULT_INPUT_SIDE) -> tuple[torch.Tensor | None, list[str]]:
     """Pixels [k, C, H, W] of the decodable payloads, and each payload's failure reason ("" when decoded)."""
     if preprocess is None:
-        preprocess, max_pixels = _WORKER["preprocess"], _WORKER["max_pixels"]
+        preprocess, max_pixels, side = _WORKER["preprocess"], _WORKER["max_pixels"], _WORKER["side"]
     pixels, reasons = [], []
     for payload, error in payloads:
         if error:
             reasons.append(error)
             continue
         try:
-            pixels.append(preprocess(load_image(payload, max_pixels)))
+            pixels.append(preprocess(load_image(payload, max_pixels, side)))
             reasons.append("")
         except Exception as e:  # any decoder error on any file format means "skip this item", never "stop the run"
             reasons.append(f"{type(e).__name__}: {e}")
@@ -99,11 +130,13 @@ def _decoded(chunks: Iterator[list[Sample]], preprocess: Any, max_pixels: int | 
     inputs (files are opened by the workers, tar and parquet bytes are sent to them) with `4 * num_workers` chunks
     in flight; pixels come back through shared memory (torch's reductions). A worker that dies (killed for memory,
     a crashing decoder) stops the run with an error naming the chunk, never a hang."""
+    side = input_side(preprocess)  # the cap bounds the resized size too (check_size)
     if num_workers == 0:
         for chunk in chunks:
-            yield chunk, _decode_chunk([(s.payload, s.error) for s in chunk], preprocess, max_pixels)
+            yield chunk, _decode_chunk([(s.payload, s.error) for s in chunk], preprocess, max_pixels, side)
         return
-    pool = ProcessPoolExecutor(num_workers, torch.multiprocessing.get_context("fork"), _init_worker, (preprocess, max_pixels))
+    pool = ProcessPoolExecutor(num_workers, torch.multiprocessing.get_context("fork"), _init_worker,
+                               (preprocess, max_pixels, side))
     in_flight: deque[tuple[list[Sample], Future]] = deque()
 
     def first_done() -> tuple[list[Sample], tuple[torch.Tensor | None, list[str]]]:

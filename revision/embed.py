@@ -108,7 +108,7 @@ def read_images(images: str | Path, image_root: str | Path | None = None) -> lis
         return _image_items_from_records(_read_records(images), images, root)
     if images.suffix != ".txt":
         raise InputError(f"--images {images}: expected a folder, a .txt list of paths or .json/.jsonl records")
-    lines = [line.strip() for line in images.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in images.read_text(encoding="utf-8-sig").splitlines()]  # -sig: a BOM is no path
     return [ImageItem(line, root / line, line) for line in lines if line]
 
 
@@ -134,7 +134,8 @@ def read_texts(texts: str | Path) -> list[TextItem]:
         return _text_items_from_records(_read_records(texts), texts)
     if texts.suffix != ".txt":
         raise InputError(f"--texts {texts}: expected a .txt (one text per line), .jsonl or .json file")
-    return [TextItem(str(n), line) for n, line in enumerate(texts.read_text(encoding="utf-8").splitlines(), 1)]
+    # utf-8-sig: a byte-order mark (Windows editors) is not part of the first text
+    return [TextItem(str(n), line) for n, line in enumerate(texts.read_text(encoding="utf-8-sig").splitlines(), 1)]
 
 
 def read_data_json(path: str | Path, image_root: str | Path | None = None) -> tuple[list[ImageItem], list[TextItem]]:
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 1)),
                         help="processes decoding images while this one encodes (0: decode inline)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="skip (and list) images with more pixels, read from the header before decoding (0: no cap)")
+                        help="skip (and list) images with more pixels, decoded or once resized to the encoder's input on "
+                        "the short side, read from the header before decoding (0: no cap)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="let a Hugging Face encoder folder run the Python it ships (its config's auto_map)")

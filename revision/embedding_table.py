@@ -1,8 +1,9 @@
 """The memory-mapped embedding table training reads (docs/design.md, "Training").
 
 An embedding store (pkl shards) is converted once into a contiguous cache next to it: `embeds.npy` [N, D] in
-store order, plus the ids (and, for image stores, the image paths) sorted, with the row each sorted entry points
-to, and the rows that are unusable (NaN / Inf / all zero). Every rank opens these with np.load(mmap_mode="r"), so a
+store order, plus the ids (and, for image stores, the image paths) as one byte blob with row offsets and an index
+sorted by a 128-bit digest of each key (32 bytes a row plus the keys' own bytes, however long the longest key is;
+a lookup matches the whole digest), and the rows that are unusable (NaN / Inf / all zero). Every rank opens these with np.load(mmap_mode="r"), so a
 process holds only the pages it touches, whatever the corpus size. The cache is keyed by the shards' sha256 (or
 names, sizes and mtimes for bare reference folders): a changed store gets a new cache; ranks building the same
 cache at once race harmlessly (temp folder + rename).
@@ -21,7 +22,7 @@ import numpy as np
 
 from revision.store import EmbeddingStore, StoreError, bad_rows, describe_bad_row
 
-CACHE_VERSION = "2"  # 2: the cache records the store's unusable (NaN / Inf / all-zero) rows
+CACHE_VERSION = "4"  # 2: the cache records the store's unusable rows; 4: keys as a blob + a 128-bit digest index
 logger = logging.getLogger(__name__)
 
 
@@ -38,10 +39,8 @@ class EmbeddingTable:
         if not (cache / "embeds.npy").exists():
             _build_cache(store, cache)
         self.embeds = np.load(cache / "embeds.npy", mmap_mode="r")
-        self.ids = np.load(cache / "ids.npy", mmap_mode="r")
-        self.id_rows = np.load(cache / "id_rows.npy", mmap_mode="r")
-        self.sources = np.load(cache / "sources.npy", mmap_mode="r") if (cache / "sources.npy").exists() else None
-        self.source_rows = np.load(cache / "source_rows.npy", mmap_mode="r") if self.sources is not None else None
+        self.ids = KeyIndex(cache, "ids")
+        self.sources = KeyIndex(cache, "sources") if (cache / "sources_blob.npy").exists() else None
         self.unusable_rows = np.load(cache / "bad_rows.npy")  # sorted rows holding NaN / Inf or all zeros
         self.shards = json.loads((cache / "shards.json").read_text())  # [[shard file, rows], ...] in store order
         self.dim = int(self.embeds.shape[1])
@@ -51,15 +50,10 @@ class EmbeddingTable:
 
     def rows(self, keys: list[str], by_source: bool = False) -> np.ndarray:
         """Row of each key (an id, or with by_source an image path); -1 where absent."""
-        index, targets = (self.sources, self.source_rows) if by_source else (self.ids, self.id_rows)
-        if index is None or not len(index) or not keys:
+        index = self.sources if by_source else self.ids
+        if index is None:
             return np.full(len(keys), -1, np.int64)
-        encoded = [k.encode() for k in keys]
-        needles = np.array(encoded, dtype=index.dtype)  # longer keys get cut here: the length check catches them
-        pos = np.minimum(np.searchsorted(index, needles), len(index) - 1)
-        fits = np.array([len(e) <= index.dtype.itemsize for e in encoded])
-        found = fits & (np.asarray(index[pos]) == needles)
-        return np.where(found, np.asarray(targets[pos]), -1).astype(np.int64)
+        return index.rows(keys)
 
     def lookup(self, keys: list[str]) -> np.ndarray:
         """Row of each key read as an id, else as an image path (LLaVA data names either); -1 where neither."""
@@ -80,8 +74,7 @@ class EmbeddingTable:
         ends = np.cumsum([n for _, n in self.shards])
         shard = int(np.searchsorted(ends, row, side="right"))
         in_shard = row - (int(ends[shard - 1]) if shard else 0)
-        hits = np.flatnonzero(np.asarray(self.id_rows) == row)
-        key = self.ids[hits[0]].decode() if len(hits) else "?"
+        key = self.ids.key(row)
         return (f"{self.root / self.shards[shard][0]} row {in_shard} (id {key!r}): "
                 f"{describe_bad_row(np.asarray(self.embeds[row], np.float64))}")
 
@@ -95,15 +88,61 @@ def _cache_key(store: EmbeddingStore) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _sorted_index(keys: list[str], where: str, unique: bool) -> tuple[np.ndarray, np.ndarray]:
-    encoded = np.array([k.encode() for k in keys], dtype=f"S{max(1, max((len(k.encode()) for k in keys), default=1))}")
-    order = np.argsort(encoded, kind="stable")
-    encoded = encoded[order]
-    if unique and len(encoded) > 1:
-        dup = np.flatnonzero(encoded[1:] == encoded[:-1])
-        if len(dup):
-            raise StoreError(f"{where}: duplicate id {encoded[dup[0]].decode()!r}; ids must be unique")
-    return encoded, order.astype(np.int64)
+def _hashes(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit halves of each key's 128-bit blake2b digest: the first is searched, the second checked."""
+    digests = np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in keys), np.uint64)
+    return digests[0::2].copy(), digests[1::2].copy()
+
+
+class KeyIndex:
+    """Keys (ids or image paths) of a table's rows, memory-mapped like the embeddings: their bytes as one blob with
+    row offsets (to name a row's key), and the rows sorted by a 128-bit digest of their key (ties: lowest row first).
+    A lookup matches the whole digest: a key one byte away ("trail" and "trail\\0") never matches."""
+
+    def __init__(self, cache: Path, name: str):
+        self.blob, self.offsets, self.hashes, self.checks, self.rows_by_hash = (
+            np.load(cache / f"{name}_{part}.npy", mmap_mode="r") for part in ("blob", "offsets", "hashes", "checks", "rows"))
+
+    def key(self, row: int) -> str:
+        return bytes(self.blob[int(self.offsets[row]): int(self.offsets[row + 1])]).decode()
+
+    def rows(self, keys: list[str]) -> np.ndarray:
+        """Row of each key, -1 where absent."""
+        found = np.full(len(keys), -1, np.int64)
+        if not len(self.hashes) or not keys:
+            return found
+        wanted, check = _hashes([k.encode() for k in keys])
+        pos = np.minimum(np.searchsorted(self.hashes, wanted), len(self.hashes) - 1)
+        first = np.asarray(self.hashes[pos]) == wanted
+        hit = first & (np.asarray(self.checks[pos]) == check)
+        found[hit] = np.asarray(self.rows_by_hash[pos[hit]])
+        for i in np.flatnonzero(first & ~hit):  # the first 64 bits shared with another key: look past it
+            at = int(pos[i])
+            while at < len(self.hashes) and self.hashes[at] == wanted[i]:
+                if self.checks[at] == check[i]:
+                    found[i] = int(self.rows_by_hash[at])
+                    break
+                at += 1
+        return found
+
+
+def _write_key_index(folder: Path, name: str, keys: list[str], where: str, unique: bool) -> None:
+    """KeyIndex files for `keys` (store order); with `unique`, a repeated key is refused naming it."""
+    encoded = [k.encode() for k in keys]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(k) for k in encoded], out=offsets[1:])
+    hashes, checks = _hashes(encoded)
+    order = np.lexsort((np.arange(len(keys)), checks, hashes))
+    if unique and len(order) > 1:
+        same = np.flatnonzero((hashes[order][1:] == hashes[order][:-1]) & (checks[order][1:] == checks[order][:-1]))
+        for a, b in zip(order[same], order[same + 1]):
+            if encoded[a] == encoded[b]:
+                raise StoreError(f"{where}: duplicate id {keys[a]!r}; ids must be unique")
+    np.save(folder / f"{name}_blob.npy", np.frombuffer(b"".join(encoded), np.uint8))
+    np.save(folder / f"{name}_offsets.npy", offsets)
+    np.save(folder / f"{name}_hashes.npy", hashes[order])
+    np.save(folder / f"{name}_checks.npy", checks[order])
+    np.save(folder / f"{name}_rows.npy", order.astype(np.int64))
 
 
 def _unusable_rows(embeds: np.ndarray) -> np.ndarray:
@@ -138,11 +177,9 @@ def _build_cache(store: EmbeddingStore, cache: Path) -> None:
         del embeds
         np.save(tmp / "bad_rows.npy", np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64))
         (tmp / "shards.json").write_text(json.dumps(shards))
-        for name, keys, unique in (("ids", ids, True), ("sources", sources if store.kind == "image" else None, False)):
-            if keys is not None:
-                index, rows = _sorted_index(keys, str(store.root), unique)
-                np.save(tmp / f"{name}.npy", index)
-                np.save(tmp / f"{name[:-1]}_rows.npy", rows)
+        _write_key_index(tmp, "ids", ids, str(store.root), unique=True)
+        if store.kind == "image":
+            _write_key_index(tmp, "sources", sources, str(store.root), unique=False)
         os.replace(tmp, cache)
     except OSError:
         if not (cache / "embeds.npy").exists():  # not a lost race with another rank building the same cache

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from revision.nofollow import open_nofollow, write_bytes
 from revision.store import normalize_rows
 
 KNN_MIXING_K = 20
@@ -60,9 +61,10 @@ def linear_probe_accuracy(text: np.ndarray, image: np.ndarray, rng: np.random.Ge
 
 def nearest(gram: np.ndarray, k: int) -> np.ndarray:
     """Indices of each row's k most similar columns in a square similarity matrix, the point itself excluded."""
+    k = min(k, len(gram) - 1)  # a sample under k + 1 rows: every other row
     gram = gram.copy()
     np.fill_diagonal(gram, -np.inf)
-    return np.argpartition(gram, -k, axis=1)[:, -k:]
+    return np.argpartition(gram, -k, axis=1)[:, -k:] if k > 0 else np.zeros((len(gram), 0), np.int64)
 
 
 def knn_mixing(text: np.ndarray, image: np.ndarray, k: int = KNN_MIXING_K, gram: np.ndarray | None = None) -> float:
@@ -85,9 +87,11 @@ def knn_overlap(before: np.ndarray, after: np.ndarray, k: int = KNN_OVERLAP_K) -
 def knn_overlap_of_grams(before: np.ndarray, after: np.ndarray, k: int = KNN_OVERLAP_K) -> float:
     """knn_overlap from the texts' cosine matrices before and after."""
     old, new = (np.sort(nearest(g, k), axis=1) for g in (before, after))
+    if not old.shape[1]:
+        return 1.0  # one row: no neighbours to lose
     # rows are sorted sets of k distinct indices: count the common ones by merging each pair of rows
     both = np.sort(np.concatenate([old, new], axis=1), axis=1)
-    return float(np.mean(np.sum(both[:, 1:] == both[:, :-1], axis=1)) / k)
+    return float(np.mean(np.sum(both[:, 1:] == both[:, :-1], axis=1)) / old.shape[1])
 
 
 def cosine_histogram(gram: np.ndarray, within: bool, bins: np.ndarray = COSINE_BINS) -> np.ndarray:
@@ -239,7 +243,8 @@ def plot_report(report: dict, extras: dict, path: str | os.PathLike, method: str
                  f"images sampled; kNN, probe, spectra and plots on {report['heavy_rows']['text']} + "
                  f"{report['heavy_rows']['image']} of them", fontsize=12)
     fig.tight_layout(rect=(0, 0.18, 1, 0.97))
-    fig.savefig(path, dpi=90)
+    with open_nofollow(path, "wb") as f:  # the report goes into a store folder: never through a link
+        fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
 
 
@@ -250,7 +255,7 @@ def write_report(
     out_dir = Path(out_dir)
     report, extras = gap_report(before, after, seed, heavy_rows)
     report = {"method": method, **report}
-    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n")
+    write_bytes(out_dir / REPORT_JSON, (json.dumps(report, indent=1) + "\n").encode())
     if plot:
         plot_report(report, extras, out_dir / REPORT_PNG, method, seed)
     return report

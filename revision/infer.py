@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from revision.checkpoint import check_loadable
 from revision.conversation import Segment, render_prompt, resolve_template
 from revision.data import tokenize
-from revision.embed import load_image
+from revision.decode import DEFAULT_MAX_PIXELS, check_size, load_image, upright
 from revision.encoders import Encoder, load_encoder, resolve_device, resolve_dtype, to_rgb
 from revision.model import CONFIG_FILE, IMAGE_TOKEN, RevisionModel
 
@@ -41,9 +41,10 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
                  encoder: str | None = None, base_model: str | None = None, encoder_batch_size: int = 64,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, verify: bool = True):
         self.folder = Path(checkpoint)
-        check_loadable(self.folder)  # an interrupted save (a mix of two saves) or files changed since: refused
+        # an interrupted save (a mix of two saves) or a file changed since (sha256; verify=False skips it): refused
+        check_loadable(self.folder, hashes=verify)
         if not (self.folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{self.folder}: not a ReVision checkpoint: {CONFIG_FILE} is missing "
                                     "(a folder written by train.py / RevisionModel.save_pretrained has one)")
@@ -81,9 +82,13 @@ class Predictor:
         return self._encoder
 
     def prepare(self, visual: Visual) -> Image.Image | np.ndarray | None:
-        """A visual made ready to embed: a path is opened and decoded, an embedding checked. Raises on bad input."""
-        if visual is None or isinstance(visual, Image.Image):
+        """A visual made ready to embed: a path is opened and decoded, an image turned upright (EXIF) and its size
+        capped as image_embed.py caps it, an embedding checked. Raises on bad input."""
+        if visual is None:
             return visual
+        if isinstance(visual, Image.Image):  # lmms-eval's visuals: decoded by the caller, perhaps still sideways
+            check_size(*visual.size, DEFAULT_MAX_PIXELS)
+            return upright(visual)
         if isinstance(visual, (str, os.PathLike)):
             path = Path(visual)
             try:

@@ -114,7 +114,7 @@ def _tar_sample(sample: dict, url: str, kind: str) -> Sample:
             return Sample(key, None, f"{name}/{key}", error=f"no image member (members: {', '.join(members)})")
         return Sample(key, sample[ext], f"{name}/{key}.{ext}")
     try:
-        text = sample["txt"].decode("utf-8") if "txt" in sample else _caption(json.loads(sample["json"])) if "json" in sample else None
+        text = sample["txt"].decode("utf-8-sig") if "txt" in sample else _caption(json.loads(sample["json"])) if "json" in sample else None
     except (UnicodeDecodeError, ValueError) as e:
         return Sample(key, None, f"{name}/{key}", error=f"unreadable caption ({type(e).__name__}: {e})")
     if not isinstance(text, str):

@@ -3,7 +3,7 @@
 Needs the optional extra `lmms` (lmms-eval, which is not imported by anything else in revision). The
 package registers itself through the entry point group "lmms_eval.models" (`manifest` below), so
 lmms-eval finds `--model revision` without edits to lmms-eval. model_args: pretrained (the checkpoint
-folder), device, dtype, encoder, base_model, batch_size.
+folder), device, dtype, encoder, base_model, batch_size, no_verify (skip the checkpoint's sha256 check).
 
 Requests come as lmms-eval's "simple model" arguments:
   generate_until: (context, gen_kwargs, doc_to_visual, doc_id, task, split)
@@ -106,12 +106,13 @@ class ReVision(_LMMSBase):
 
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 1,
                  max_batch_size: int | str | None = None, encoder: str | None = None, base_model: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, no_verify: bool | str = False):
         if _LMMSBase is object:
             raise ImportError("the lmms-eval adapter needs lmms-eval: pip install 'revision[lmms]'")
         super().__init__()
+        # the checkpoint's files are checked against its manifest (sha256) unless no_verify=True
         self.predictor = Predictor(pretrained, device, dtype, encoder=encoder, base_model=base_model,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, verify=str(no_verify).lower() not in ("true", "1"))
         batch = str(batch_size)
         self.batch_size = int(batch) if batch.isdigit() else int(max_batch_size or DEFAULT_BATCH_SIZE)
 

@@ -18,6 +18,8 @@ import socket
 import sys
 from pathlib import Path
 
+from revision.nofollow import open_fd
+
 STORE_LOCK = ".lock"
 
 
@@ -46,7 +48,7 @@ def _describe(path: Path) -> str:
 def _is_held(path: Path) -> bool:
     """Whether another open file holds `path` exclusively (probed with a shared lock, released at once)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
@@ -76,7 +78,7 @@ class StoreLock:
         os.pwrite(self._mine, json.dumps(_holder()).encode(), 0)
 
     def _take(self, path: Path, shared: bool) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_fd(path, os.O_RDWR | os.O_CREAT)  # a link planted here is refused, never written through
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -10,18 +10,22 @@ trained), projector.safetensors, revision_config.json and the tokenizer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -163,6 +167,15 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
+@contextlib.contextmanager
+def readable_weights(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a weight file that is not safetensors (or not a plain torch pickle) into one line naming it."""
+    try:
+        yield
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
 def load_projector_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Projector weights from our projector.safetensors (a file or its folder) or a LLaVA/ReVision mm_projector.bin."""
     path = Path(path)
@@ -170,10 +183,11 @@ def load_projector_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         path = path / PROJECTOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no projector weights here")
-    if path.suffix == ".safetensors":
-        weights = load_file(str(path))
-    else:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+    with readable_weights(path):
+        if path.suffix == ".safetensors":
+            weights = load_file(str(path))
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
     # LLaVA-style files name keys like model.mm_projector.0.weight; ours are 0.weight.
     return {k.split("mm_projector.")[-1]: v for k, v in weights.items()}
 
@@ -221,17 +235,24 @@ class RevisionModel(nn.Module):
         kwargs = dict(dtype=dtype or torch.float32, attn_implementation=attn_implementation or default_attn_implementation())
         base = base_model or config.base_model
         if config.llm_weights == "full":
-            llm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            with readable_weights(folder / "model.safetensors" if (folder / "model.safetensors").exists() else folder):
+                llm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         else:
             if not base:
                 raise ValueError(f"{folder / CONFIG_FILE}: llm_weights is {config.llm_weights!r} but no base_model is named")
-            llm = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+            with readable_weights(base):
+                llm = AutoModelForCausalLM.from_pretrained(base, **kwargs)
             if config.llm_weights == "lora":
                 from peft import PeftModel
 
-                llm = PeftModel.from_pretrained(llm, folder)
+                with readable_weights(folder / "adapter_model.safetensors"):
+                    llm = PeftModel.from_pretrained(llm, folder)
         model = cls(llm, config)
-        load_projector_state(model.projector, load_projector_weights(folder))
+        try:
+            load_projector_state(model.projector, load_projector_weights(folder))
+        except RuntimeError as e:  # names or shapes of another projector
+            raise ValueError(f"{folder / PROJECTOR_FILE}: does not fit the {config.projector_type} projector "
+                             f"{config.embed_dim} -> {config.hidden_size} of {CONFIG_FILE} ({str(e).splitlines()[0]})") from None
         if config.alignment:
             from revision.align import load_alignment
 
@@ -259,6 +280,11 @@ class RevisionModel(nn.Module):
             return text_embeds
         self.check_embed_dim(image_embeds.shape[-1], "image_embeds")
         projected = self.project(image_embeds)  # [B, k, d]: once per sample
+        # The LLM's first norm squares each row: NaN, Inf or a square that overflows reaches it as garbage (an empty
+        # answer). Refused like a non-finite loss (training: the loss guard stops it).
+        if not self.training and not torch.isfinite(projected.float().square().sum(-1)).all():
+            raise ValueError("the projector's output holds NaN / Inf, or values too large to normalise (its weights: "
+                             "e.g. a bias near 1e38); refusing to answer from it")
         tokens = projected.shape[1]
         # the n-th visual position of a sample takes vector n mod k (k = 1: the one vector fills every position)
         ordinal = is_visual.long().cumsum(1) - 1
@@ -372,12 +398,14 @@ class RevisionModel(nn.Module):
         if saved == "lora":
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.llm, load_file(str(folder / "adapter_model.safetensors")))
+            with readable_weights(folder / "adapter_model.safetensors"):
+                set_peft_model_state_dict(self.llm, load_file(str(folder / "adapter_model.safetensors")))
         elif saved == "full":
             from transformers.trainer_utils import load_sharded_checkpoint
 
             if (folder / "model.safetensors").exists():
-                result = self.llm.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+                with readable_weights(folder / "model.safetensors"):
+                    result = self.llm.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
                 tied = {n for n, _ in self.llm.named_parameters(remove_duplicate=False)} - dict(self.llm.named_parameters()).keys()
                 if result.unexpected_keys or set(result.missing_keys) - tied:
                     raise ValueError(f"{folder}: LLM weights do not match the model "

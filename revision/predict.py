@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base_model", help="override the base LLM of a LoRA / projector-only checkpoint")
     run.add_argument("--trust_remote_code", action="store_true",
                      help="allow an encoder that runs code from its repository (llm2clip:); off: refused")
+    run.add_argument("--no_verify", action="store_true",
+                     help="load the checkpoint without checking its files' sha256 against its manifest")
     return parser
 
 
@@ -150,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     try:
         predictor = Predictor(args.model, args.device, args.dtype, encoder=args.encoder, base_model=args.base_model,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
         if not args.questions:
             visual = np.load(args.embedding) if args.embedding else args.image
             print(predictor.answer(args.prompt, predictor.prepare(visual), **options))

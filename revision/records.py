@@ -41,6 +41,8 @@ def located_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
     if path.suffix != ".jsonl" and text.lstrip().startswith("["):
         records = _document(path, text)
         return [(f"{path}: record {n}", value) for n, value in enumerate(records, 1)]
+    if path.suffix != ".jsonl" and text.lstrip().startswith("{"):
+        _refuse_wrapped_list(path, text)
     located = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -49,6 +51,19 @@ def located_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
             except json.JSONDecodeError as e:
                 raise RecordsError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
     return located
+
+
+def _refuse_wrapped_list(path: Path, text: str) -> None:
+    """A .json document that is one object holding a list ({"data": [...]}) is not a list of records: say so, rather
+    than read the object as the only record."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSONL (several lines of objects): read line by line
+    lists = [key for key, value in whole.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
+    if isinstance(whole, dict) and lists:
+        raise RecordsError(f"{path}: a JSON object (keys {', '.join(map(repr, list(whole)[:5]))}), expected a list of records "
+                           f"(a JSON array, or JSONL: one record a line); are the records under {lists[0]!r}?")
 
 
 def read_records(path: str | os.PathLike, document: bool = False) -> Any:

@@ -1,5 +1,6 @@
-"""Safe reading of pickle shards: an allow-list unpickler (plain data and numpy arrays only, so no code runs) that
-can hash the bytes as it reads them, verifying a shard against its manifest digest in the same pass."""
+"""Safe reading of pickle shards: an allow-list unpickler (plain data and numpy arrays only, so no code runs, and no
+call can allocate more than the file holds). With a manifest digest, the file's bytes are hashed before a byte of
+it is unpickled: a changed shard is refused before it can cost anything."""
 from __future__ import annotations
 
 import hashlib
@@ -31,12 +32,26 @@ _ALLOWED_GLOBALS = {
 _NUMPY_DTYPE_MODULES = ("numpy.dtypes",)  # numpy 2 pickles dtypes as e.g. numpy.dtypes.Float16DType
 
 
+def _from_data(cls: type, source: str) -> Any:
+    """bytes / bytearray as a pickle may call them: from data it holds. bytearray(4_000_000_000) would allocate 4 GB
+    from a 39-byte file, so a size (an int) is refused."""
+    def build(*args: Any) -> Any:
+        if args and isinstance(args[0], int):
+            raise UnsafePickleError(f"{source}: refused to unpickle {cls.__name__}({args[0]}): a pickle of data never "
+                                    "asks for an empty buffer of a given size (a memory bomb?). The file was not loaded")
+        return cls(*args)
+
+    return build
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BufferedIOBase, source: str):
         super().__init__(file)
         self._source = source
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in (("builtins", "bytes"), ("builtins", "bytearray")):
+            return _from_data(bytes if name == "bytes" else bytearray, self._source)
         if (module, name) in _ALLOWED_GLOBALS or (module in _NUMPY_DTYPE_MODULES and name.endswith("DType")):
             return super().find_class(module, name)
         raise UnsafePickleError(
@@ -46,50 +61,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-class _HashingReader:
-    """File wrapper that hashes what is read: a shard is verified in the same pass that loads it (no second read)."""
-
-    def __init__(self, f: io.BufferedReader):
-        self.f, self.sha256 = f, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.sha256.update(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        got = self.f.readinto(buffer)
-        self.sha256.update(memoryview(buffer)[:got])
-        return got
-
-    def readline(self) -> bytes:
-        data = self.f.readline()
-        self.sha256.update(data)
-        return data
-
-    def hexdigest(self) -> str:
-        for block in iter(lambda: self.f.read(1 << 22), b""):  # bytes after the pickle's STOP count too
-            self.sha256.update(block)
-        return self.sha256.hexdigest()
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def safe_load(path: str | os.PathLike, sha256: str | None = None) -> Any:
     """Unpickle a file allowing only plain data and numpy arrays; anything else raises UnsafePickleError.
-    With `sha256`, the bytes are hashed as they are read and a mismatch raises StoreError (nothing is returned)."""
+    With `sha256`, the file is hashed first and a mismatch raises StoreError before anything is unpickled (the
+    second read comes from the page cache)."""
     path = str(path)
+    if sha256:
+        check_digest(path, file_sha256(path), sha256)
     with open(path, "rb") as f:
-        reader = _HashingReader(f) if sha256 else f
         try:
-            obj = _RestrictedUnpickler(reader, path).load()
+            return _RestrictedUnpickler(f, path).load()
         except UnsafePickleError:
             raise
         except Exception as e:  # truncated file, garbage bytes, ...
-            if sha256:
-                check_digest(path, reader.hexdigest(), sha256)  # a tampered shard says so, not "unreadable"
             raise StoreError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
-        if sha256:
-            check_digest(path, reader.hexdigest(), sha256)
-    return obj
 
 
 def check_digest(path: str | os.PathLike, digest: str, expected: str) -> None:

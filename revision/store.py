@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from revision.safe_pickle import StoreError, UnsafePickleError, check_digest, safe_load  # noqa: F401  (re-exported: the store's errors)
+from revision.nofollow import open_nofollow
+from revision.safe_pickle import StoreError, UnsafePickleError, check_digest, file_sha256, safe_load  # noqa: F401  (re-exported: the store's errors)
 
 FORMAT = "revision.embeddings/1"
 MANIFEST = "manifest.json"
@@ -89,7 +90,7 @@ def _columnar_from_records(records: list, path: str, kind_hint: str | None) -> S
 
 def load_shard(path: str | os.PathLike, kind_hint: str | None = None, sha256: str | None = None) -> Shard:
     """Load one shard (our columnar layout or the reference record layout) with the safe unpickler; with `sha256`,
-    verified against it in the same read."""
+    verified against it before it is unpickled."""
     path = str(path)
     obj = safe_load(path, sha256)
     if isinstance(obj, list):
@@ -149,7 +150,7 @@ def describe_bad_row(vec: np.ndarray) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open_nofollow(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -181,7 +182,7 @@ def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16", d
     # pickle.dump streams large arrays straight to the file: no second copy of the shard in memory
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open_nofollow(tmp, "wb") as f:
         out = _HashingFile(f)
         pickle.dump(payload, out, protocol=5)
         f.flush()
@@ -199,14 +200,6 @@ def write_reference_shard(path: str | os.PathLike, shard: Shard, dtype: str = "f
     sources = shard.sources or [""] * len(shard.ids)
     records = [{"id": i, key: s, "embed": e} for i, s, e in zip(shard.ids, sources, embeds)]
     _atomic_write_bytes(Path(path), pickle.dumps(records, protocol=4))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_shard_name(name: Any, where: str | os.PathLike, index: int) -> str:
@@ -235,6 +228,28 @@ def read_manifest(root: str | os.PathLike, name: str = MANIFEST) -> dict | None:
     return manifest
 
 
+DTYPES = ("float16", "float32")
+
+
+def check_manifest_fields(manifest: dict, where: str | os.PathLike) -> None:
+    """The fields a reader relies on, checked before it relies on them: one line naming the file and the field."""
+    def bad(field: str, expected: str) -> StoreError:
+        return StoreError(f"{where}: {field} is {manifest.get(field)!r}, expected {expected}")
+
+    if manifest.get("kind") not in KINDS:
+        raise bad("kind", " or ".join(map(repr, KINDS)))
+    if manifest.get("dtype") not in DTYPES:
+        raise bad("dtype", " or ".join(map(repr, DTYPES)))
+    if type(manifest.get("dim")) is not int or manifest["dim"] < 1:
+        raise bad("dim", "a positive integer")
+    rows = [e.get("rows") for e in manifest["shards"]]
+    if not all(type(r) is int and r >= 0 for r in rows):
+        raise StoreError(f"{where}: a shard entry has rows {next(r for r in rows if not (type(r) is int and r >= 0))!r}, "
+                         "expected a count")
+    if manifest.get("count") != sum(rows):
+        raise bad("count", f"{sum(rows)}, the sum of its shards' rows")
+
+
 def _write_manifest(root: Path, manifest: dict, name: str = MANIFEST) -> None:
     _atomic_write_bytes(root / name, (json.dumps(manifest, indent=1) + "\n").encode())
 
@@ -247,7 +262,7 @@ class EmbeddingStore:
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: no such store folder")
         self.manifest = read_manifest(self.root)
-        self.verify_hashes = verify  # every shard read is checked against the manifest's sha256 in the same pass
+        self.verify_hashes = verify  # every shard read is checked against the manifest's sha256 before unpickling
         self._verified: set[str] = set()  # shards already checked by this reader: later passes do not hash again
         self._first: Shard | None = None
         if self.manifest is None and any(self.root.glob(PART_GLOB)):
@@ -256,6 +271,7 @@ class EmbeddingStore:
         if self.manifest is not None:
             if self.manifest.get("format") != FORMAT:
                 raise StoreError(f"{self.root / MANIFEST}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            check_manifest_fields(self.manifest, self.root / MANIFEST)
             for entry in self.manifest["shards"]:
                 if not (self.root / entry["name"]).exists():
                     raise StoreError(f"{self.root / MANIFEST}: lists shard {entry['name']} which is missing")
@@ -267,6 +283,7 @@ class EmbeddingStore:
             self.dim = int(self.manifest["dim"])
             self.count = int(self.manifest["count"])
             self.complete = bool(self.manifest.get("complete", True))
+            self.dtype = np.dtype(self.manifest["dtype"])
         else:  # reference layout: *.pkl shards sorted by their trailing number (text_embeds_2 < text_embeds_10)
             self.shard_paths = sorted(self.root.glob("*.pkl"), key=_natural_key)
             if not self.shard_paths:
@@ -277,6 +294,7 @@ class EmbeddingStore:
             self.encoder = None
             self.dim = int(first.embeds.shape[1]) if first.embeds.size else 0
             self.count = None  # unknown until read
+            self.dtype = None  # whatever each shard holds
             self.complete = True  # nothing records otherwise
 
     def require_complete(self) -> EmbeddingStore:
@@ -309,6 +327,8 @@ class EmbeddingStore:
                 raise StoreError(f"{path}: embeddings of dim {shard.embeds.shape[1]}, store dim is {self.dim}")
             if path.name in rows and rows[path.name] != len(shard):
                 raise StoreError(f"{path}: {len(shard)} rows, manifest says {rows[path.name]}")
+            if self.dtype is not None and len(shard) and shard.embeds.dtype != self.dtype:
+                raise StoreError(f"{path}: holds {shard.embeds.dtype} embeddings, but {MANIFEST} says dtype {self.dtype}")
             yield shard
             del shard  # not held while the next one loads
 
@@ -317,7 +337,7 @@ class EmbeddingStore:
         if self.manifest is None:
             return
         for entry in self.manifest["shards"]:
-            check_digest(self.root / entry["name"], _sha256_file(self.root / entry["name"]), entry["sha256"])
+            check_digest(self.root / entry["name"], file_sha256(self.root / entry["name"]), entry["sha256"])
 
     def load_all(self) -> Shard:
         """Concatenate every shard (for small stores and tests; large ones should use iter_shards)."""

@@ -3,7 +3,9 @@ for locks, rank parts and the merge)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,11 +16,13 @@ import numpy as np
 
 from revision import store
 from revision.locks import StoreLock, part_tag
+from revision.nofollow import open_nofollow, refuse_links
 from revision.store import (
     FORMAT, KINDS, MANIFEST, PART_GLOB, SKIPPED, Shard, StoreError, _squared_norms, _write_manifest, bad_rows,
     check_unique_ids, describe_bad_row, load_shard, read_manifest,
 )
 
+logger = logging.getLogger(__name__)
 Position = tuple  # (unit, offset): an input's place in the writer's input stream (unit index, item in the unit)
 
 
@@ -38,6 +42,10 @@ class StoreWriter:
     writer is refused, naming the first. `part=(index, count)`: one of `count` ranks writing its own rank-named
     shards into the same folder, its bookkeeping in part-INDEX-of-COUNT.json; only the merge
     (revision.distributed.merge_parts) writes the manifest. Without `part`, the writer keeps manifest.json itself.
+
+    Ids: with `positions` (a stream of inputs), an id this run already stored is skipped and listed, its first row
+    kept (e.g. one key in two tars); the set of ids costs ~100 bytes a row. Ids of an earlier, resumed run are not
+    in it: the training table refuses a duplicate there.
 
     Resume: a caller that gives each row's input `positions` and reports skipped inputs with skip() finds, on a
     rerun, `resume`: the position after the last recorded shard (read the inputs again from there: skipped inputs
@@ -92,9 +100,13 @@ class StoreWriter:
         self._pending: tuple[Future, dict, list[str]] | None = None
         self._buffered = 0
         self._done_ids: set[str] | None = None
-        _write_manifest(self.root, self.manifest, self.book_name)
+        self._seen: set[str] = set()  # ids this run stored: a repeat (the same key in two tars) is skipped and listed
+        if not self.was_complete:  # a complete store stays as it is on disk until this writer adds to it or closes
+            _write_manifest(self.root, self.manifest, self.book_name)
 
     def _open(self, encoder: str, overwrite: bool, extra: dict, inputs: str | None) -> None:
+        # checked before any file is read or touched
+        refuse_links(*(self.root / name for name in (MANIFEST, self.book_name, self.skip_log_path.name)))
         manifest = read_manifest(self.root)  # every shard name checked before any file is touched
         parts = {p.name: read_manifest(self.root, p.name) for p in sorted(self.root.glob(PART_GLOB))}
         if self.part is None:
@@ -132,11 +144,19 @@ class StoreWriter:
         elif self.part is None and any(self.root.glob("*.pkl")) and not overwrite:
             raise StoreError(f"{self.root}: holds *.pkl files but no {MANIFEST}; pass --overwrite to replace them")
         listed = {e["name"] for e in book["shards"]} if book else set()
-        # Leftovers of this writer's own killed runs only: its temp files and shards written but never recorded.
-        for stale in [*self.root.glob(f"{self.shard_prefix}*.tmp"), *self.root.glob(f"{self.shard_prefix}*.pkl")]:
-            if stale.name not in listed:
+        # Leftovers of this writer's own killed runs only (names it gives: shard_prefix + 5 digits, .pkl or .pkl.tmp):
+        # shards written but never recorded, and temp files. Anything else is the user's: left alone, and named.
+        ours = re.compile(re.escape(self.shard_prefix) + r"\d{5}\.pkl(\.tmp)?")
+        for stale in sorted(self.root.glob(f"{self.kind}_embeds_*")):
+            if stale.name in listed:
+                continue
+            if ours.fullmatch(stale.name) and not stale.is_symlink():
                 stale.unlink()
+            elif stale.name.endswith(".pkl") and self.part is None:
+                logger.warning("%s: looks like a shard but is not one this store lists; left alone (not read, not "
+                               "deleted)", stale)
         (self.root / f"{self.book_name}.tmp").unlink(missing_ok=True)
+        self._fresh = book is None  # the manifest this writer writes next is its own: removed if it fails before a shard
         self.was_complete = bool(book and book.get("complete"))
         self.manifest = book or {
             "format": FORMAT, "kind": self.kind, "encoder": encoder, "dim": self.dim, "dtype": self.dtype,
@@ -152,7 +172,7 @@ class StoreWriter:
         self.resume = Resume(tuple(last.get("end", (0, 0))), last.get("consumed", 0), last.get("skipped", 0))
         self._skipped = self.resume.skipped
         if not self.was_complete and self.skip_log_path.exists():  # the log holds exactly the skips before the resume point
-            with open(self.skip_log_path, "r+b") as log:
+            with open_nofollow(self.skip_log_path, "r+b") as log:
                 log.truncate(last.get("skip_log_bytes", 0))
 
     @property
@@ -181,7 +201,7 @@ class StoreWriter:
         self._skips = [(pos, line) for pos, line in self._skips if end is not None and pos >= end]
         if not due and not self.skip_log_path.exists():
             return 0, 0  # no skips, no log (stores written by alignment never have one)
-        with open(self.skip_log_path, "a", encoding="utf-8") as log:
+        with open_nofollow(self.skip_log_path, "a", encoding="utf-8") as log:
             log.writelines(due)
             log.flush()
             os.fsync(log.fileno())  # on disk before the bookkeeping that counts it
@@ -206,6 +226,18 @@ class StoreWriter:
         embeds = np.asarray(embeds.float().cpu() if hasattr(embeds, "float") else embeds)
         if embeds.ndim != 2 or embeds.shape != (len(ids), self.dim):
             raise StoreError(f"{self.root}: got embeddings of shape {embeds.shape} for {len(ids)} ids, dim {self.dim}")
+        if positions is not None:  # a stream of inputs: a repeated id is skipped (listed), its first row kept
+            keep = []
+            for i, id_ in enumerate(ids):
+                if id_ in self._seen:
+                    self.skip({"id": id_, "reason": "duplicate id: an earlier input of this run has the same id (kept)"},
+                              positions[i])
+                else:
+                    self._seen.add(id_)
+                    keep.append(i)
+            if len(keep) < len(ids):
+                ids, embeds, positions = [ids[i] for i in keep], embeds[keep], [positions[i] for i in keep]
+                sources = [sources[i] for i in keep] if sources is not None else None
         bad = bad_rows(embeds) if not unit_rows else []
         if len(bad):
             row = int(bad[0])
@@ -261,6 +293,9 @@ class StoreWriter:
         if self._shard_writer is not None:
             self._shard_writer.shutdown()
             self._shard_writer = None
+        if self._fresh and not self.manifest["shards"] and not self.manifest["complete"]:
+            (self.root / self.book_name).unlink(missing_ok=True)  # a failed first run leaves no empty, incomplete store
+        self._fresh = False
         self.lock.release()
 
     def close(self, **summary: Any) -> dict:

@@ -61,7 +61,8 @@ class DataArguments:
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
     skip_bad_embeddings: bool = field(default=False, metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})
-    no_verify: bool = field(default=False, metadata={"help": "build the table cache without checking shard sha256s"})
+    no_verify: bool = field(default=False, metadata={"help": "skip the sha256 checks of the store's shards (table cache) "
+                                                            "and of the checkpoint this run starts from"})
 
 
 @dataclass
@@ -203,7 +204,10 @@ class RevisionTrainer(Trainer):
         checkpoint.pause_point(f"model-saved:{Path(output_dir).name}")  # tests kill the run here
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        (model or self.model).load_trainable(resume_from_checkpoint)
+        try:
+            (model or self.model).load_trainable(resume_from_checkpoint)
+        except ValueError as e:  # weights that are not readable, or do not fit: one line (main), not a traceback
+            raise checkpoint.CheckpointError(str(e)) from None
 
 
 class EpochToDataset(TrainerCallback):
@@ -223,6 +227,10 @@ def parse_args(argv: list[str] | None = None, default_embed_folder: str = ""):
     for name, value in (("--model_name_or_path", model_args.model_name_or_path), ("--data_path", data_args.data_path)):
         if not value:
             raise SystemExit(f"{name} is required")
+    for name, value in (("learning_rate", training_args.learning_rate), ("mm_projector_lr", training_args.mm_projector_lr),
+                        ("weight_decay", training_args.weight_decay), ("embed_noise_std", data_args.embed_noise_std)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"--{name} {value}: expected a finite number >= 0")
     return model_args, data_args, training_args
 
 
@@ -345,8 +353,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model_args.model_name_or_path = resolve_llm(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               model_max_length=training_args.model_max_length, padding_side="right")
-    if Path(model_args.model_name_or_path).is_dir():  # a ReVision output folder whose save was interrupted: refused
-        checkpoint.check_loadable(model_args.model_name_or_path)
+    # A ReVision folder this run starts from: an interrupted save, or a file changed since it was saved, is refused
+    for folder in (model_args.model_name_or_path, model_args.pretrain_mm_mlp_adapter):
+        if folder and Path(folder).exists():
+            checkpoint.check_loadable(folder if Path(folder).is_dir() else Path(folder).parent, hashes=not data_args.no_verify)
     image_map = image_map_from(data_args.align_stats) if table.kind == "image" else None
     try:
         model = build_model(model_args, training_args, table, image_map)
@@ -366,7 +376,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                               data_collator=collator,
                               align_stats=data_args.align_stats, callbacks=[EpochToDataset(dataset)])
     # Only a complete checkpoint whose every file this run wrote, unchanged, is resumed from (checkpoint.py).
-    trainer.train(resume_from_checkpoint=checkpoint.resume_for(training_args))
+    checkpoint.refuse_links(training_args.output_dir)
+    resume = checkpoint.resume_for(training_args)
+    with checkpoint.weights_only_loads(resume):  # DeepSpeed's own state files: no pickled code runs
+        trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if dataset.truncated:

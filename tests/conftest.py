@@ -69,3 +69,29 @@ def kill_9_after_shards():
         proc.wait()
 
     return run
+
+
+@pytest.fixture
+def sideways_photo():
+    """make(folder): one picture saved upright, saved with its pixels turned and an EXIF orientation saying so (as
+    phones do), and saved turned without EXIF; {"upright" | "exif" | "raw": path}. Sides are multiples of 16: JPEG
+    blocks line up whichever way the pixels are turned."""
+    import numpy as np
+    from PIL import Image
+
+    def make(folder):
+        pixels = np.zeros((48, 64, 3), np.uint8)
+        pixels[:, :20] = (255, 0, 0)
+        pixels[:24, 20:] = (0, 0, 255)
+        pixels[24:, 40:] = (0, 200, 0)
+        upright = Image.fromarray(pixels)
+        turned = upright.transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 clockwise to view"
+        paths = {name: folder / f"{name}.jpg" for name in ("upright", "exif", "raw")}
+        upright.save(paths["upright"], quality=100)
+        turned.save(paths["exif"], quality=100, exif=exif)
+        turned.save(paths["raw"], quality=100)
+        return paths
+
+    return make

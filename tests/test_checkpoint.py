@@ -1,12 +1,14 @@
 """Atomic checkpoints: a run killed while saving leaves nothing that loads as complete; resume verifies hashes."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +143,96 @@ def test_manifest_names_outside_the_folder_are_refused(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"format": checkpoint.FORMAT, "files": {"../x": {"size": 1, "sha256": ""}}}))
     with pytest.raises(CheckpointError, match=r"lists '../x', which is not a file inside the checkpoint"):
         checkpoint.verify(tmp_path)
+
+
+def error_lines(capsys) -> list[str]:
+    """stderr without progress bars: what the user reads."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not re.search(r"\d+%\|", line)]
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: only the hash tells
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_checkpoint_file_is_refused_by_prediction_the_adapter_and_stage_2(world, tmp_path, capsys):
+    from revision.lmms_eval_model import ReVision
+
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "1", "--save_strategy", "no")
+    flip_a_bit(out / "projector.safetensors")
+    np.save(tmp_path / "e.npy", np.ones(16, np.float32))
+    predict = ["--model", str(out), "--embedding", str(tmp_path / "e.npy"), "--device", "cpu", "--max_new_tokens", "2"]
+    assert predict_main(predict) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "out/projector.safetensors: sha256" in err[0] and "--no_verify" in err[0]
+    with pytest.raises(CheckpointError, match=r"projector.safetensors: sha256 .* differs"):
+        ReVision(pretrained=str(out), device="cpu")
+    with pytest.raises(CheckpointError, match=r"out/projector.safetensors: sha256 .* differs"):
+        run(world, tmp_path / "s2", "--max_steps", "1", "--save_strategy", "no", "--pretrain_mm_mlp_adapter", str(out))
+    assert not (tmp_path / "s2").exists()
+    # knowingly: the same checkpoint loads
+    assert predict_main([*predict, "--no_verify"]) == 0
+    ReVision(pretrained=str(out), device="cpu", no_verify="True")
+    run(world, tmp_path / "s2", "--max_steps", "1", "--save_strategy", "no", "--pretrain_mm_mlp_adapter", str(out), "--no_verify")
+
+
+def test_a_weights_file_that_is_not_safetensors_is_one_line(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(world, out, "--max_steps", "1", "--save_strategy", "no")
+    (out / "projector.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    write_manifest(out)  # the manifest says these bytes are what was saved: only the format check is left
+    np.save(tmp_path / "e.npy", np.ones(16, np.float32))
+    assert predict_main(["--model", str(out), "--embedding", str(tmp_path / "e.npy"), "--device", "cpu"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and err[0].startswith(f"error: {out}/projector.safetensors: not a readable weights file (SafetensorError: ")
+
+
+def resave_killed_at(world, out: Path, pause: str) -> dict:
+    """A run that saved checkpoint-2, then the same run again (not resumed, another learning rate) whose re-save of
+    checkpoint-2 is killed at `pause`; returns the first save's manifest entries."""
+    run(world, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    old = checkpoint.verify(out / "checkpoint-2")["files"]
+    killed_at(world, out, pause, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "5e-2")
+    return old
+
+
+def test_a_kill_between_the_two_renames_of_a_re_save_resumes_from_a_complete_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    old = resave_killed_at(world, out, "checkpoint-swap")
+    assert not (out / "checkpoint-2").exists()
+    assert (out / "tmp-old-checkpoint-2").is_dir() and (out / "tmp-checkpoint-2" / "checkpoint-2" / MANIFEST).is_file()
+    new = checkpoint.verify(out / "tmp-checkpoint-2" / "checkpoint-2")["files"]
+    assert new["projector.safetensors"] != old["projector.safetensors"]
+    saved = json.loads((out / "tmp-checkpoint-2" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    resumed = run(world, out, "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint", "latest")
+    history = [h for h in resumed.state.log_history if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3]  # steps 1-2 from the new, complete checkpoint-2
+    assert [h["loss"] for h in history[:2]] == [h["loss"] for h in saved if "loss" in h]
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == new
+    assert not list(out.glob("tmp-*"))
+    # killed before the new save's manifest was written: the previous checkpoint is put back
+    os.rename(out / "checkpoint-2", out / "tmp-old-checkpoint-2")
+    (out / "tmp-checkpoint-2" / "checkpoint-2").mkdir(parents=True)
+    (out / "tmp-checkpoint-2" / "checkpoint-2" / "projector.safetensors").write_bytes(b"half")
+    checkpoint.remove_stale_staging(out)
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == new and not list(out.glob("tmp-*"))
+
+
+def test_a_link_where_training_writes_its_state_is_refused_before_training(world, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    os.symlink(outside, tmp_path / "out" / "trainer_state.json")
+    with pytest.raises(OSError, match=r"out/trainer_state.json: is a symbolic link where this program writes its own file"):
+        run(world, tmp_path / "out", "--max_steps", "1", "--save_strategy", "no")
+    assert outside.read_text() == "precious\n" and not (tmp_path / "out" / "projector.safetensors").exists()
+
+
+def test_a_kill_after_the_new_manifest_but_before_the_swap_resumes_from_the_previous_checkpoint(world, tmp_path):
+    out = tmp_path / "out"
+    old = resave_killed_at(world, out, "checkpoint-publish")
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == old  # untouched: the swap had not begun
+    run(world, out, "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint", "latest")
+    assert checkpoint.verify(out / "checkpoint-2")["files"] == old and not list(out.glob("tmp-*"))

@@ -293,3 +293,37 @@ def test_data_utils_check_reports_unusable_rows(tmp_path, tokenizer, monkeypatch
     assert err.count("\n") == 1 and "d.json: sample 2 id 'c': unusable embedding" in err
     out, _ = check("--skip_bad_embeddings")
     assert "d.json: 2 samples (2 with an embedding; skipped: 0 with no embedding, 1 with an unusable one" in out
+
+
+def test_ids_match_exactly_and_one_long_id_costs_its_own_bytes(tmp_path):
+    ids = [f"t{i}" for i in range(2000)]
+    ids[3], ids[7] = "trail\0", "x" * 400_000
+    write_store(tmp_path / "s", "text", ids, np.random.default_rng(0).normal(size=(2000, 8)), encoder="e")
+    table = EmbeddingTable(tmp_path / "s")
+    assert table.rows(["trail", "trail\0", "x" * 400_000, "x" * 399_999, "t5", "t1999", "nope"]).tolist() == [-1, 3, 7, -1, 5, 1999, -1]
+    cache = next((tmp_path / "s" / ".revision_cache").iterdir())
+    index_bytes = sum(f.stat().st_size for f in cache.glob("ids_*.npy"))
+    assert index_bytes < 400_000 + 2000 * 40 + 5 * 128  # the keys' bytes, 32 bytes a row of index + offsets, npy headers
+    assert "text_embeds_00000.pkl row 3 (id 'trail\\x00')" in table.describe(3)  # named exactly
+
+
+def test_samples_render_would_refuse_are_refused_before_training(tmp_path, text_corpus, tokenizer):
+    store, data = text_corpus
+    samples = json.loads(open(data).read())
+    first_gpt = [dict(samples[0], conversations=[{"from": "gpt", "value": "a caption"}, {"from": "human", "value": "<image>"},
+                                                 {"from": "gpt", "value": "again"}])] + samples[1:]
+    with pytest.raises(InputError, match=r"d.json: sample 0 \(id 'text000000'\): begins with a gpt turn; a conversation "
+                                         r"begins with a human turn"):
+        dataset(write_json(tmp_path / "d.json", first_gpt), tokenizer, store)
+    two = [dict(samples[0], conversations=[{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"},
+                                           {"from": "human", "value": "?"}, {"from": "gpt", "value": "b"}])] + samples[1:]
+    with pytest.raises(InputError, match=r"sample 0 \(id 'text000000'\): 2 gpt turns; pretraining \(plain\) takes one caption"):
+        dataset(write_json(tmp_path / "d.json", two), tokenizer, store)
+
+
+def test_a_data_file_holding_an_object_says_it_expects_a_list(tmp_path, text_corpus, tokenizer):
+    store, data = text_corpus
+    (tmp_path / "d.json").write_text(json.dumps({"data": json.loads(open(data).read())}, indent=1))
+    with pytest.raises(InputError, match=r"d.json: a JSON object \(keys 'data'\), expected a list of records \(a JSON array, "
+                                         r"or JSONL: one record a line\); are the records under 'data'\?"):
+        dataset(tmp_path / "d.json", tokenizer, store)

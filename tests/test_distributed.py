@@ -82,9 +82,9 @@ def test_webdataset_round_trip_with_corrupt_and_truncated_tars(clip_dir, tmp_pat
     keys = _tars(data, 2, 3)
     _write_tar(data / "00002.tar", [("bad.jpg", b"\xff\xd8 not a jpeg"), ("bad.txt", b"caption bad"),
                                     ("nojpg.txt", b"caption only"), ("latin.jpg", _jpeg(7)), ("latin.txt", "café".encode("latin-1"))])
-    full = _tars(tmp_path / "tmp", 1, 4)
-    whole = (tmp_path / "tmp/00000.tar").read_bytes()
-    with tarfile.open(tmp_path / "tmp/00000.tar") as tar:
+    full = _tars(tmp_path / "tmp", 5, 4)[16:]  # the fifth tar's keys: none of them is in the first tars
+    whole = (tmp_path / "tmp/00004.tar").read_bytes()
+    with tarfile.open(tmp_path / "tmp/00004.tar") as tar:
         cut = tar.getmember(f"{full[2]}.jpg").offset_data + 100
     (data / "00003.tar").write_bytes(whole[:cut])  # truncated in the middle of the third sample's image
     out = tmp_path / "out"
@@ -169,3 +169,14 @@ def test_kill_9_of_one_rank_then_rerun_keeps_every_id_once(clip_dir, tmp_path, c
     assert sorted(_by_id(out / "image")) == [f"{i:03d}.png" for i in range(24)]
     assert main(["--out", str(out), "--merge"]) == 0  # by hand: the same manifest again
     assert "image: merged 2 parts, 24 in store, 0 skipped" in capsys.readouterr().out
+
+
+def test_a_key_repeated_across_tars_is_stored_once_and_listed(clip_dir, tmp_path, capsys):
+    for t in range(2):
+        _write_tar(tmp_path / f"{t}.tar", [(f"k{t}.txt", b"a red cube"), ("same.txt", f"caption from tar {t}".encode())])
+    assert main(_args(clip_dir, tmp_path / "out", "--texts", str(tmp_path / "{0..1}.tar"))) == 0
+    assert "4 inputs, 4 encoded, 0 done before (resumed), 1 skipped, 3 in store" in capsys.readouterr().out
+    stored = EmbeddingStore(tmp_path / "out" / "text").load_all()
+    assert sorted(stored.ids) == ["k0", "k1", "same"] and "caption from tar 0" in stored.captions
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "text" / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"id": "same", "reason": "duplicate id: an earlier input of this run has the same id (kept)"}]

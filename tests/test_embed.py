@@ -18,7 +18,7 @@ from revision.embed import (BATCH_DELAY_ENV, InputError, image_batches, load_ima
                             read_texts, worker_chunk)
 from revision.encoders import load_encoder
 from revision.inputs import Sample
-from revision.store import EmbeddingStore, UnsafePickleError
+from revision.store import EmbeddingStore, StoreError, UnsafePickleError
 from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,8 +232,10 @@ def test_pickle_with_code_payload_is_refused_never_run(clip_dir, texts_file, tmp
     marker = tmp_path / "pwned"
     (out / "text/text_embeds_00000.pkl").write_bytes(pickle.dumps([{"id": "1", "embed": _Payload(marker)}]))
     assert main(_args(clip_dir, out, "--texts", str(texts_file))) == 0  # resuming reads bookkeeping, never shards
-    with pytest.raises(UnsafePickleError, match=r"text_embeds_00000.pkl: refused to unpickle global"):
+    with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: sha256 .* differs"):  # hashed before unpickling
         EmbeddingStore(out / "text").load_all()
+    with pytest.raises(UnsafePickleError, match=r"text_embeds_00000.pkl: refused to unpickle global"):
+        EmbeddingStore(out / "text", verify=False).load_all()
     (tmp_path / "payload.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     assert main(_args(clip_dir, tmp_path / "o2", "--images", str(tmp_path / "payload.pkl"))) == 2
     assert "expected a folder, a .txt list" in capsys.readouterr().err
@@ -347,3 +349,51 @@ def test_a_dead_decoding_worker_stops_the_run_instead_of_hanging(tmp_path):
     assert [len(kept) for kept, _, _ in image_batches(iter(samples[:5]), _dies_on_wide_images, 2, 2)] == [2, 2, 1]
     with pytest.raises(RuntimeError, match=r"a decoding worker died .* being decoded start at id '\d' \(\d.png\)"):
         list(image_batches(iter(samples), _dies_on_wide_images, batch_size=2, num_workers=2))
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(clip_dir, tmp_path, sideways_photo):
+    (tmp_path / "imgs").mkdir()
+    paths = sideways_photo(tmp_path / "imgs")
+    upright, exif, raw = (load_image(paths[n]) for n in ("upright", "exif", "raw"))
+    assert exif.size == upright.size == (64, 48) and raw.size == (48, 64)
+    assert np.abs(np.asarray(exif, np.int16) - np.asarray(upright, np.int16)).mean() < 2
+    assert main(_args(clip_dir, tmp_path / "out", "--images", str(tmp_path / "imgs"), "--num_workers", "1")) == 0
+    store = EmbeddingStore(tmp_path / "out" / "image").load_all()
+    got = dict(zip(store.ids, store.embeds.astype(np.float32)))
+    np.testing.assert_allclose(got["exif.jpg"], got["upright.jpg"], atol=2e-3)
+    assert np.abs(got["raw.jpg"] - got["upright.jpg"]).max() > 1e-2  # the sideways pixels embed differently
+
+
+def test_pixel_cap_bounds_the_resized_size_for_any_aspect_ratio(clip_dir, tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (100_000, 1)).save(tmp_path / "imgs" / "thin.png")  # 377 bytes, 0.1 MP: under the 100 MP cap
+    Image.new("RGB", (1, 4000)).save(tmp_path / "imgs" / "tall.png")
+    _random_rgb(0, size=(40, 30)).save(tmp_path / "imgs" / "normal.png")
+    with pytest.raises(ValueError, match=r"100000x1: resized to 448 px on its short side it would be 20070 MP \(aspect "
+                                         r"ratio 100000:1\), over the 100 MP pixel cap \(--max_pixels\)"):
+        load_image(tmp_path / "imgs" / "thin.png")
+    assert main(_args(clip_dir, tmp_path / "out", "--images", str(tmp_path / "imgs"), "--max_pixels", "1000000")) == 0
+    assert "3 inputs, 1 encoded, 0 done before (resumed), 2 skipped" in capsys.readouterr().out
+    skipped = {s["id"]: s["reason"] for s in map(json.loads, (tmp_path / "out/image/skipped.jsonl").read_text().splitlines())}
+    assert skipped["thin.png"].startswith("ValueError: 100000x1: resized to 32 px on its short side it would be 102 MP")
+    assert skipped["tall.png"].startswith("ValueError: 1x4000: resized to 32 px on its short side it would be 4 MP")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_text_or_path(tmp_path):
+    (tmp_path / "t.txt").write_bytes("\ufeffa red cube\na blue ball\n".encode())
+    assert [t.text for t in read_texts(tmp_path / "t.txt")] == ["a red cube", "a blue ball"]
+    (tmp_path / "i.txt").write_bytes("\ufeffimgs/a.png\n".encode())
+    assert [i.source for i in read_images(tmp_path / "i.txt")] == ["imgs/a.png"]
+
+
+def test_a_refused_store_leaves_the_other_kinds_complete_store_as_it_was(clip_dir, image_dir, texts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(clip_dir, out, "--images", str(image_dir))) == 0
+    before = (out / "image" / "manifest.json").read_bytes()
+    siglip = build_tiny_clip(tmp_path / "siglip", siglip=True)
+    main(_args(siglip, out, "--texts", str(texts_file)))  # a text store of another encoder (dim 32)
+    capsys.readouterr()
+    assert main(_args(clip_dir, out, "--images", str(image_dir), "--texts", str(texts_file))) == 2
+    assert "out/text: existing store has encoder" in capsys.readouterr().err  # refused after the image store was opened
+    assert (out / "image" / "manifest.json").read_bytes() == before  # still complete, not restamped
+    EmbeddingStore(out / "image").require_complete()

@@ -1,6 +1,7 @@
 """embed_mean.py / align_stores: the written store, statistics, report, bad input and crash recovery."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,7 +170,7 @@ def test_killed_run_leaves_no_half_shard_and_rerun_finishes(inputs, monkeypatch)
         align_stores(inputs / "text", inputs / "image", inputs / "crashed", shard_size=100, report=False, progress=False)
     monkeypatch.setattr(store_module, "write_shard", real_write)
     assert sorted(p.name for p in (inputs / "crashed").glob("*.pkl")) == ["text_embeds_00000.pkl", "text_embeds_00001.pkl"]
-    with pytest.raises(StoreError, match="partial store aligned with 'realign'"):
+    with pytest.raises(StoreError, match=r"crashed holds a store aligned with 'realign' \(200 rows\); nothing was changed"):
         align_stores(inputs / "text", inputs / "image", inputs / "crashed", method="mean_shift", shard_size=100)
     align_stores(inputs / "text", inputs / "image", inputs / "crashed", shard_size=100, report=False, progress=False)
     assert not list((inputs / "crashed").glob("*.tmp"))
@@ -346,3 +347,60 @@ def test_fitting_over_parts_is_refused(inputs):
                                "--image", str(inputs / "image"), "--out", str(inputs / "out")],
                               capture_output=True, text=True, cwd=ROOT, timeout=120, env=env, check=False)
     assert torchrun.returncode == 2 and "not over 2 parts" in torchrun.stderr and not (inputs / "out").exists()
+
+
+def test_out_holding_another_store_is_refused_before_any_file_changes(inputs):
+    done = run_cli("--text", inputs / "text", "--image", inputs / "image", "--out", inputs / "image")
+    assert done.returncode == 2 and "is the input folder" in done.stderr
+    write_store(inputs / "other", "text", ["a", "b"], np.eye(2, 32), encoder="hf:clip")
+    before = {p.name: p.read_bytes() for p in (inputs / "other").iterdir() if p.name != ".lock"}
+    done = run_cli("--text", inputs / "text", "--image", inputs / "image", "--out", inputs / "other")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"embed_mean.py: error: --out {inputs / 'other'} holds a store not written by embed_mean.py "
+                                   "(2 rows); nothing was changed. Write the realign alignment to a new folder, or pass "
+                                   "--overwrite to replace that store")
+    assert {p.name: p.read_bytes() for p in (inputs / "other").iterdir() if p.name != ".lock"} == before
+    EmbeddingStore(inputs / "other").require_complete()
+
+
+def test_a_failed_first_run_leaves_no_manifest_in_out(inputs):
+    shard = EmbeddingStore(inputs / "text").load_all()
+    embeds = shard.embeds.astype(np.float32)
+    embeds[3, 2] = np.nan
+    (inputs / "nan").mkdir()
+    write_reference_shard(inputs / "nan" / "text_embeds_1.pkl", Shard("text", shard.ids, embeds, shard.captions))
+    done = run_cli("--text", inputs / "nan", "--image", inputs / "image", "--out", inputs / "out")
+    assert done.returncode == 2 and "row 3 (id 't3') has an unusable embedding (NaN)" in done.stderr
+    assert sorted(p.name for p in (inputs / "out").iterdir()) == [".lock"]
+
+
+def test_stores_smaller_than_the_report_neighbourhoods_align_and_report(tmp_path):
+    t, v = gap_pair(n_text=5, n_image=4)
+    write_store(tmp_path / "text", "text", [f"t{i}" for i in range(5)], t, encoder="hf:clip")
+    write_store(tmp_path / "image", "image", [f"v{i}" for i in range(4)], v, encoder="hf:clip")
+    done = run_cli("--text", tmp_path / "text", "--image", tmp_path / "image", "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "gap_report.json").read_text())
+    assert 0 <= report["after"]["knn_mixing"] <= 1 and report["after"]["knn_overlap_kept"] == 1.0
+
+
+def test_statistics_messages_say_what_is_wrong(inputs):
+    nan = [0.1] * 32
+    nan[7] = float("nan")
+    with pytest.raises(StoreError, match=r"alignment statistic 'mu_text' holds nan at index 7 \(1 non-finite values of 32\)"):
+        align_stores(inputs / "text", None, inputs / "out", apply_stats=bad_stats_file(inputs, "a.json", mu_text=nan), progress=False)
+    with pytest.raises(StoreError, match=r"alignment statistic 'mu_text' has shape \(31,\), expected \(32,\)$"):
+        align_stores(inputs / "text", None, inputs / "out", apply_stats=bad_stats_file(inputs, "b.json", mu_text=[1.0] * 31),
+                     progress=False)
+
+
+def test_a_link_where_the_report_goes_is_refused_before_any_write(inputs):
+    (inputs / "out").mkdir()
+    (inputs / "outside.json").write_text("precious\n")
+    os.symlink(inputs / "outside.json", inputs / "out" / "gap_report.json")
+    done = run_cli("--text", inputs / "text", "--image", inputs / "image", "--out", inputs / "out")
+    assert done.returncode == 2 and done.stderr.strip().endswith(
+        "out/gap_report.json: is a symbolic link where this program writes its own file; refusing to write through it "
+        "(remove the link)")
+    assert (inputs / "outside.json").read_text() == "precious\n"
+    assert sorted(p.name for p in (inputs / "out").iterdir()) == ["gap_report.json"]

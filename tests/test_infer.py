@@ -294,3 +294,27 @@ def test_an_unusable_store_row_is_named_not_answered(tmp_path):
                           "float32")
     with pytest.raises(ValueError, match=r"'b.png': unusable embedding in .*s/image_embeds_1.pkl row 1 \(id 'b'\): NaN"):
         store_embedding(EmbeddingTable(tmp_path / "s"), "b.png")
+
+
+def test_prediction_turns_photos_upright_like_image_embed(world, predictor, tmp_path, sideways_photo):
+    paths = sideways_photo(tmp_path)
+    upright = predictor.image_embeddings([paths["upright"]])
+    np.testing.assert_allclose(predictor.image_embeddings([paths["exif"]]), upright, atol=1e-3)
+    np.testing.assert_allclose(predictor.image_embeddings([Image.open(paths["exif"])]), upright, atol=1e-3)  # lmms-eval's PIL visuals
+    assert np.abs(predictor.image_embeddings([paths["raw"]]) - upright).max() > 1e-2
+    with pytest.raises(ValueError, match=r"100000x1: resized to 448 px on its short side"):
+        predictor.prepare(Image.new("RGB", (100_000, 1)))
+
+
+def test_a_projector_output_too_large_to_normalise_is_refused(world, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(world["ckpt"], tmp_path / "ckpt")
+    weights = load_file(str(tmp_path / "ckpt" / "projector.safetensors"))
+    save_file({k: v.fill_(1e38) if k.endswith("bias") else v for k, v in weights.items()}, str(tmp_path / "ckpt" / "projector.safetensors"))
+    with pytest.raises(ValueError, match=r"the projector's output holds NaN / Inf, or values too large to normalise"):
+        Predictor(tmp_path / "ckpt", device="cpu").answer(QUESTION, world["images"]["red"])
+    assert cli(["--model", tmp_path / "ckpt", "--image", world["images"]["red"], "--prompt", QUESTION]) == 2
+    assert "error: the projector's output holds NaN / Inf" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 import json
 import os
 import pickle
+import re
 import socket
 
 import numpy as np
 import pytest
 
 from revision.locks import LockedError
+from revision.nofollow import LinkError
 from revision.store import (
     EmbeddingStore, Shard, StoreError, StoreWriter, UnsafePickleError, check_unique_ids, load_shard,
     safe_load, write_reference_shard, write_shard, write_store,
@@ -270,3 +272,119 @@ def test_tampered_shard_is_refused_by_training_and_alignment(tmp_path, rows):
         align_stores(tmp_path / "text", tmp_path / "image", tmp_path / "aligned", method="mean_shift", report=False,
                      progress=False)
     assert len(EmbeddingTable(tmp_path / "image", tmp_path / "cache", verify=False)) == 10  # --no_verify
+
+
+@pytest.mark.parametrize("name", [".lock", "skipped.jsonl", "manifest.json", "text_embeds_00001.pkl.tmp", "manifest.json.tmp"])
+def test_no_write_goes_through_a_link_planted_in_the_store(tmp_path, rows, name):
+    """A link where one of our files goes is refused; one where a stale temp file of ours was is removed (the link,
+    not what it points to). Either way the file outside is untouched."""
+    ids, embeds, captions = rows
+    root = tmp_path / "s"
+    writer = StoreWriter(root, "text", "enc", 12, shard_size=4)
+    writer.add(ids[:4], embeds[:4], captions[:4], positions=[(0, i) for i in range(4)])
+    writer.skip({"id": "x", "reason": "test"}, (0, 1))
+    writer._record_pending() if writer._pending else None
+    writer.shutdown()  # an interrupted run: one shard recorded, the store incomplete
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    (root / name).unlink(missing_ok=True)
+    os.symlink(outside, root / name)
+    def rerun():
+        resumed = StoreWriter(root, "text", "enc", 12, shard_size=4)
+        resumed.add(ids[4:], embeds[4:], captions[4:], positions=[(0, i) for i in range(4, 10)])
+        resumed.close()
+
+    if name == "manifest.json.tmp":
+        rerun()
+        assert EmbeddingStore(root).load_all().ids == ids
+    else:
+        with pytest.raises(LinkError, match=rf"s/{re.escape(name)}: is a symbolic link where this program writes its own file"):
+            rerun()
+    assert outside.read_text() == "precious\n"
+
+
+def test_a_hard_link_where_a_lock_goes_is_refused(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    (tmp_path / "s").mkdir()
+    os.link(outside, tmp_path / "s" / ".lock")
+    with pytest.raises(LinkError, match=r"s/.lock: has other hard links; refusing to write through it"):
+        StoreWriter(tmp_path / "s", "text", "enc", 12)
+    assert outside.read_text() == "precious\n"
+
+
+def test_a_rerun_deletes_only_files_the_writer_wrote(tmp_path, rows, caplog):
+    ids, embeds, captions = rows
+    root = tmp_path / "s"
+    write_store(root, "text", ids, embeds, captions, shard_size=4)
+    backup = root / "text_embeds_backup.pkl"
+    backup.write_bytes((root / "text_embeds_00000.pkl").read_bytes())
+    (root / "text_embeds_7.pkl").write_bytes(b"the user's")  # the official layout's naming
+    (root / "text_embeds_00009.pkl").write_bytes(b"a killed run's unrecorded shard: ours by its name")
+    with caplog.at_level("WARNING"):
+        StoreWriter(root, "text", "unknown", 12).close()  # a plain rerun of a complete store
+    assert backup.read_bytes() == (root / "text_embeds_00000.pkl").read_bytes()
+    assert (root / "text_embeds_7.pkl").read_bytes() == b"the user's"
+    assert not (root / "text_embeds_00009.pkl").exists()
+    warned = sorted(r.getMessage().split(":")[0] for r in caplog.records if "looks like a shard" in r.getMessage())
+    assert warned == [str(root / "text_embeds_7.pkl"), str(backup)]
+    assert EmbeddingStore(root).load_all().ids == ids
+
+
+def test_a_first_run_that_fails_before_a_shard_leaves_no_manifest(tmp_path):
+    writer = StoreWriter(tmp_path / "s", "text", "enc", 12)
+    with pytest.raises(StoreError, match="unusable embedding"):
+        writer.add(["a"], np.zeros((1, 12)))
+    writer.shutdown()
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    StoreWriter(tmp_path / "s", "text", "enc", 12).close()  # a store with no rows, but complete
+    resumed = StoreWriter(tmp_path / "s", "text", "enc", 12)  # not its first run: the manifest stays
+    resumed.shutdown()
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["count"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dtype": "int8"}, r"dtype is 'int8', expected 'float16' or 'float32'"),
+    ({"dtype": "float8"}, r"dtype is 'float8', expected 'float16' or 'float32'"),
+    ({"kind": None}, r"kind is None, expected 'text' or 'image'"),
+    ({"count": 15}, r"count is 15, expected 10, the sum of its shards' rows"),
+    ({"dim": "12"}, r"dim is '12', expected a positive integer"),
+])
+def test_manifest_fields_a_reader_relies_on_are_checked_first(tmp_path, rows, change, message):
+    ids, embeds, captions = rows
+    write_store(tmp_path / "s", "text", ids, embeds, captions, dtype="float32", shard_size=4)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest.update(change)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if v is not None}))
+    with pytest.raises(StoreError, match=r"s/manifest.json: " + message):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_shards_must_hold_the_manifests_dtype(tmp_path, rows):
+    ids, embeds, captions = rows
+    write_store(tmp_path / "s", "text", ids, embeds, captions, dtype="float32")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "dtype": "float16"}))
+    with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: holds float32 embeddings, but manifest.json says dtype float16"):
+        EmbeddingStore(tmp_path / "s").load_all()
+
+
+def test_a_memory_bomb_shard_costs_nothing(tmp_path, rows):
+    """bytearray(10**12) in a 30-byte pickle: with a manifest the hash refuses it before unpickling; without one
+    (the official layout) the unpickler refuses the size. Either way nothing is allocated (it would be 1 TB)."""
+    ids, embeds, captions = rows
+    write_store(tmp_path / "s", "text", ids, embeds, captions)
+    bomb = b"\x80\x02cbuiltins\nbytearray\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R."  # protocol 2: bytearray(10**12)
+    (tmp_path / "s" / "text_embeds_00000.pkl").write_bytes(bomb)
+    with pytest.raises(StoreError, match=r"text_embeds_00000.pkl: sha256 .* differs from the manifest's"):
+        EmbeddingStore(tmp_path / "s").load_all()
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "text_embeds_1.pkl").write_bytes(bomb)
+    with pytest.raises(UnsafePickleError, match=r"refused to unpickle bytearray\(1000000000000\)"):
+        EmbeddingStore(tmp_path / "ref")
+    assert safe_load_bytes(pickle.dumps({"b": bytearray(b"ok"), "c": b"x"}, protocol=4), tmp_path) == {"b": bytearray(b"ok"), "c": b"x"}
+
+
+def safe_load_bytes(data: bytes, folder) -> object:
+    (folder / "x.pkl").write_bytes(data)
+    return safe_load(folder / "x.pkl")

@@ -1,7 +1,9 @@
 """Training stages through HF Trainer: what trains, what is saved, resuming, DeepSpeed, start-up errors."""
 import json
 import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from revision.align import make_alignment
-from revision.checkpoint import check_resumable
+from revision.checkpoint import check_resumable, weights_only_loads, write_manifest
 from revision.data import InputError, SupervisedDataset
 from revision.model import IMAGE_TOKEN_INDEX, RevisionModel
 from revision.store import EmbeddingStore, Shard, write_reference_shard, write_store
@@ -220,6 +222,9 @@ def test_projector_lr_and_length_grouping(world, tmp_path):
 def test_start_up_errors(world, tmp_path):
     with pytest.raises(ValueError, match="model_max_length 6 leaves no room for text"):
         run(world, tmp_path / "a", "pretrain", "--model_max_length", "6")
+    for flag, value in (("--learning_rate", "nan"), ("--learning_rate", "-1.0"), ("--embed_noise_std", "inf")):
+        with pytest.raises(InputError, match=rf"^{flag} {value}: expected a finite number >= 0$"):
+            run(world, tmp_path / "a", "pretrain", flag, value)
     run(world, tmp_path / "s1", "pretrain", "--max_steps", "1")
     other_store, _ = make_tiny_corpus(tmp_path / "other", "image", n=8, dim=12)
     with pytest.raises(ValueError, match="projector takes dim 16, but the embeddings in .* have dim 12"):
@@ -346,3 +351,59 @@ def test_bad_input_prints_one_line_and_exits_2(world, tmp_path):
         errors = [line for line in output.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], output[-2000:]
     assert [o.split("\n", 1)[0] for o in outputs[1:]] == ["2"] * len(cases)
+
+
+def deepspeed_run(world, out, port, *extra):
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+    child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
+             "from revision.train import main; main(sys.argv[1:])")
+    args = flags(world, out, "finetune", "--learning_rate", "1e-2", "--deepspeed", str(REPO / "script" / "deepspeed" / "zero2.json"),
+                 *extra)
+    return subprocess.run([sys.executable, "-c", child, *args], env=env, cwd=REPO, capture_output=True, text=True)
+
+
+def test_deepspeed_resume_unpickles_no_code_even_with_a_regenerated_manifest(world, tmp_path, free_port):
+    out = tmp_path / "ds"
+    done = deepspeed_run(world, out, free_port, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = out / "checkpoint-2"
+    clean = tmp_path / "clean"
+    shutil.copytree(out, clean)
+    # DeepSpeed's real state loads weights-only with the allow-list: the resumed run goes on
+    done = deepspeed_run(world, clean, free_port, "--max_steps", "3", "--resume_from_checkpoint", str(clean / "checkpoint-2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((clean / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    # someone else's checkpoint: a payload in the optimizer state, and a manifest that vouches for it
+    marker = tmp_path / "MARKER"
+    optim = next(ckpt.glob("global_step2/*_optim_states.pt"))
+    torch.save({"optimizer_state_dict": Payload(f"touch {marker}")}, optim)
+    write_manifest(ckpt)
+    done = deepspeed_run(world, out, free_port, "--max_steps", "3", "--resume_from_checkpoint", str(ckpt))
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback", "[rank0]: Traceback"))]
+    assert done.returncode == 2 and lines == [f"error: {optim}: would unpickle posix.system, which DeepSpeed's state "
+                                              "never holds; refused before loading (nothing in it ran)"]
+    assert not marker.exists()
+
+
+class Payload:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_loads_under_weights_only_loads_never_run_pickled_code(tmp_path):
+    """The second guard: whatever reaches torch.load while resuming (a file that changed after the check) is weights-only."""
+    (tmp_path / "global_step1").mkdir()
+    torch.save({"step": torch.ones(2)}, tmp_path / "global_step1" / "mp_rank_00_model_states.pt")
+    marker = tmp_path / "MARKER"
+    torch.save({"x": Payload(f"touch {marker}")}, tmp_path / "late.pt")
+    with weights_only_loads(tmp_path):
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(tmp_path / "late.pt", weights_only=False)  # what DeepSpeed asks for
+        assert torch.equal(torch.load(tmp_path / "global_step1" / "mp_rank_00_model_states.pt", weights_only=False)["step"], torch.ones(2))
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from revision import nofollow
 from revision.align.streams import BadRows, Stream, map_chunks, sample_rows
 from revision.store import Shard, StoreError
 
@@ -35,8 +36,12 @@ def vector(value: Any, dim: int, name: str) -> np.ndarray:
         v = np.asarray(value, np.float64)
     except (TypeError, ValueError):
         raise StoreError(f"alignment statistic {name!r} is not a vector of numbers") from None
-    if v.shape != (dim,) or not np.isfinite(v).all():
-        raise StoreError(f"alignment statistic {name!r} has shape {v.shape} (expected ({dim},)) or non-finite values")
+    if v.shape != (dim,):
+        raise StoreError(f"alignment statistic {name!r} has shape {v.shape}, expected ({dim},)")
+    if not np.isfinite(v).all():
+        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise StoreError(f"alignment statistic {name!r} holds {v[bad]} at index {bad} "
+                         f"({int((~np.isfinite(v)).sum())} non-finite values of {dim})")
     return v
 
 
@@ -204,7 +209,7 @@ class Alignment:
         if path.is_dir():
             path = path / STATS_FILE
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()) + "\n")
+        nofollow.write_bytes(tmp, (json.dumps(self.to_dict()) + "\n").encode())
         os.replace(tmp, path)
         return path
 

@@ -27,6 +27,7 @@ from revision.align.base import REGISTRY, STATS_FILE, Alignment, load_alignment,
 from revision.align.streams import DEFAULT_MEMORY_BUDGET, BadRows, PassCache
 from revision.distributed import merge_if_last, merge_parts
 from revision.locks import StoreLock
+from revision.nofollow import refuse_links
 from revision.store import PART_GLOB, EmbeddingStore, StoreError, StoreWriter, _write_manifest, read_manifest
 
 
@@ -44,6 +45,20 @@ def _check_inputs(texts: EmbeddingStore, images: EmbeddingStore | None, stats: A
     if len(set(encoders.values())) > 1 and not force:
         named = ", ".join(f"{where}: {enc!r}" for where, enc in encoders.items())
         raise StoreError(f"embeddings come from different encoders ({named}); pass --force if that is intended")
+
+
+def _check_out(out: Path, method: str) -> None:
+    """Before any file in --out is touched: refuse a folder holding another store than an aligned one of this method
+    (the writer would mark it incomplete and restamp it), or a partial one that lost its statistics."""
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("parts"):
+        return
+    if manifest.get("method") != method:
+        what = f"a store aligned with {manifest['method']!r}" if manifest.get("method") else "a store not written by embed_mean.py"
+        raise StoreError(f"--out {out} holds {what} ({manifest.get('count')} rows); nothing was changed. Write the "
+                         f"{method} alignment to a new folder, or pass --overwrite to replace that store")
+    if manifest.get("shards") and not manifest.get("complete") and not (out / STATS_FILE).exists():
+        raise StoreError(f"{out}: a partial aligned store without {STATS_FILE}; pass --overwrite to start again")
 
 
 def align_stores(
@@ -95,6 +110,9 @@ def align_stores(
     if loaded is not None and not overwrite:
         _check_same_stats(loaded, stats_path, apply_stats)
 
+    if part is None and not overwrite:
+        _check_out(out, method)
+    refuse_links(out / "gap_report.json", out / "gap_report.png")  # written late, on a thread: checked now
     encoder = texts.encoder or (images.encoder if images is not None else None) or "unknown"
     writer = StoreWriter(out, "text", encoder, texts.dim, dtype, shard_size, overwrite,
                          extra={"method": method, "aligned_from": str(text_dir), "alignment": STATS_FILE},
@@ -116,6 +134,8 @@ def align_stores(
             raise StoreError(f"{out}: a partial store aligned with {loaded.method!r}; pass --overwrite to replace it")
 
     cache_dir = out / ".align_cache"
+    if cache_dir.is_symlink():  # our temp name: a link there would send the spill files elsewhere
+        cache_dir.unlink()
     shutil.rmtree(cache_dir, ignore_errors=True)
     fit_passes = REGISTRY[method].text_passes if loaded is None else 0  # passes the fit makes over the texts
     if stats_sample:
