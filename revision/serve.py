@@ -20,6 +20,7 @@ from typing import Sequence
 from revision.predict import add_loading_arguments, build_parser as predict_parser, load_predictor, read_questions
 
 SERVE_MAX_PIXELS = 40_000_000  # 40 MP: any camera photo; a bigger upload is refused from its header, never decoded
+MAX_FILE_SIZE = "100mb"  # Gradio turns bigger uploads away before they reach the disk
 
 
 def find_examples(checkpoint: Path, given: str | None, count: int) -> list[tuple[Path, str]]:
@@ -44,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 lets anyone who reaches this machine use the model")
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
-    parser.add_argument("--examples", help="question file (JSONL: image, text) offered as examples "
-                                           "(default: the embedded world's held-out questions, when the checkpoint comes from it)")
+    parser.add_argument("--examples", help="question file (JSONL: image, text) offered as examples (default: the "
+                                           "embedded world's held-out questions, when the checkpoint comes from it)")
     parser.add_argument("--num_examples", type=int, default=6)
-    parser.add_argument("--max_pixels", type=int, default=SERVE_MAX_PIXELS, help="refuse uploads with more pixels (0: no cap)")
+    parser.add_argument("--max_pixels", type=int, default=SERVE_MAX_PIXELS,
+                        help="refuse uploaded images with more pixels (0: no cap)")
     parser.add_argument("--max_new_tokens", type=int, default=predict.get_default("max_new_tokens"),
                         help="the page's starting value (revision.predict's default)")
     parser.add_argument("--temperature", type=float, default=predict.get_default("temperature"),
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     page = web.build_page(predictor, chat, examples, args.max_new_tokens, args.temperature)
     page.queue(default_concurrency_limit=1, max_size=args.queue_size)  # one model: one request at a time
     _, url, _ = page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, ssr_mode=False,
-                            quiet=True, theme=web.THEME, footer_links=["api"],
+                            quiet=True, theme=web.THEME, footer_links=["api"], max_file_size=MAX_FILE_SIZE,
                             allowed_paths=sorted({str(image.parent) for image, _ in examples}))
     print(f"ReVision demo of {args.model} on {url} (Ctrl+C stops it)", flush=True)
     page.block_thread()

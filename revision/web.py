@@ -24,9 +24,11 @@ def describe(predictor: Predictor) -> str:
     config, model = predictor.config, predictor.model
     alignment = model.alignment.method if model.alignment is not None else "none (raw encoder embeddings)"
     params = sum(p.numel() for p in model.llm.parameters()) / 1e6
-    llm = f"{config.base_model or model.llm.config.model_type} ({model.llm.config.model_type}, {params:.1f}M parameters, " \
-          f"{config.llm_weights} weights)"
-    template = predictor.template + (" (a captioning checkpoint: the question is ignored)" if predictor.template == "plain" else "")
+    kind = model.llm.config.model_type
+    llm = f"{config.base_model or kind} ({kind}, {params:.1f}M parameters, {config.llm_weights} weights)"
+    template = predictor.template
+    if template == "plain":
+        template += " (a captioning checkpoint: the question is ignored)"
     return "\n".join([f"**Checkpoint** `{predictor.folder}`", f"- **Encoder**: `{predictor.encoder_spec}`",
                       f"- **Alignment**: {alignment}", f"- **LLM**: `{llm}`", f"- **Template**: {template}",
                       f"- **Device**: {predictor.device} ({str(predictor.dtype).removeprefix('torch.')})"])
@@ -51,7 +53,7 @@ class Chat:
         """(the conversation with the new turn, the question box's new value, the status line)."""
         history, question = list(history or []), (question or "").strip()
         if image is None:
-            return history, question, "⚠️ Upload an image first (or pick an example below)."
+            return history, question, "⚠️ Upload an image first."
         if not question:
             return history, "", "⚠️ Type a question about the image first."
         name = Path(image).name
@@ -84,7 +86,8 @@ def build_page(predictor: Predictor, chat: Chat, examples: list[tuple[Path, str]
             with gr.Column(scale=2):
                 image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="image", height=320)
                 with gr.Accordion("Generation", open=True):
-                    tokens = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="max new tokens", elem_id="max_new_tokens")
+                    tokens = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="max new tokens",
+                                       elem_id="max_new_tokens")
                     heat = gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="temperature (0: greedy)",
                                      elem_id="temperature")
             with gr.Column(scale=3):
@@ -96,10 +99,11 @@ def build_page(predictor: Predictor, chat: Chat, examples: list[tuple[Path, str]
                     clear = gr.Button("New conversation", elem_id="clear")
                 status = gr.Markdown(elem_id="status")
         if examples:
-            gr.Examples([[str(image), question] for image, question in examples], inputs=[image, question],
+            gr.Examples([[str(path), text] for path, text in examples], inputs=[image, question],
                         label="Held-out examples of the embedded world (images the model never saw)")
-        def ask(image: dict | None, *rest):  # the upload as sent, unopened (see below)
-            return chat.reply(image and image["path"], *rest)
+
+        def ask(upload: dict | None, *rest):  # the upload as sent, unopened (see below)
+            return chat.reply(upload and upload["path"], *rest)
 
         # preprocess=False: gr.Image would open the upload with PIL before `ask` runs, and a file that is not an
         # image would end as a bare "Error"; uploads are still checked and moved into Gradio's cache

@@ -1,7 +1,5 @@
 """The web demo (revision.serve) on checkpoints of the mini world: a real server on 127.0.0.1, driven through
-gradio_client and through headless Chromium (Debian's chromium + chromedriver, which .ci/run installs).
-
-REVISION_WEB_SCREENSHOT=docs/web_demo.png makes the browser test save its screenshot there (README's picture)."""
+gradio_client and through headless Chromium (Debian's chromium + chromedriver, which .ci/run installs)."""
 import json
 import os
 import shutil
@@ -68,6 +66,13 @@ def server(checkpoint, tmp_path_factory):
             proc.wait()
 
 
+def answered(examples: list[tuple[Path, str, str]]) -> list[tuple[Path, str, str]]:
+    """The examples whose answer shows: a mini-world model answers many questions with nothing."""
+    shown = [e for e in examples if e[2]]
+    assert shown, "the mini-world checkpoint answered every held-out question with nothing"
+    return shown
+
+
 def text_of(message: dict) -> str:
     content = message["content"]
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
@@ -76,12 +81,12 @@ def text_of(message: dict) -> str:
 def test_answers_match_predict_and_bad_input_gets_a_message(server, checkpoint, examples, tmp_path, capsys):
     url, listening = server
     client = gradio_client.Client(url, verbose=False)
-    answered = [e for e in examples if e[2]]  # answers that show (a mini-world model often answers nothing)
-    image, question, expected = answered[0]
+    image, question, expected = answered(examples)[0]
     start = time.perf_counter()
     history, box, status = client.predict(gradio_client.handle_file(str(image)), question, [], 128, 0.0, api_name="/ask")
     with capsys.disabled():
-        print(f"\ngradio_client: server listening {listening:.1f} s after its start, first answer {time.perf_counter() - start:.2f} s later")
+        print(f"\ngradio_client: the server listened {listening:.1f} s after its start; "
+              f"first answer {time.perf_counter() - start:.2f} s later")
     assert [m["role"] for m in history] == ["user", "assistant"] and text_of(history[0]) == question
     assert text_of(history[1]) == expected and box == "" and status.startswith("Answered in")
     assert predict_cli(["--model", str(checkpoint), "--image", str(image), "--prompt", question]) == 0
@@ -90,11 +95,13 @@ def test_answers_match_predict_and_bad_input_gets_a_message(server, checkpoint, 
     # a second turn on the same image: the conversation so far, in the checkpoint's template
     follow_up = next(q for i, q, _ in examples if i == image and q != question)
     history2, _, _ = client.predict(gradio_client.handle_file(str(image)), follow_up, history, 128, 0.0, api_name="/ask")
-    conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": expected}, {"from": "human", "value": follow_up}]
-    assert len(history2) == 4 and text_of(history2[3]) == Predictor(checkpoint, device="cpu").answer(conversation, str(image))
+    conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": expected},
+                    {"from": "human", "value": follow_up}]
+    assert len(history2) == 4
+    assert text_of(history2[3]) == Predictor(checkpoint, device="cpu").answer(conversation, str(image))
 
     # two users at once: the queue answers each about its own image, in its own conversation
-    pair = [answered[0], next(e for e in answered + examples if e[0] != image)]
+    pair = [answered(examples)[0], next(e for e in answered(examples) + examples if e[0] != image)]
     jobs = [gradio_client.Client(url, verbose=False).submit(gradio_client.handle_file(str(e[0])), e[1], [], 128, 0.0,
                                                              api_name="/ask") for e in pair]
     for job, (_, asked, answer) in zip(jobs, pair):
@@ -151,13 +158,16 @@ def test_the_page_in_a_real_browser(server, examples, browser, tmp_path, capsys)
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = server
-    image, question, answer = next(e for e in examples if e[2])  # an answer that shows
+    image, question, answer = answered(examples)[0]
     start = time.perf_counter()
     browser.get(url)
     wait = WebDriverWait(browser, 60)
     upload = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#image input[type=file]"))
     header = browser.find_element(By.ID, "checkpoint").text
     assert "no_stage1" in header and "Alignment: none" in header and "Encoder" in header and "LLM" in header
+    settings = [browser.find_element(By.CSS_SELECTOR, f"#{name} input[type=number]").get_attribute("value")
+                for name in ("max_new_tokens", "temperature")]
+    assert settings == ["128", "0"]  # revision.predict's defaults
     assert image.name in browser.page_source  # the held-out examples are offered
     upload.send_keys(str(image))
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#image img"))
@@ -165,8 +175,7 @@ def test_the_page_in_a_real_browser(server, examples, browser, tmp_path, capsys)
     browser.find_element(By.ID, "ask").click()
     wait.until(lambda b: "Answered in" in b.find_element(By.ID, "status").text)
     with capsys.disabled():
-        print(f"\nchromium: page opened, image uploaded, first answer {time.perf_counter() - start:.2f} s after the page was asked for")
+        print(f"\nchromium: page asked for, image uploaded, question typed, answer shown: {time.perf_counter() - start:.2f} s")
     bubbles = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]")]
     assert bubbles and bubbles[-1].strip() == answer
-    shot = Path(os.environ.get("REVISION_WEB_SCREENSHOT") or tmp_path / "page.png")
-    assert browser.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
+    assert browser.save_screenshot(str(tmp_path / "page.png")) and Image.open(tmp_path / "page.png").width == 1280
