@@ -78,9 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat = web.Chat(predictor, args.max_pixels or None, args.seed)
     page = web.build_page(predictor, chat, examples, args.max_new_tokens, args.temperature)
     page.queue(default_concurrency_limit=1, max_size=args.queue_size)  # one model: one request at a time
-    _, url, _ = page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, ssr_mode=False,
-                            quiet=True, theme=web.THEME, footer_links=["api"], max_file_size=MAX_FILE_SIZE,
-                            allowed_paths=sorted({str(image.parent) for image, _ in examples}))
+    try:
+        _, url, _ = page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, ssr_mode=False,
+                                quiet=True, theme=web.THEME, footer_links=["api"], max_file_size=MAX_FILE_SIZE,
+                                allowed_paths=sorted({str(image.parent) for image, _ in examples}))
+    except OSError as e:  # the port is taken, the host is not this machine's
+        print(f"error: cannot listen on {args.host}:{args.port or 'a port from 7860'}: {e}", file=sys.stderr)
+        return 2
     print(f"ReVision demo of {args.model} on {url} (Ctrl+C stops it)", flush=True)
     page.block_thread()
     return 0
