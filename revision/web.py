@@ -91,7 +91,7 @@ def build_page(predictor: Predictor, chat: Chat, examples: list[tuple[Path, str]
                     heat = gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="temperature (0: greedy)",
                                      elem_id="temperature")
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Conversation about this image", elem_id="chat", height=360)
+                chatbot = gr.Chatbot(label="Conversation about this image", elem_id="chat", height=420)
                 question = gr.Textbox(label="Question", placeholder="e.g. what colour is the object in the center?",
                                       elem_id="question", lines=1)
                 with gr.Row():
