@@ -2,6 +2,7 @@
 gradio_client and through headless Chromium (Debian's chromium + chromedriver, which .ci/run installs)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,8 +55,8 @@ def server(checkpoint, tmp_path_factory):
             assert proc.poll() is None, f"the server stopped (exit {proc.returncode}):\n{log.read_text()}"
             assert time.perf_counter() - start < 120, f"the server did not listen within 120 s:\n{log.read_text()}"
             time.sleep(0.1)
-        url = log.read_text().split(" on ")[1].split()[0]
-        assert url.startswith("http://127.0.0.1:")
+        url = re.search(r" on (http://\S+)", log.read_text()).group(1)
+        assert url.startswith("http://127.0.0.1:")  # never another address by default
         yield url, time.perf_counter() - start
     finally:
         proc.terminate()
