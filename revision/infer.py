@@ -12,7 +12,8 @@ loaded only when a raw image comes. A visual is a PIL image, an image path, a pr
 
 The question is formatted as training formatted it: with the checkpoint's template (`chat` / `vicuna`:
 one user turn "<image>\\n{question}", then the assistant cue; `plain`, a stage-1 checkpoint: the image
-alone, so the answer is a caption and the question is ignored).
+alone, so the answer is a caption and the question is ignored). A prompt may also be a whole conversation
+(LLaVA turns ending with the new question, as revision.serve asks it): the image goes into its first user turn.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ from PIL import Image
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from revision.checkpoint import check_loadable
-from revision.conversation import Segment, render_prompt, resolve_template
+from revision.conversation import Segment, count_images, normalise_turns, render_prompt, resolve_template
 from revision.data import tokenize
 from revision.decode import DEFAULT_MAX_PIXELS, check_size, load_image, upright
 from revision.encoders import Encoder, load_encoder, resolve_device, resolve_dtype, to_rgb
 from revision.model import CONFIG_FILE, IMAGE_TOKEN, RevisionModel
 
 Visual = Union[Image.Image, str, os.PathLike, np.ndarray, None]
+Prompt = Union[str, Sequence[dict]]  # a question, or a conversation: {"from", "value"} turns ending with a question
 
 
 class Predictor:
@@ -129,17 +131,21 @@ class Predictor:
 
     # ---- the text side ----------------------------------------------------------------------------
 
-    def format_prompt(self, question: str, has_image: bool) -> str:
+    def format_prompt(self, question: Prompt, has_image: bool) -> str:
         """The prompt text as training rendered it, ending with the cue for the answer."""
-        if IMAGE_TOKEN in question and not has_image:
+        turns = normalise_turns([{"from": "human", "value": question}] if isinstance(question, str) else list(question))
+        if not turns or turns[-1]["role"] != "user":
+            raise ValueError("a conversation to answer must end with a user turn (the question)")
+        if count_images(turns) and not has_image:
             raise ValueError(f"the prompt holds {IMAGE_TOKEN} but no image was given")
-        if has_image and IMAGE_TOKEN not in question:
-            question = f"{IMAGE_TOKEN}\n{question}"
+        if has_image and not count_images(turns):
+            first = next(i for i, turn in enumerate(turns) if turn["role"] == "user")
+            turns[first] = {**turns[first], "content": f"{IMAGE_TOKEN}\n{turns[first]['content']}"}
         if self.template == "plain" and not has_image:
             raise ValueError(f"{self.folder} is a captioning (plain template) checkpoint: it needs an image")
-        return render_prompt([{"from": "human", "value": question}], self.template, self.tokenizer)
+        return render_prompt(turns, self.template, self.tokenizer)
 
-    def prompt_ids(self, question: str, has_image: bool) -> torch.Tensor:
+    def prompt_ids(self, question: Prompt, has_image: bool) -> torch.Tensor:
         """Token ids of the formatted prompt; the image is num_visual_tokens IMAGE_TOKEN_INDEX positions."""
         prompt = self.format_prompt(question, has_image)
         return tokenize([Segment(prompt, False)], self.tokenizer, self.config.num_visual_tokens, sys.maxsize)[0]
@@ -159,11 +165,11 @@ class Predictor:
 
     # ---- answering --------------------------------------------------------------------------------
 
-    def answer(self, prompt: str, visual: Visual = None, **options) -> str:
+    def answer(self, prompt: Prompt, visual: Visual = None, **options) -> str:
         """One answer; options as for answer_batch."""
         return self.answer_batch([prompt], [visual], **options)[0]
 
-    def answer_batch(self, prompts: Sequence[str], visuals: Sequence[Visual] | None = None, batch_size: int = 8,
+    def answer_batch(self, prompts: Sequence[Prompt], visuals: Sequence[Visual] | None = None, batch_size: int = 8,
                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
                      stop: Sequence[str] = ()) -> list[str]:
         """Answers to prompts[i] about visuals[i]. temperature 0 is greedy; `stop` strings end an answer (not kept)."""

@@ -128,15 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="for sampling (temperature > 0)")
     run = parser.add_argument_group("run")
     run.add_argument("--batch_size", type=int, default=8)
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16")
-    run.add_argument("--encoder", help="override the encoder the checkpoint names (e.g. its folder moved)")
-    run.add_argument("--base_model", help="override the base LLM of a LoRA / projector-only checkpoint")
-    run.add_argument("--trust_remote_code", action="store_true",
-                     help="allow an encoder that runs code from its repository (llm2clip:); off: refused")
-    run.add_argument("--no_verify", action="store_true",
-                     help="load the checkpoint without checking its files' sha256 against its manifest")
+    add_loading_arguments(run)
     return parser
+
+
+def add_loading_arguments(group: argparse._ActionsContainer) -> None:
+    """How a checkpoint is loaded (revision.serve takes the same flags)."""
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16")
+    group.add_argument("--encoder", help="override the encoder the checkpoint names (e.g. its folder moved)")
+    group.add_argument("--base_model", help="override the base LLM of a LoRA / projector-only checkpoint")
+    group.add_argument("--trust_remote_code", action="store_true",
+                       help="allow an encoder that runs code from its repository (llm2clip:); off: refused")
+    group.add_argument("--no_verify", action="store_true",
+                       help="load the checkpoint without checking its files' sha256 against its manifest")
+
+
+def load_predictor(args: argparse.Namespace) -> Predictor:
+    """The checkpoint --model, loaded as the add_loading_arguments flags say."""
+    return Predictor(args.model, args.device, args.dtype, encoder=args.encoder, base_model=args.base_model,
+                     trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,8 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    num_beams=args.num_beams)
     torch.manual_seed(args.seed)
     try:
-        predictor = Predictor(args.model, args.device, args.dtype, encoder=args.encoder, base_model=args.base_model,
-                              trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
+        predictor = load_predictor(args)
         if not args.questions:
             visual = np.load(args.embedding) if args.embedding else args.image
             print(predictor.answer(args.prompt, predictor.prepare(visual), **options))

@@ -49,6 +49,17 @@ def mini_world(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def mini_demo(tmp_path_factory):
+    """The toy pipeline's miniature run (mini preset, rows realign and no_stage1, seed 0), once per test module:
+    trained checkpoints of the mini world in OUT/seed-0/runs/ROW/stage1|stage2, the world in OUT/seed-0/world."""
+    from revision.toy import pipeline
+
+    out = tmp_path_factory.mktemp("toy-demo")
+    pipeline.main(["--out", str(out), "--preset", "mini", "--rows", "realign,no_stage1"])
+    return out
+
+
 @pytest.fixture
 def kill_9_after_shards():
     """Start a command, SIGKILL it once the JSON file `watched` lists at least `shards` shards (or it exits, or

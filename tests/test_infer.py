@@ -129,6 +129,13 @@ def test_prompt_is_formatted_as_in_training(world, predictor, tmp_path):
     assert torch.equal(predictor.prompt_ids(f"<image>\n{QUESTION}", has_image=True), trained_prefix)
     with pytest.raises(ValueError, match="holds <image> but no image"):
         predictor.format_prompt(f"<image>\n{QUESTION}", has_image=False)
+    # a conversation (revision.serve's follow-up questions): rendered as training rendered the same turns
+    talk = [*turns, {"from": "human", "value": "and the square ?"}, {"from": "gpt", "value": "white"}]
+    asked = [{"from": "human", "value": QUESTION}, *talk[1:3]]  # the image goes into the first user turn
+    trained_prefix = tokenize(render(talk, "chat", tokenizer)[:-1], tokenizer, VISUAL, 64)[0]
+    assert torch.equal(predictor.prompt_ids(asked, has_image=True), trained_prefix)
+    with pytest.raises(ValueError, match="must end with a user turn"):
+        predictor.format_prompt(turns, has_image=True)
     # A stage-1 checkpoint captions: the prompt is the image alone, whatever was asked.
     plain = shutil.copytree(world["ckpt"], tmp_path / "plain")
     config = json.loads((plain / CONFIG_FILE).read_text())

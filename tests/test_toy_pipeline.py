@@ -12,10 +12,8 @@ from revision.toy.transfer import transfer
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy-demo")
-    pipeline.main(["--out", str(out), "--preset", "mini", "--rows", "realign,no_stage1"])
-    return out
+def demo(mini_demo):
+    return mini_demo
 
 
 def test_table_and_artifacts(demo):
@@ -62,6 +60,7 @@ def test_rerun_resumes_from_finished_stages(demo, capsys):
     pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1"])
     printed = capsys.readouterr().out
     assert "no_stage1.stage2" in printed and "cached" in printed and " s\n" in printed
+    assert f"python -m revision.serve --model {demo / 'seed-0/runs/no_stage1/stage2'}\n" in printed  # the web demo
 
 
 def test_rerun_with_other_settings_is_refused(demo):

@@ -313,13 +313,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = (f"# Embedded-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
             f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
             f"{stage_table(summaries)}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
+    row = "realign" if "realign" in rows else rows[0]
     if budget.show:
-        row = "realign" if "realign" in rows else rows[0]
         text += "\n" + held_out_examples(out / f"seed-{seeds[0]}", row, budget.show) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({**numbers, "seeds": seeds, "budget": asdict(budget), "command": command,
                                                   "per_seed": summaries}, indent=1) + "\n")
     print(text)
+    print(f"Ask it about an image in the browser: {serve_command(out / f'seed-{seeds[0]}' / 'runs' / row / 'stage2')}")
+
+
+def serve_command(checkpoint: Path) -> str:
+    """The command that opens the web demo (revision.serve) on a checkpoint, paths relative to here when inside."""
+    def short(path: str | Path) -> str:
+        return os.path.relpath(path) if Path(path).absolute().is_relative_to(Path.cwd()) else str(path)
+
+    return shlex.join([short(sys.executable), "-m", "revision.serve", "--model", short(checkpoint)])
 
 
 if __name__ == "__main__":
