@@ -299,7 +299,9 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, ta
                                        model_args.num_visual_tokens, model_args.version, table.encoder, dtype, attn,
                                        model_args.mm_projector_tokens)
         if model_args.standardize_projector_input and not model_args.pretrain_mm_mlp_adapter:
-            sample = table.embeds[np.linspace(0, len(table) - 1, min(len(table), STANDARDIZE_ROWS)).astype(np.int64)]
+            rows = np.setdiff1d(np.linspace(0, len(table) - 1, min(len(table), STANDARDIZE_ROWS)).astype(np.int64),
+                                table.unusable_rows)  # NaN / Inf / zero rows never train, so they set nothing
+            sample = np.asarray(table.embeds[rows], dtype=np.float32)
             mean_norm, scale = set_input_statistics(model.projector, image_map(sample) if image_map else sample)
             logger.info("projector input standardised: mean norm %.4f, scalar std %.5f (%d rows of %s)", mean_norm, scale,
                         len(sample), table.root)
