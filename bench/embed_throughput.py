@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from revision.embed import embed_images, load_image, read_images  # noqa: E402
 from revision.encoders import load_encoder, resolve_device  # noqa: E402
 from revision.inputs import open_inputs  # noqa: E402
-from revision.store import StoreWriter  # noqa: E402
+from revision.store_writer import StoreWriter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 from revision.tiny.clip import SIZES, build_tiny_clip  # noqa: E402

@@ -348,5 +348,3 @@ def check_unique_ids(ids: Iterable[str], where: str) -> None:
             raise StoreError(f"{where}: duplicate id {i!r} (row {row}); ids must be unique")
         seen.add(i)
 
-
-from revision.store_writer import Resume, StoreWriter, write_store  # noqa: F401  (the write side, re-exported)

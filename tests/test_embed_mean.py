@@ -11,7 +11,8 @@ import pytest
 import revision.store as store_module
 from revision.align import STATS_FILE, align_stores, load_alignment
 from revision.data import EmbeddingTable
-from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
+from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard
+from revision.store_writer import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

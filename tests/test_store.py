@@ -8,9 +8,10 @@ import pytest
 
 from revision.locks import LockedError
 from revision.store import (
-    EmbeddingStore, Shard, StoreError, StoreWriter, UnsafePickleError, check_unique_ids, load_shard,
-    safe_load, write_reference_shard, write_shard, write_store,
+    EmbeddingStore, Shard, StoreError, UnsafePickleError, check_unique_ids, load_shard, safe_load,
+    write_reference_shard, write_shard,
 )
+from revision.store_writer import StoreWriter, write_store
 
 
 def _unit(x):

@@ -27,7 +27,8 @@ from revision.align.base import REGISTRY, STATS_FILE, Alignment, load_alignment,
 from revision.align.streams import DEFAULT_MEMORY_BUDGET, BadRows, PassCache
 from revision.distributed import merge_if_last, merge_parts
 from revision.locks import StoreLock
-from revision.store import PART_GLOB, EmbeddingStore, StoreError, StoreWriter, _write_manifest, read_manifest
+from revision.store import PART_GLOB, EmbeddingStore, StoreError, _write_manifest, read_manifest
+from revision.store_writer import StoreWriter
 
 
 def _check_inputs(texts: EmbeddingStore, images: EmbeddingStore | None, stats: Alignment | None, force: bool) -> None:
