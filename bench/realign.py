@@ -96,7 +96,8 @@ def measure(cmd: list[str]) -> dict:
 
 
 FLOOR = """
-import json, sys, time
+import json, os, sys, time
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")  # as embed_mean.py sets it
 from revision.store import EmbeddingStore
 from revision.store_writer import StoreWriter
 text, image, out = sys.argv[1:4]

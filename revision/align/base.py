@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from revision.align.streams import BadRows, Stream, map_chunks, sample_rows
+from revision.align.streams import BadRows, Stream, map_chunks, row_dtype, sample_rows
 from revision.store import Shard, StoreError
 
 STATS_FILE = "align_stats.json"
@@ -136,7 +136,7 @@ class Alignment:
 
     # ---- mapping -------------------------------------------------------------------------------
     def text_unit(self, x: np.ndarray) -> np.ndarray:
-        """Unit text rows [n, D] float64 (may be changed in place) -> directions of the synthetic image
+        """Unit text rows [n, D] float32 or float64 (may be changed in place) -> directions of the synthetic image
         embeddings (renormalised after). This base keeps n(x) as it is."""
         return x
 
@@ -171,11 +171,11 @@ class Alignment:
             rows_fn(rows, inv_norm, out[start - lo : start - lo + len(rows)])
             keep[start - lo : start - lo + len(rows)] = inv_norm > 0
 
-        map_chunks(shard, bad, one_chunk, lo, hi)
+        map_chunks(shard, bad, one_chunk, lo, hi, row_dtype(shard))  # float32 out: float32 maths for float16 rows
         return out, keep
 
     def _text_rows(self, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:
-        """One chunk: raw float64 rows and their 1/‖row‖ -> mapped float32 unit rows in `out`."""
+        """One chunk: raw rows (float32 or float64) and their 1/‖row‖ -> mapped float32 unit rows in `out`."""
         self._unit_rows(self.text_unit, rows, inv_norm, out)
 
     def _image_rows(self, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:
@@ -183,10 +183,11 @@ class Alignment:
 
     @staticmethod
     def _unit_rows(unit_fn: Callable, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:
+        inv_norm = inv_norm.astype(rows.dtype, copy=False)[:, None]
         if unit_fn.__func__ in _KEEPS_UNIT:  # n(x) as it is: one rounding to float32, no renormalisation
-            np.multiply(rows, inv_norm[:, None], out=out)
+            np.multiply(rows, inv_norm, out=out)
             return
-        rows *= inv_norm[:, None]
+        rows *= inv_norm
         _normalise_into(unit_fn(rows), out)
 
     # ---- statistics file -----------------------------------------------------------------------
