@@ -154,13 +154,15 @@ class Alignment:
 
     def map_text_rows(
         self, shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None,
+        check_unit: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """text_map of rows lo:hi of a shard under a bad-row policy: (float32 rows, mask of usable rows).
-        `out` ([hi - lo, dim] float32) is a reused buffer, if given."""
-        return self._map(shard, self._text_rows, bad, lo, hi, out)
+        `out` ([hi - lo, dim] float32) is a reused buffer, if given. `check_unit`: a mapped row that is not a finite
+        unit vector raises StoreError (checked chunk by chunk, while the chunk is in the cache)."""
+        return self._map(shard, self._text_rows, bad, lo, hi, out, check_unit)
 
     def _map(self, shard: Shard, rows_fn: Callable, bad: BadRows, lo: int = 0, hi: int | None = None,
-             out: np.ndarray | None = None):
+             out: np.ndarray | None = None, check_unit: bool = False):
         if self.dim is not None and shard.embeds.shape[1] != self.dim:
             raise StoreError(f"{shard.path}: embeddings of dim {shard.embeds.shape[1]}, alignment was fitted on {self.dim}")
         hi = len(shard.embeds) if hi is None else hi
@@ -170,6 +172,8 @@ class Alignment:
         def one_chunk(start: int, rows: np.ndarray, inv_norm: np.ndarray) -> None:  # writes only its own rows
             rows_fn(rows, inv_norm, out[start - lo : start - lo + len(rows)])
             keep[start - lo : start - lo + len(rows)] = inv_norm > 0
+            if check_unit:
+                _check_unit(out[start - lo : start - lo + len(rows)], inv_norm > 0, shard, start, self)
 
         map_chunks(shard, bad, one_chunk, lo, hi, row_dtype(shard))  # float32 out: float32 maths for float16 rows
         return out, keep
@@ -247,3 +251,15 @@ def load_alignment(path: str | os.PathLike) -> Alignment:
         return alignment_from_dict(d)
     except StoreError as e:
         raise StoreError(f"{path}: {e}") from e
+
+
+def _check_unit(rows: np.ndarray, keep: np.ndarray, shard, lo: int, alignment: Alignment) -> None:
+    """The writer copies mapped rows unchecked (`unit_rows=True`): a row that is not a finite unit vector stops
+    the run here, before it reaches a shard."""
+    sq = np.einsum("ij,ij->i", rows, rows)
+    wrong = keep & ~(np.abs(sq - 1.0) < 1e-3)  # NaN fails the comparison too
+    if wrong.any():
+        row = lo + int(np.flatnonzero(wrong)[0])
+        what = "non-finite" if not np.isfinite(rows[row - lo]).all() else f"norm {np.sqrt(sq[row - lo]):.3g}"
+        raise StoreError(f"{shard.path}: row {row} (id {shard.ids[row]!r}) maps to a {what} embedding under the "
+                         f"{alignment.method} statistics; check them (align_stats.json)")

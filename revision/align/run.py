@@ -239,8 +239,7 @@ def _write_aligned(alignment: Alignment, texts: PassCache, writer: StoreWriter, 
             ids = shard.ids[lo:hi]
             if done and all(i in done for i in ids):
                 continue
-            rows, keep = alignment.map_text_rows(shard, bad, lo, hi, out[: hi - lo])
-            _check_unit(rows, keep, shard, lo, alignment)
+            rows, keep = alignment.map_text_rows(shard, bad, lo, hi, out[: hi - lo], check_unit=True)
             if done:
                 keep &= np.array([i not in done for i in ids])
             sources = shard.sources[lo:hi] if shard.sources else [""] * (hi - lo)
@@ -251,15 +250,3 @@ def _write_aligned(alignment: Alignment, texts: PassCache, writer: StoreWriter, 
             if len(ids):
                 writer.add(ids, rows, sources, unit_rows=True)
         del shard
-
-
-def _check_unit(rows: np.ndarray, keep: np.ndarray, shard, lo: int, alignment: Alignment) -> None:
-    """The writer copies mapped rows unchecked (`unit_rows=True`): a row that is not a finite unit vector stops
-    the run here, before it reaches a shard."""
-    sq = np.einsum("ij,ij->i", rows, rows)
-    wrong = keep & ~(np.abs(sq - 1.0) < 1e-3)  # NaN fails the comparison too
-    if wrong.any():
-        row = lo + int(np.flatnonzero(wrong)[0])
-        what = "non-finite" if not np.isfinite(rows[row - lo]).all() else f"norm {np.sqrt(sq[row - lo]):.3g}"
-        raise StoreError(f"{shard.path}: row {row} (id {shard.ids[row]!r}) maps to a {what} embedding under the "
-                         f"{alignment.method} statistics; check them (align_stats.json)")
