@@ -123,7 +123,7 @@ def gpu_tests(cuda: bool) -> list[str]:
 def encoding(cuda: bool, tmp: Path, args: argparse.Namespace) -> list[str]:
     gpus = torch.cuda.device_count() if cuda else 1
     size, n, batch = ("large", args.images, 256) if cuda else ("tiny", 48, 16)
-    workers = min(15, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
+    workers = min(15, max(1, ((os.cpu_count() or 2) - gpus) // gpus)) if cuda else 0  # decoding processes per GPU
     spec = str(build_tiny_clip(tmp / "clip", size=size))
     embed_throughput.write_images(tmp / "images", n, 256, "jpg")
     encoder = load_encoder(spec, device="cuda" if cuda else "cpu", batch_size=batch)
@@ -141,7 +141,7 @@ def encoding(cuda: bool, tmp: Path, args: argparse.Namespace) -> list[str]:
     share = pipeline["rate"] / (gpus * forward["rate"])
     return ["## Image encoding", "",
             f"{n} 256x256 JPEGs, CLIP with {size} shapes (random weights), {encoder.dtype}, batch {batch}, "
-            f"{workers} decoding workers, {gpus} process(es) (one per GPU)", "",
+            f"{workers} decoding workers per process, {gpus} process(es) (one per GPU)", "",
             "| run | items/s | of forward | peak memory |", "| --- | ---: | ---: | ---: |",
             f"| bare forward (pre-decoded pixels), one GPU | {forward['rate']:.1f} | 100% | {gb(forward['peak_gb'])} |",
             f"| image_embed pipeline, {gpus} process(es) | {pipeline['rate']:.1f} | {share:.1%} | {gb(pipeline['peak_gb'])} |",
@@ -204,7 +204,8 @@ def launchers(cuda: bool, tmp: Path, args: argparse.Namespace) -> list[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     steps = args.zero_steps if cuda else 2
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MODEL": str(tmp / "llm"), "GPUS": str(gpus), "BATCH": "8",
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `deepspeed`
+           "PYTHONPATH": str(REPO), "MODEL": str(tmp / "llm"), "GPUS": str(gpus), "BATCH": "8",
            "GLOBAL_BATCH": str(8 * max(1, gpus)), "VISUAL_TOKENS": "576" if cuda else "4",
            "MAX_LENGTH": "1024" if cuda else "64", "MASTER_PORT": str(port),
            "EXTRA": f"--max_steps {steps} --disable_tqdm true --save_strategy no"}
