@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from revision.store import EmbeddingStore, Shard, StoreError, bad_rows, describe_bad_row, safe_load
 
-DEFAULT_MEMORY_BUDGET = 1 << 29  # bytes of decoded text embeddings kept in RAM between passes (beyond: a temp disk cache)
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of decoded text embeddings kept in RAM between passes (beyond: a temp disk cache)
 CHUNK_ROWS = 256  # float64 working set of one chunk: 256 x 1280 x 8 B = 2.6 MB, stays in the L2 cache
 FAST_CHUNK_ROWS = 64  # float32 chunks of the passes that map rows (measured fastest: 64-128)
 WORKERS = max(1, min(4, os.cpu_count() or 1))  # threads sharing a shard's chunks (numpy releases the GIL in them)
