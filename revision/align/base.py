@@ -154,15 +154,16 @@ class Alignment:
 
     def map_text_rows(
         self, shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None,
-        check_unit: bool = False,
+        check_unit: bool = False, workers: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """text_map of rows lo:hi of a shard under a bad-row policy: (float32 rows, mask of usable rows).
         `out` ([hi - lo, dim] float32) is a reused buffer, if given. `check_unit`: a mapped row that is not a finite
-        unit vector raises StoreError (checked chunk by chunk, while the chunk is in the cache)."""
-        return self._map(shard, self._text_rows, bad, lo, hi, out, check_unit)
+        unit vector raises StoreError (checked chunk by chunk, while the chunk is in the cache). `workers`: threads
+        sharing the rows (default: streams.WORKERS)."""
+        return self._map(shard, self._text_rows, bad, lo, hi, out, check_unit, workers)
 
     def _map(self, shard: Shard, rows_fn: Callable, bad: BadRows, lo: int = 0, hi: int | None = None,
-             out: np.ndarray | None = None, check_unit: bool = False):
+             out: np.ndarray | None = None, check_unit: bool = False, workers: int | None = None):
         if self.dim is not None and shard.embeds.shape[1] != self.dim:
             raise StoreError(f"{shard.path}: embeddings of dim {shard.embeds.shape[1]}, alignment was fitted on {self.dim}")
         hi = len(shard.embeds) if hi is None else hi
@@ -175,7 +176,7 @@ class Alignment:
             if check_unit:
                 _check_unit(out[start - lo : start - lo + len(rows)], inv_norm > 0, shard, start, self)
 
-        map_chunks(shard, bad, one_chunk, lo, hi, row_dtype(shard))  # float32 out: float32 maths for float16 rows
+        map_chunks(shard, bad, one_chunk, lo, hi, row_dtype(shard), workers)  # float32 out: float32 maths for float16 rows
         return out, keep
 
     def _text_rows(self, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:

@@ -90,14 +90,15 @@ def _buffer(dim: int, dtype: type) -> np.ndarray:
 
 
 def map_chunks(shard: Shard, bad: BadRows, fn: Callable[[int, np.ndarray, np.ndarray], Any],
-               lo: int = 0, hi: int | None = None, dtype: type = np.float64) -> list:
+               lo: int = 0, hi: int | None = None, dtype: type = np.float64, workers: int | None = None) -> list:
     """[fn(first row, rows, 1/‖row‖) for every chunk of rows lo:hi], in chunk order; rows are `dtype` (float64 or
-    float32). The range is split between WORKERS threads at chunk boundaries: every chunk, hence every number, is
-    the one a single thread would see, and callers reduce the results in order (the same sums, bit for bit)."""
+    float32). The range is split between `workers` (default WORKERS) threads at chunk boundaries: every chunk, hence
+    every number, is the one a single thread would see, and callers reduce the results in order (the same sums,
+    bit for bit)."""
     global _pool
     hi = len(shard.embeds) if hi is None else hi
     count = -(-(hi - lo) // CHUNK_ROWS)
-    parts = min(WORKERS, count)
+    parts = min(workers or WORKERS, count)
     dim = shard.embeds.shape[1]
 
     def run(a: int, b: int) -> list:
