@@ -63,6 +63,7 @@ def peak_memory(cuda: bool, out: dict):
         status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
         out["peak_gb"] = next((int(line.split()[1]) / 2**20 for line in status.splitlines() if line.startswith("VmHWM")), None)
         return
+    torch.cuda.empty_cache()  # what earlier sections left cached is not this block's
     devices = range(torch.cuda.device_count())
     used = lambda: sum(t - f for f, t in (torch.cuda.mem_get_info(d) for d in devices))  # noqa: E731
     base, peak, done = used(), [0], threading.Event()
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="the report (default: docs/gpu_report.md on CUDA, else printed only)")
     p.add_argument("--cpu", action="store_true", help="the small CPU mode even where CUDA is present")
     p.add_argument("--skip_tests", action="store_true", help="no GPU tests first")
-    p.add_argument("--images", type=int, default=4000, help="images encoded (CUDA)")
+    p.add_argument("--images", type=int, default=3000, help="images encoded (CUDA)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per layout (CUDA)")
     p.add_argument("--zero_steps", type=int, default=5, help="steps of each launcher run (CUDA)")
     args = p.parse_args(argv)
