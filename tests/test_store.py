@@ -271,3 +271,20 @@ def test_tampered_shard_is_refused_by_training_and_alignment(tmp_path, rows):
         align_stores(tmp_path / "text", tmp_path / "image", tmp_path / "aligned", method="mean_shift", report=False,
                      progress=False)
     assert len(EmbeddingTable(tmp_path / "image", tmp_path / "cache", verify=False)) == 10  # --no_verify
+
+
+def test_rows_written_in_place_into_free_rows_are_stored_as_written(tmp_path, rows):
+    ids, embeds, captions = rows
+    unit = (embeds / np.linalg.norm(embeds, axis=1, keepdims=True)).astype(np.float32)
+    writer = StoreWriter(tmp_path / "s", "text", "enc", 12, "float32", shard_size=4)
+    start = 0
+    while start < len(ids):
+        view = writer.free_rows(min(3, len(ids) - start))  # 3, 1 (the shard's room), 3, 1, 2
+        view[:] = unit[start : start + len(view)]
+        writer.add(ids[start : start + len(view)], view, captions[start : start + len(view)], unit_rows=True)
+        start += len(view)
+    manifest = writer.close()
+    assert [e["rows"] for e in manifest["shards"]] == [4, 4, 2]
+    got = EmbeddingStore(tmp_path / "s").load_all()
+    assert got.ids == ids and got.captions == captions
+    np.testing.assert_array_equal(got.embeds, unit)

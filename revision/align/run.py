@@ -235,23 +235,27 @@ WRITE_WORKERS = 1
 
 
 def _write_aligned(alignment: Alignment, texts: PassCache, writer: StoreWriter, bad: BadRows, block: int = 16_384) -> None:
-    """The last pass: text_map every row (block by block: memory stays one shard) into the writer."""
+    """The last pass: text_map every row (block by block: memory stays one shard) into the writer; float32 rows are
+    mapped straight into the writer's shard buffer (no copy)."""
     done = set(writer.done_ids)  # written by an earlier, interrupted run
     out = np.empty((block, texts.dim), np.float32)  # reused: no fresh pages
     for shard in texts.iter_shards():
-        for lo in range(0, len(shard), block):
-            hi = min(lo + block, len(shard))
+        lo = 0
+        while lo < len(shard):
+            target = writer.free_rows(min(block, len(shard) - lo)) if writer.dtype == "float32" else None
+            hi = lo + len(target) if target is not None else min(lo + block, len(shard))
             ids = shard.ids[lo:hi]
-            if done and all(i in done for i in ids):
-                continue
-            rows, keep = alignment.map_text_rows(shard, bad, lo, hi, out[: hi - lo], check_unit=True, workers=WRITE_WORKERS)
-            if done:
-                keep &= np.array([i not in done for i in ids])
-            sources = shard.sources[lo:hi] if shard.sources else [""] * (hi - lo)
-            if not keep.all():
-                rows = rows[keep]
-                ids = [i for i, k in zip(ids, keep) if k]
-                sources = [x for x, k in zip(sources, keep) if k]
-            if len(ids):
-                writer.add(ids, rows, sources, unit_rows=True)
+            if not (done and all(i in done for i in ids)):
+                target = out[: hi - lo] if target is None else target
+                rows, keep = alignment.map_text_rows(shard, bad, lo, hi, target, check_unit=True, workers=WRITE_WORKERS)
+                if done:
+                    keep &= np.array([i not in done for i in ids])
+                sources = shard.sources[lo:hi] if shard.sources else [""] * (hi - lo)
+                if not keep.all():
+                    rows = rows[keep]
+                    ids = [i for i, k in zip(ids, keep) if k]
+                    sources = [x for x, k in zip(sources, keep) if k]
+                if len(ids):
+                    writer.add(ids, rows, sources, unit_rows=True)
+            lo = hi
         del shard
