@@ -20,6 +20,9 @@ import os
 
 # The passes are memory-bound matrix-vector products: extra BLAS threads only spin against the main one.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Transparent huge pages make the kernel compact memory while it faults in a large array: measured 0.1-0.7 s per
+# 512 MB, varying from run to run; small pages cost a steady 0.2 s. (numpy reads this when it is imported.)
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 from revision.align import DEFAULT_MEMORY_BUDGET, align_stores, method_names  # noqa: E402
 from revision.align.run import merge_aligned  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from revision.embed import embed_images, load_image, read_images  # noqa: E402
 from revision.encoders import load_encoder, resolve_device  # noqa: E402
 from revision.inputs import open_inputs  # noqa: E402
-from revision.store import StoreWriter  # noqa: E402
+from revision.store_writer import StoreWriter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 from revision.tiny.clip import SIZES, build_tiny_clip  # noqa: E402
@@ -68,12 +68,15 @@ def full_pipeline(encoder, images: Path, count: int, out: Path, batch_size: int,
     return count / seconds
 
 
-def processes(encoder_spec: str, images: Path, count: int, out: Path, n: int, batch_size: int, num_workers: int) -> float:
-    """items/s of n image_embed.py processes writing the parts of one store at once (--num_shards n)."""
+def processes(encoder_spec: str, images: Path, count: int, out: Path, n: int, batch_size: int, num_workers: int,
+              device: str = "cpu") -> float:
+    """items/s of n image_embed.py processes writing the parts of one store at once (--num_shards n); `cuda`:
+    process i on GPU i (CUDA_VISIBLE_DEVICES), else each on the CPU with one torch thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     base = [sys.executable, str(REPO / "image_embed.py"), "--encoder", encoder_spec, "--images", str(images), "--out",
-            str(out), "--device", "cpu", "--batch_size", str(batch_size), "--num_workers", str(num_workers)]
-    procs = [subprocess.Popen(base + (["--num_shards", str(n), "--shard_index", str(i)] if n > 1 else []), env=env,
+            str(out), "--device", device, "--batch_size", str(batch_size), "--num_workers", str(num_workers)]
+    gpu = (lambda i: {"CUDA_VISIBLE_DEVICES": str(i)}) if device == "cuda" else (lambda i: {})
+    procs = [subprocess.Popen(base + (["--num_shards", str(n), "--shard_index", str(i)] if n > 1 else []), env={**env, **gpu(i)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
     for proc in procs:
         _, err = proc.communicate()

@@ -1,19 +1,24 @@
-"""`embed_mean.py --method realign` against the official `embed_ReAlign.py`, side by side in the same run.
+"""`embed_mean.py` against its I/O floor and against the official `embed_ReAlign.py`, side by side in the same run.
 
     # the official script is not part of this repository: take it from github Yu-xm/ReVision, e.g.
     git -C ReVision show HEAD:embed_ReAlign.py > /tmp/embed_ReAlign.py
     python bench/realign.py --official /tmp/embed_ReAlign.py                      # 200k + 100k, then 400k + 200k
     python bench/realign.py --official /tmp/embed_ReAlign.py --sizes 40000:20000 --shard 20000   # a quick look
+    python bench/realign.py --methods all --layouts records,columnar --sizes 200000:100000       # every method
 
-Per size it writes synthetic shards with a planted gap in the official record layout (a list of {"id",
-"caption" | "image_path", "embed"} per pickle, `--shard` records per file, 1280-d float16) to a temp folder, then
-runs, each as a subprocess under /usr/bin/time -v (wall seconds, peak RSS): one plain read of every input
-shard (the unpickling floor), ours (no gap report: the official script draws none) before and after the
-official script (the load of a shared machine drifts over its minutes), and the official script. Both outputs
-are then compared row by row (cosine; ids). Wall and CPU seconds are reported. The table gives speed (official / ours) and peak
-RSS (ours / official) per size, and ours at the larger size over ours at the smaller (memory stays flat).
-Without --official only our runs are measured. Everything is deleted afterwards, unless --inputs DIR keeps
-the inputs for the next run (delete DIR yourself).
+Per size and input layout it writes synthetic shards with a planted gap (1280-d float16) to a temp folder: the
+official record layout (a list of {"id", "caption" | "image_path", "embed"} per pickle, `--shard` records per file)
+or our columnar store (manifest + sha256, `--shard` rows per shard). Then it runs, each as a subprocess under
+/usr/bin/time -v (wall seconds, CPU seconds, peak RSS):
+- the floor: a process that does the job's I/O and nothing else: reads every input shard once through the store
+  reader (the allow-list unpickler, sha256 checked where a manifest gives one, rows into columns) and writes the
+  output once through the store writer (the same rows as float32: pickled, hashed, fsynced shards); no maths;
+- ours, per method (no gap report: the official script draws none), before and after the official script (the
+  load of a shared machine drifts over its minutes);
+- the official script (record layout, realign only). Both outputs are then compared row by row (cosine; ids).
+The table gives ours / floor, speed (official / ours) and peak RSS (ours / official) per size, and ours at the
+larger size over ours at the smaller (memory stays flat). Without --official only the floor and ours run.
+Everything is deleted afterwards, unless --inputs DIR keeps the inputs for the next run (delete DIR yourself).
 """
 from __future__ import annotations
 
@@ -33,9 +38,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from revision.align import method_names  # noqa: E402
 from revision.store import EmbeddingStore, Shard, safe_load, write_reference_shard  # noqa: E402
+from revision.store_writer import write_store  # noqa: E402
 
-TARGET = {"speed": 10.0, "rss": 0.25, "cosine": 0.99999}
+TARGET = {"speed": 15.0, "rss": 0.25, "cosine": 0.99999, "floor": 1.5}
+LAYOUTS = ("records", "columnar")
 
 
 def planted_shard(kind: str, first: int, rows: int, dim: int, seed: int) -> Shard:
@@ -53,9 +61,16 @@ def planted_shard(kind: str, first: int, rows: int, dim: int, seed: int) -> Shar
     return Shard(kind, ids, x.astype(np.float16), [f"{key} {i}" for i in range(first, first + rows)])
 
 
-def make_inputs(folder: Path, pool: Path, kind: str, total: int, shard: int, dim: int) -> None:
+def make_inputs(folder: Path, pool: Path, kind: str, total: int, shard: int, dim: int, layout: str = "records") -> None:
     """Reference-layout shards kind_embeds_1.pkl... in `folder`, hard links into `pool`: a shard (kind, index,
-    rows) is generated once and shared by every size that holds it."""
+    rows) is generated once and shared by every size that holds it. `columnar`: one store of ours, same rows."""
+    if layout == "columnar":
+        if not (folder / "manifest.json").exists():
+            shards = [planted_shard(kind, first, min(shard, total - first), dim, seed=index + (0 if kind == "text" else 1000))
+                      for index, first in enumerate(range(0, total, shard))]
+            write_store(folder, kind, [i for s in shards for i in s.ids], np.concatenate([s.embeds for s in shards]),
+                        [x for s in shards for x in s.sources], encoder="bench", shard_size=shard)
+        return
     folder.mkdir(parents=True, exist_ok=True)
     pool.mkdir(parents=True, exist_ok=True)
     for index, first in enumerate(range(0, total, shard)):
@@ -80,15 +95,34 @@ def measure(cmd: list[str]) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_gb": rss_kb / 1e6, "load_before": load, "stdout": done.stdout}
 
 
-def read_once_cmd(*folders: Path) -> list[str]:
-    code = ("import sys; from revision.store import EmbeddingStore\n"
-            "for f in sys.argv[1:]:\n    for s in EmbeddingStore(f).iter_shards():\n        del s  # not held while the next loads")
-    return [sys.executable, "-c", code, *map(str, folders)]
+FLOOR = """
+import json, os, sys, time
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")  # as embed_mean.py sets it
+from revision.store import EmbeddingStore
+from revision.store_writer import StoreWriter
+text, image, out = sys.argv[1:4]
+clock = time.perf_counter()
+for shard in EmbeddingStore(image).iter_shards():  # read every input shard once
+    del shard
+kept = list(EmbeddingStore(text).iter_shards())  # the texts as read: written back below, no maths between
+read = time.perf_counter() - clock
+writer = StoreWriter(out, "text", "floor", kept[0].embeds.shape[1], "float32", 16_384, overwrite=True, drop_page_cache=True)
+for shard in kept:  # the output once, as embed_mean.py writes it: float32 16k-row shards, pickled, hashed, fsynced
+    for lo in range(0, len(shard), 16_384):
+        writer.add(shard.ids[lo:lo + 16_384], shard.embeds[lo:lo + 16_384], shard.sources[lo:lo + 16_384], unit_rows=True)
+writer.close()
+print(json.dumps({"read_s": read, "write_s": time.perf_counter() - clock - read}))
+"""
 
 
-def ours_cmd(text: Path, image: Path, out: Path) -> list[str]:
+def floor_cmd(text: Path, image: Path, out: Path) -> list[str]:
+    """The job's I/O alone: read every input shard once, write the output store once (see the module docstring)."""
+    return [sys.executable, "-c", FLOOR, str(text), str(image), str(out)]
+
+
+def ours_cmd(text: Path, image: Path, out: Path, method: str = "realign") -> list[str]:
     return [sys.executable, str(ROOT / "embed_mean.py"), "--text", str(text), "--image", str(image), "--out", str(out),
-            "--method", "realign", "--overwrite", "--quiet", "--no_report"]
+            "--method", method, "--overwrite", "--quiet", "--no_report"]
 
 
 def official_cmd(script: Path, text: Path, image: Path, out: Path) -> list[str]:
@@ -128,13 +162,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official", help="path to the official embed_ReAlign.py (github Yu-xm/ReVision); not shipped here")
     p.add_argument("--sizes", default="200000:100000,400000:200000", help="TEXTS:IMAGES,... (comma-separated)")
-    p.add_argument("--shard", type=int, default=200_000, help="records per input pickle")
+    p.add_argument("--layouts", default="records", help=f"input layouts, comma-separated: {', '.join(LAYOUTS)}")
+    p.add_argument("--methods", default="realign", help=f"embed_mean.py methods, comma-separated, or all ({', '.join(method_names())})")
+    p.add_argument("--shard", type=int, default=200_000, help="records per input pickle (rows per shard, columnar)")
     p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--tmp", default=None, help="parent folder for the temp data (default: the system temp dir)")
     p.add_argument("--inputs", default=None, help="keep the generated inputs here and reuse them next time")
     p.add_argument("--repeat", type=int, default=2, help="runs of ours (and the floor) per size; the official runs once")
     args = p.parse_args()
     sizes = [tuple(int(x) for x in size.split(":")) for size in args.sizes.split(",")]
+    layouts = args.layouts.split(",")
+    methods = list(method_names()) if args.methods == "all" else args.methods.split(",")
+    if not set(layouts) <= set(LAYOUTS) or not set(methods) <= set(method_names()):
+        p.error(f"--layouts from {LAYOUTS}, --methods from {method_names()}")
     official = Path(args.official).resolve() if args.official else None
     if official is not None and not official.is_file():
         p.error(f"--official {official}: no such file")
@@ -143,66 +183,74 @@ def main() -> None:
     folder = contextlib.nullcontext(args.inputs) if args.inputs else tempfile.TemporaryDirectory(prefix="realign-bench-", dir=args.tmp)
     with folder as tmp:
         tmp = Path(tmp)
-        for texts, images in sizes:
-            data = tmp / f"{texts}_{images}"
+        for (texts, images), layout in ((size, layout) for size in sizes for layout in layouts):
+            data = tmp / f"{texts}_{images}" / layout
             t0 = time.perf_counter()
-            make_inputs(data / "text", tmp / "pool", "text", texts, args.shard, args.dim)
-            make_inputs(data / "image", tmp / "pool", "image", images, args.shard, args.dim)
+            make_inputs(data / "text", tmp / "pool", "text", texts, args.shard, args.dim, layout)
+            make_inputs(data / "image", tmp / "pool", "image", images, args.shard, args.dim, layout)
             os.sync()  # the inputs' write-back must not compete with the timed runs
-            print(f"{texts} texts + {images} images: inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
-            row = {"texts": texts, "images": images}
-            floor = [measure(read_once_cmd(data / "text", data / "image")) for _ in range(args.repeat)]
-            for r in floor:
-                show("read once", r)
-            row["read once"] = best_of(floor)
+            print(f"{texts} texts + {images} images, {layout} layout: inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
-            def ours() -> dict:
-                shutil.rmtree(tmp / "ours", ignore_errors=True)
+            def timed(name: str, cmd: list[str], out: Path) -> dict:
+                shutil.rmtree(out, ignore_errors=True)
                 os.sync()
-                r = measure(ours_cmd(data / "text", data / "image", tmp / "ours"))
-                show("ours", r, str({k: round(v, 1) for k, v in json.loads(r["stdout"])["timings"].items()}))
+                r = measure(cmd)
+                parts = json.loads(r["stdout"]) if name == "floor" else json.loads(r["stdout"])["timings"]
+                show(name, r, str({k: round(v, 1) for k, v in parts.items()}))
                 return r
 
-            # ours before and after the official run: the machine's load drifts over its minutes
-            runs = [ours() for _ in range(max(1, args.repeat // 2))]
-            if official is not None:
-                shutil.rmtree(tmp / "official", ignore_errors=True)
-                os.sync()
-                row["official"] = measure(official_cmd(official, data / "text", data / "image", tmp / "official"))
-                show("official", row["official"])
-            runs += [ours() for _ in range(args.repeat - len(runs))]
-            row["ours"] = best_of(runs)
-            if official is not None:
-                row["check"] = compare(tmp / "ours", tmp / "official")  # the last run of ours
-                print(f"  outputs: {row['check']['rows']} rows, min cosine {row['check']['min_cosine']:.7f}", flush=True)
-                shutil.rmtree(tmp / "official", ignore_errors=True)
-            shutil.rmtree(tmp / "ours", ignore_errors=True)
-            table.append(row)
+            floor = best_of([timed("floor", floor_cmd(data / "text", data / "image", tmp / "floor"), tmp / "floor")
+                             for _ in range(args.repeat)])
+            shutil.rmtree(tmp / "floor", ignore_errors=True)
+            for method in methods:
+                row = {"texts": texts, "images": images, "layout": layout, "method": method, "floor": floor}
+                cmd = ours_cmd(data / "text", data / "image", tmp / "ours", method)
+                compared = official is not None and method == "realign" and layout == "records"
+                # ours before and after the official run: the machine's load drifts over its minutes
+                runs = [timed(method, cmd, tmp / "ours") for _ in range(max(1, args.repeat // 2) if compared else args.repeat)]
+                if compared:
+                    shutil.rmtree(tmp / "official", ignore_errors=True)
+                    os.sync()
+                    row["official"] = measure(official_cmd(official, data / "text", data / "image", tmp / "official"))
+                    show("official", row["official"])
+                    runs += [timed(method, cmd, tmp / "ours") for _ in range(args.repeat - len(runs))]
+                    row["check"] = compare(tmp / "ours", tmp / "official")  # the last run of ours
+                    print(f"  outputs: {row['check']['rows']} rows, min cosine {row['check']['min_cosine']:.7f}", flush=True)
+                    shutil.rmtree(tmp / "official", ignore_errors=True)
+                row["ours"] = best_of(runs)
+                shutil.rmtree(tmp / "ours", ignore_errors=True)
+                table.append(row)
+    report(table, args)
 
-    print(f"\nmachine: {os.cpu_count()} CPUs, load avg now {os.getloadavg()[0]:.1f}; {args.dim}-d float16 records, "
-          f"{args.shard} per pickle; ours: fastest of {args.repeat}, official: one run")
-    print(f"{'texts + images':>16s} {'read-once s':>11s} {'ours s':>7s} {'CPU s':>6s} {'ours GB':>8s} {'official s':>10s} "
-          f"{'CPU s':>6s} {'official GB':>11s} {'speed':>6s} {'CPU':>6s} {'RSS':>5s} {'min cosine':>10s}")
+
+def report(table: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nmachine: {os.cpu_count()} CPUs, load avg now {os.getloadavg()[0]:.1f}; {args.dim}-d float16 inputs, "
+          f"{args.shard} rows per input shard; ours and the floor: fastest of {args.repeat}, official: one run")
+    print(f"{'texts + images':>16s} {'layout':>8s} {'method':>12s} {'floor s':>7s} {'ours s':>7s} {'CPU s':>6s} {'ours GB':>7s} "
+          f"{'/floor':>6s} {'official s':>10s} {'CPU s':>6s} {'GB':>6s} {'speed':>6s} {'CPU':>6s} {'RSS':>5s} {'min cosine':>10s}")
     for row in table:
-        ours, off = row["ours"], row.get("official")
-        nan = {"wall_s": float("nan"), "cpu_s": float("nan"), "peak_rss_gb": float("nan")}
+        ours, off, floor = row["ours"], row.get("official"), row["floor"]
         speed = f"{off['wall_s'] / ours['wall_s']:.1f}x" if off else "-"
         cpu = f"{off['cpu_s'] / ours['cpu_s']:.1f}x" if off else "-"
         rss = f"{ours['peak_rss_gb'] / off['peak_rss_gb']:.2f}" if off else "-"
         cosine = f"{row['check']['min_cosine']:.7f}" if off else "-"
-        off = off or nan
-        print(f"{row['texts']:>8d} + {row['images']:<6d} {row['read once']['wall_s']:11.1f} {ours['wall_s']:7.1f} "
-              f"{ours['cpu_s']:6.1f} {ours['peak_rss_gb']:8.2f} {off['wall_s']:10.1f} {off['cpu_s']:6.1f} "
-              f"{off['peak_rss_gb']:11.2f} {speed:>6s} {cpu:>6s} {rss:>5s} {cosine:>10s}")
+        off = off or {"wall_s": float("nan"), "cpu_s": float("nan"), "peak_rss_gb": float("nan")}
+        print(f"{row['texts']:>8d} + {row['images']:<6d} {row['layout']:>8s} {row['method']:>12s} {floor['wall_s']:7.1f} "
+              f"{ours['wall_s']:7.1f} {ours['cpu_s']:6.1f} {ours['peak_rss_gb']:7.2f} {ours['wall_s'] / floor['wall_s']:5.2f}x "
+              f"{off['wall_s']:10.1f} {off['cpu_s']:6.1f} {off['peak_rss_gb']:6.2f} {speed:>6s} {cpu:>6s} {rss:>5s} {cosine:>10s}")
+    print("floor: one process reading every input shard once and writing the output store once (no maths); "
+          "/floor: ours wall / floor wall")
     print("speed: official wall / ours; CPU: official CPU seconds (user + system) / ours, less sensitive than wall "
           "time to the load of a shared machine")
-    print(f"targets: speed (official / ours) >= {TARGET['speed']}x, RSS (ours / official) <= {TARGET['rss']}, "
-          f"min cosine >= {TARGET['cosine']}")
-    if len(table) > 1:
-        first, last = table[0]["ours"], table[-1]["ours"]
-        print(f"ours, largest / smallest size: wall {last['wall_s'] / first['wall_s']:.2f}, peak RSS "
-              f"{last['peak_rss_gb'] / first['peak_rss_gb']:.2f} (peak = text kept in RAM, at most --memory_budget_gb, "
-              "+ one shard: flat once the texts exceed the budget)")
+    print(f"targets: ours / floor <= {TARGET['floor']}, speed (official / ours) >= {TARGET['speed']}x, RSS (ours / "
+          f"official) <= {TARGET['rss']}, min cosine >= {TARGET['cosine']}")
+    for method in dict.fromkeys(r["method"] for r in table):
+        rows = [r for r in table if r["method"] == method and r["layout"] == table[0]["layout"]]
+        if len(rows) > 1:
+            first, last = rows[0]["ours"], rows[-1]["ours"]
+            print(f"{method}, largest / smallest size: wall {last['wall_s'] / first['wall_s']:.2f}, peak RSS "
+                  f"{last['peak_rss_gb'] / first['peak_rss_gb']:.2f} (peak = text kept in RAM, at most "
+                  "--memory_budget_gb, + one input shard: flat once the texts exceed the budget)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from revision.store import EmbeddingStore, StoreWriter  # noqa: E402
+from revision.store import EmbeddingStore  # noqa: E402
+from revision.store_writer import StoreWriter  # noqa: E402
 
 
 def read_pass(root: Path, verify: bool) -> float:

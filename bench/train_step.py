@@ -87,18 +87,23 @@ def step_times(model: RevisionModel, visual: int, args, device: str) -> tuple[li
     return mm, base
 
 
-def report(model: RevisionModel, args, device: str, label: str) -> None:
+def report(model: RevisionModel, args, device: str, label: str) -> dict[int, dict[str, float]]:
+    """Prints the overhead table; returns {visual tokens: {bare_ms, revision_ms, overhead, tokens_per_s}}."""
     params = sum(p.numel() for p in model.llm.parameters()) / 1e6
     projector = sum(p.numel() for p in model.projector.parameters()) / 1e6
     print(f"\n{label}: {params:.1f}M-parameter LLM + {projector:.2f}M projector ({EMBED_DIM} -> {model.config.hidden_size}), "
           f"batch {args.batch}, {args.text_len} text tokens + visual block")
     print(f"{'visual':>6} {'seq':>5} {'bare ms':>9} {'revision ms':>12} {'overhead':>9} {'tokens/s':>10}")
+    rows = {}
     for visual in args.visual:
         mm, base = step_times(model, visual, args, device)
         mm_ms, base_ms = statistics.median(mm) * 1e3, statistics.median(base) * 1e3
         seq = args.text_len + visual
-        print(f"{visual:>6} {seq:>5} {base_ms:>9.1f} {mm_ms:>12.1f} {100 * (mm_ms / base_ms - 1):>+8.1f}% "
-              f"{args.batch * seq / (mm_ms / 1e3):>10.0f}")
+        rows[visual] = {"bare_ms": base_ms, "revision_ms": mm_ms, "overhead": mm_ms / base_ms - 1,
+                        "tokens_per_s": args.batch * seq / (mm_ms / 1e3)}
+        print(f"{visual:>6} {seq:>5} {base_ms:>9.1f} {mm_ms:>12.1f} {100 * rows[visual]['overhead']:>+8.1f}% "
+              f"{rows[visual]['tokens_per_s']:>10.0f}")
+    return rows
 
 
 # ---- padding share -------------------------------------------------------------------------------------
@@ -188,14 +193,20 @@ def layouts(samples: list[dict], estimates: list[int], args, flatten: bool) -> d
             f"packed x{args.fill}": (packing, batches(order, args.batch * args.fill))}
 
 
-def throughput_report(model: RevisionModel, args, device: str, label: str) -> None:
-    print(f"\n{label}: stage-1 real (non-pad) tokens/s, LLaVA-Pretrain-like captions, {args.batch} samples a step "
+def throughput_report(model: RevisionModel, args, device: str, label: str, stage: int = 1) -> dict[int, dict[str, float]]:
+    """Prints the tokens/s table; returns {visual tokens: {layout: real tokens/s}}. Stage 1: LLaVA-Pretrain-like
+    captions, LLM frozen; stage 2: the toy world's QA conversations (tokenized as training does), LLM trained."""
+    data = "LLaVA-Pretrain-like captions" if stage == 1 else "toy-world QA conversations"
+    print(f"\n{label}: stage-{stage} real (non-pad) tokens/s, {data}, {args.batch} samples a step "
           f"(packed x{args.fill}: {args.batch * args.fill}), model_max_length {args.max_length}")
     print(f"{'visual':>6} {'layout':<11} {'last tensor':>12} {'pad':>6} {'ms/step':>8} {'real tok/s':>11} {'vs padded':>9}")
-    model.freeze_llm()  # stage 1, where captions are short: the projector trains, gradients pass through the LLM
+    if stage == 1:
+        model.freeze_llm()  # stage 1, where captions are short: the projector trains, gradients pass through the LLM
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    rates = {}
     for visual in args.throughput_visual:
-        tokens, estimates = llava_pretrain_lengths(visual, (args.steps + args.warmup) * args.batch * args.fill)
+        n = (args.steps + args.warmup) * args.batch * args.fill
+        tokens, estimates = (llava_pretrain_lengths(visual, n) if stage == 1 else toy_lengths(2, visual, n, args.max_length))
         samples = caption_samples(tokens, visual, model.config.vocab_size)
         steps = {}  # name -> [(inputs on the device, real tokens)]
         for name, (collate, batches) in layouts(samples, estimates, args, uses_flash_attention(model)).items():
@@ -213,6 +224,8 @@ def throughput_report(model: RevisionModel, args, device: str, label: str) -> No
             rate[name] = real / sum(timed)
             print(f"{visual:>6} {name:<11} {str(tuple(measured[-1][0]['input_ids'].shape)):>12} {pad:>6.1%} "
                   f"{1e3 * statistics.median(timed):>8.1f} {rate[name]:>11.0f} {rate[name] / rate['padded']:>8.2f}x")
+        rates[visual] = rate
+    return rates
 
 
 def main() -> None:

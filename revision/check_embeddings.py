@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     expected = None
     if args.data_json:
-        from revision.embed import read_data_json
+        from revision.lists import read_data_json
 
         images, texts = read_data_json(args.data_json)
         expected = [item.id for item in (images if EmbeddingStore(args.store).kind == "image" else texts)]

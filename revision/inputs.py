@@ -3,7 +3,7 @@
 
 Formats (detect_format picks one from the argument; see docs/distributed.md):
   folder      every file under DIR (recursive, hidden files ignored); id = path relative to DIR
-  list        .txt (image paths / texts, one a line), .json / .jsonl records (revision.embed's list readers)
+  list        .txt (image paths / texts, one a line), .json / .jsonl records (revision/lists.py)
   webdataset  tar shards, brace patterns allowed ("data/{00000..00099}.tar"): img2dataset's layout, one sample per
               key (KEY.jpg + KEY.txt / KEY.json); id = the key. A truncated tar keeps what it could read.
   parquet     .parquet files (or a folder of them): image bytes ({bytes, path} structs too) or paths, a caption
@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from revision.lists import read_images, read_texts
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 ID_COLUMNS = ("key", "id")
@@ -75,11 +77,6 @@ class Inputs:
 
 
 def read_list(spec: str, kind: str, options: dict) -> list[Unit]:
-    from revision.embed import (  # the list readers live with the CLI they document
-        read_images,
-        read_texts,
-    )
-
     if kind == "image":
         items = [Sample(i.id, i.path, i.source) for i in read_images(spec, options.get("image_root"))]
     else:
@@ -192,7 +189,7 @@ def read_parquet(spec: str, kind: str, options: dict) -> list[Unit]:
 
 
 READERS: dict[str, Callable[[str, str, dict], list[Unit]]] = {
-    "folder": read_list,  # revision.embed.read_images handles folders
+    "folder": read_list,  # revision.lists.read_images handles folders
     "list": read_list,
     "webdataset": read_webdataset,
     "parquet": read_parquet,

@@ -158,14 +158,20 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class _HashingFile:
-    """File wrapper that hashes what is written, so a pickle can stream to disk without a copy in memory."""
+    """File wrapper that hashes what is written, so a pickle can stream to disk without a copy in memory.
+    `early_writeback`: a large piece (an embeddings array) starts going to disk before it is hashed, so the disk
+    writes while the CPU hashes and the fsync after has little left to wait for."""
 
-    def __init__(self, f: io.BufferedWriter):
-        self.f, self.sha256 = f, hashlib.sha256()
+    def __init__(self, f: io.BufferedWriter, early_writeback: bool = False):
+        self.f, self.sha256, self.early_writeback = f, hashlib.sha256(), early_writeback
 
     def write(self, data: bytes) -> int:
+        written = self.f.write(data)
+        if self.early_writeback and memoryview(data).nbytes >= 1 << 20 and hasattr(os, "posix_fadvise"):
+            self.f.flush()
+            os.posix_fadvise(self.f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # on dirty pages: starts their write-back
         self.sha256.update(data)
-        return self.f.write(data)
+        return written
 
 
 def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16", drop_page_cache: bool = False) -> str:
@@ -183,7 +189,7 @@ def write_shard(path: str | os.PathLike, shard: Shard, dtype: str = "float16", d
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open_nofollow(tmp, "wb") as f:
-        out = _HashingFile(f)
+        out = _HashingFile(f, early_writeback=drop_page_cache)
         pickle.dump(payload, out, protocol=5)
         f.flush()
         os.fsync(f.fileno())
@@ -368,5 +374,3 @@ def check_unique_ids(ids: Iterable[str], where: str) -> None:
             raise StoreError(f"{where}: duplicate id {i!r} (row {row}); ids must be unique")
         seen.add(i)
 
-
-from revision.store_writer import Resume, StoreWriter, write_store  # noqa: F401  (the write side, re-exported)

@@ -251,7 +251,8 @@ class StoreWriter:
             # normalise straight into the buffer: no temporary the size of the input
             chunk, into = embeds[start : start + take], self._buffer[self._buffered : self._buffered + take]
             if unit_rows:
-                np.copyto(into, chunk, casting="unsafe")
+                if not _same_rows(chunk, into):  # rows written in place (free_rows) are where they belong
+                    np.copyto(into, chunk, casting="unsafe")
             else:
                 chunk = chunk.astype(np.float64 if chunk.dtype == np.float64 else np.float32, copy=False)
                 norms = np.sqrt(_squared_norms(chunk))[:, None]
@@ -263,6 +264,14 @@ class StoreWriter:
             start += take
             if self._buffered == self.shard_size:
                 self._flush()
+
+    def free_rows(self, n: int) -> np.ndarray:
+        """A view of the next rows of the shard being filled (at most n; fewer when the shard has less room): a
+        caller may write finite unit rows into it, then pass that view to add(..., unit_rows=True), which keeps them
+        where they are instead of copying them."""
+        if self._buffer is None:
+            self._buffer = np.empty((self.shard_size, self.dim), self.dtype)
+        return self._buffer[self._buffered : self._buffered + min(n, self.shard_size - self._buffered)]
 
     def _flush(self) -> None:
         self._record_pending()  # the spare buffer is free again once its shard is on disk
@@ -313,6 +322,10 @@ class StoreWriter:
         finally:
             self.shutdown()
         return self.manifest
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
 def _layout_of(part: tuple[int, int] | None) -> str:

@@ -8,7 +8,8 @@ import pytest
 from revision.align import (
     STATS_FILE, BadRows, PassCache, SpilledRows, align_stores, load_alignment, make_alignment, method_names, sample_rows,
 )
-from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
+from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard
+from revision.store_writer import write_store
 
 
 def planted_gap(n_text: int, n_image: int, dim: int = 1280, latent: int = 16, seed: int = 0):

@@ -12,7 +12,8 @@ import pytest
 import revision.store as store_module
 from revision.align import STATS_FILE, align_stores, load_alignment
 from revision.data import EmbeddingTable
-from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard, write_store
+from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard
+from revision.store_writer import StoreWriter, write_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,7 @@ def test_empty_store_refused(inputs):
     (inputs / "empty" / "text_embeds_1.pkl").write_bytes(__import__("pickle").dumps([]))
     with pytest.raises(StoreError, match="empty text store"):
         align_stores(inputs / "empty", inputs / "image", inputs / "out")
-    writer = store_module.StoreWriter(inputs / "empty2", "image", "hf:clip", 32)
+    writer = StoreWriter(inputs / "empty2", "image", "hf:clip", 32)
     writer.close()
     with pytest.raises(StoreError, match="empty image store"):
         align_stores(inputs / "text", inputs / "empty2", inputs / "out")

@@ -15,7 +15,7 @@ from revision.encoders import load_encoder
 from revision.infer import Predictor, StopOnStrings, cut_at_stop, left_pad
 from revision.model import CONFIG_FILE, RevisionConfig, RevisionModel
 from revision.predict import main
-from revision.store import write_store
+from revision.store_writer import write_store
 from revision.tiny.clip import build_tiny_clip
 from revision.tiny.lm import build_tiny_lm, build_tokenizer
 

@@ -10,9 +10,10 @@ import pytest
 from revision.locks import LockedError
 from revision.nofollow import LinkError
 from revision.store import (
-    EmbeddingStore, Shard, StoreError, StoreWriter, UnsafePickleError, check_unique_ids, load_shard,
-    safe_load, write_reference_shard, write_shard, write_store,
+    EmbeddingStore, Shard, StoreError, UnsafePickleError, check_unique_ids, load_shard, safe_load,
+    write_reference_shard, write_shard,
 )
+from revision.store_writer import StoreWriter, write_store
 
 
 def _unit(x):
@@ -388,3 +389,20 @@ def test_a_memory_bomb_shard_costs_nothing(tmp_path, rows):
 def safe_load_bytes(data: bytes, folder) -> object:
     (folder / "x.pkl").write_bytes(data)
     return safe_load(folder / "x.pkl")
+
+
+def test_rows_written_in_place_into_free_rows_are_stored_as_written(tmp_path, rows):
+    ids, embeds, captions = rows
+    unit = (embeds / np.linalg.norm(embeds, axis=1, keepdims=True)).astype(np.float32)
+    writer = StoreWriter(tmp_path / "s", "text", "enc", 12, "float32", shard_size=4)
+    start = 0
+    while start < len(ids):
+        view = writer.free_rows(min(3, len(ids) - start))  # 3, 1 (the shard's room), 3, 1, 2
+        view[:] = unit[start : start + len(view)]
+        writer.add(ids[start : start + len(view)], view, captions[start : start + len(view)], unit_rows=True)
+        start += len(view)
+    manifest = writer.close()
+    assert [e["rows"] for e in manifest["shards"]] == [4, 4, 2]
+    got = EmbeddingStore(tmp_path / "s").load_all()
+    assert got.ids == ids and got.captions == captions
+    np.testing.assert_array_equal(got.embeds, unit)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from revision import nofollow
-from revision.align.streams import BadRows, Stream, map_chunks, sample_rows
+from revision.align.streams import BadRows, Stream, map_chunks, row_dtype, sample_rows
 from revision.store import Shard, StoreError
 
 STATS_FILE = "align_stats.json"
@@ -141,7 +141,7 @@ class Alignment:
 
     # ---- mapping -------------------------------------------------------------------------------
     def text_unit(self, x: np.ndarray) -> np.ndarray:
-        """Unit text rows [n, D] float64 (may be changed in place) -> directions of the synthetic image
+        """Unit text rows [n, D] float32 or float64 (may be changed in place) -> directions of the synthetic image
         embeddings (renormalised after). This base keeps n(x) as it is."""
         return x
 
@@ -159,13 +159,16 @@ class Alignment:
 
     def map_text_rows(
         self, shard: Shard, bad: BadRows, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None,
+        check_unit: bool = False, workers: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """text_map of rows lo:hi of a shard under a bad-row policy: (float32 rows, mask of usable rows).
-        `out` ([hi - lo, dim] float32) is a reused buffer, if given."""
-        return self._map(shard, self._text_rows, bad, lo, hi, out)
+        `out` ([hi - lo, dim] float32) is a reused buffer, if given. `check_unit`: a mapped row that is not a finite
+        unit vector raises StoreError (checked chunk by chunk, while the chunk is in the cache). `workers`: threads
+        sharing the rows (default: streams.WORKERS)."""
+        return self._map(shard, self._text_rows, bad, lo, hi, out, check_unit, workers)
 
     def _map(self, shard: Shard, rows_fn: Callable, bad: BadRows, lo: int = 0, hi: int | None = None,
-             out: np.ndarray | None = None):
+             out: np.ndarray | None = None, check_unit: bool = False, workers: int | None = None):
         if self.dim is not None and shard.embeds.shape[1] != self.dim:
             raise StoreError(f"{shard.path}: embeddings of dim {shard.embeds.shape[1]}, alignment was fitted on {self.dim}")
         hi = len(shard.embeds) if hi is None else hi
@@ -175,12 +178,14 @@ class Alignment:
         def one_chunk(start: int, rows: np.ndarray, inv_norm: np.ndarray) -> None:  # writes only its own rows
             rows_fn(rows, inv_norm, out[start - lo : start - lo + len(rows)])
             keep[start - lo : start - lo + len(rows)] = inv_norm > 0
+            if check_unit:
+                _check_unit(out[start - lo : start - lo + len(rows)], inv_norm > 0, shard, start, self)
 
-        map_chunks(shard, bad, one_chunk, lo, hi)
+        map_chunks(shard, bad, one_chunk, lo, hi, row_dtype(shard), workers)  # float32 out: float32 maths for float16 rows
         return out, keep
 
     def _text_rows(self, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:
-        """One chunk: raw float64 rows and their 1/‖row‖ -> mapped float32 unit rows in `out`."""
+        """One chunk: raw rows (float32 or float64) and their 1/‖row‖ -> mapped float32 unit rows in `out`."""
         self._unit_rows(self.text_unit, rows, inv_norm, out)
 
     def _image_rows(self, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:
@@ -188,10 +193,11 @@ class Alignment:
 
     @staticmethod
     def _unit_rows(unit_fn: Callable, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:
+        inv_norm = inv_norm.astype(rows.dtype, copy=False)[:, None]
         if unit_fn.__func__ in _KEEPS_UNIT:  # n(x) as it is: one rounding to float32, no renormalisation
-            np.multiply(rows, inv_norm[:, None], out=out)
+            np.multiply(rows, inv_norm, out=out)
             return
-        rows *= inv_norm[:, None]
+        rows *= inv_norm
         _normalise_into(unit_fn(rows), out)
 
     # ---- statistics file -----------------------------------------------------------------------
@@ -251,3 +257,15 @@ def load_alignment(path: str | os.PathLike) -> Alignment:
         return alignment_from_dict(d)
     except StoreError as e:
         raise StoreError(f"{path}: {e}") from e
+
+
+def _check_unit(rows: np.ndarray, keep: np.ndarray, shard, lo: int, alignment: Alignment) -> None:
+    """The writer copies mapped rows unchecked (`unit_rows=True`): a row that is not a finite unit vector stops
+    the run here, before it reaches a shard."""
+    sq = np.einsum("ij,ij->i", rows, rows)
+    wrong = keep & ~(np.abs(sq - 1.0) < 1e-3)  # NaN fails the comparison too
+    if wrong.any():
+        row = lo + int(np.flatnonzero(wrong)[0])
+        what = "non-finite" if not np.isfinite(rows[row - lo]).all() else f"norm {np.sqrt(sq[row - lo]):.3g}"
+        raise StoreError(f"{shard.path}: row {row} (id {shard.ids[row]!r}) maps to a {what} embedding under the "
+                         f"{alignment.method} statistics; check them (align_stats.json)")

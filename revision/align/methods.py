@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from revision.align.base import Alignment, non_negative, positive, register, vector
-from revision.align.streams import BadRows, Stream, map_chunks, unit_mean
+from revision.align.streams import BadRows, Stream, map_chunks, row_dtype, unit_mean
 
 C3_NOISE_STD = math.sqrt(0.016)  # C3's default corruption (σ ≈ 0.126), added to stage 1's text embeddings
 
@@ -109,11 +109,13 @@ class ReAlign(AnchorTrace):
 
         def sums(_, rows: np.ndarray, inv_norm: np.ndarray) -> tuple[np.ndarray, float, int]:
             inv_r = self._inv_r(rows, inv_norm, c)
-            return (inv_r * inv_norm) @ rows, float(inv_r.sum()), int(np.count_nonzero(inv_norm))
+            weights = (inv_r * inv_norm).astype(rows.dtype)  # the chunk's sum in its rows' dtype, summed up in float64
+            return (weights @ rows).astype(np.float64), float(inv_r.sum()), int(np.count_nonzero(inv_norm))
 
         sum_x_over_r, sum_inv_r, count = np.zeros(self.dim), 0.0, 0
         for shard in texts():
-            for x_over_r, inv_r, rows in map_chunks(shard, bad, sums):  # in chunk order: the same sums as one thread
+            # in chunk order: the same sums as one thread
+            for x_over_r, inv_r, rows in map_chunks(shard, bad, sums, dtype=row_dtype(shard)):
                 sum_x_over_r += x_over_r
                 sum_inv_r += inv_r
                 count += rows
@@ -123,16 +125,17 @@ class ReAlign(AnchorTrace):
     def _inv_r(self, rows: np.ndarray, inv_norm: np.ndarray, c: np.ndarray) -> np.ndarray:
         """1/‖s·x + c‖ per row (0 for dropped rows)."""
         s = self.scale
-        xc = (rows @ c) * inv_norm
+        xc = (rows @ c.astype(rows.dtype)) * inv_norm
         r2 = np.maximum(s * s + 2 * s * xc + c @ c, 1e-300)
         return np.where(inv_norm > 0, 1.0 / np.sqrt(r2), 0.0)
 
     def _text_rows(self, rows: np.ndarray, inv_norm: np.ndarray, out: np.ndarray) -> None:
         s, c, d = self.scale, self._shift(), self.mu_image - self.mu_hat
         cd = np.stack([c, d])
-        dots = (rows @ cd.T) * inv_norm[:, None]  # x·c, x·d
+        dots = (rows @ cd.T.astype(rows.dtype)) * inv_norm[:, None]  # x·c, x·d
         inv_r = 1.0 / np.sqrt(np.maximum(s * s + 2 * s * dots[:, 0] + c @ c, 1e-300))
         y_dot_d = (s * dots[:, 1] + c @ d) * inv_r
         inv_q = 1.0 / np.sqrt(np.maximum(1.0 + 2.0 * y_dot_d + d @ d, 1e-300))
-        rows *= (s * inv_r * inv_q * inv_norm)[:, None]
-        np.add(rows, np.stack([inv_r * inv_q, inv_q], axis=1) @ cd, out=out, casting="same_kind")  # float64 -> out
+        # out = a·row + b·c + e·d: one scaled copy of the chunk, then a rank-2 update (per-row coefficients in float64)
+        np.multiply(rows, (s * inv_r * inv_q * inv_norm).astype(rows.dtype)[:, None], out=out, casting="same_kind")
+        out += (np.stack([inv_r * inv_q, inv_q], axis=1).astype(out.dtype) @ cd.astype(out.dtype))

@@ -105,7 +105,7 @@ def make_tiny_corpus(out_dir: str | os.PathLike, kind: str = "text", n: int = 25
     kind "text": pretraining data (caption after the image). kind "image": instruction data asking for
     the colour or the shape, two turns, plus a few image-free samples.
     """
-    from revision.store import write_store
+    from revision.store_writer import write_store
 
     out_dir = Path(out_dir)
     captions, embeds = tiny_embeddings(n, dim, seed)
