@@ -47,9 +47,10 @@ class ConvTowerModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # torch's own initialisation of each layer (what the tower was designed and measured with)
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-            module.reset_parameters()
+        # Construction already gave each layer torch's own initialisation (what the tower was measured with). Nothing
+        # is redone here: transformers calls this after loading too, and a batch norm's reset would wipe its loaded
+        # running statistics (buffers), turning a trained tower into one that normalises with zeros and ones.
+        return
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
         grid = self.features(pixel_values)

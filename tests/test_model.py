@@ -142,3 +142,44 @@ def test_batched_generation_with_left_padding_matches_one_by_one(tokenizer):
     alone = [model.generate(ids[:1], embeds[:1], max_new_tokens=5, do_sample=False),
              model.generate(short[None], embeds[1:], max_new_tokens=5, do_sample=False)]
     assert torch.equal(together, torch.cat(alone))
+
+
+def test_projector_tokens_fill_the_visual_positions_in_turn_and_packing_agrees(tokenizer):
+    """k distinct vectors: visual position n of a sample takes vector n mod k, in padded and in packed rows."""
+    llm = build_tiny_lm("llama", tokenizer, seed=0, hidden_size=HIDDEN)
+    config = RevisionConfig(embed_dim=EMBED_DIM, hidden_size=HIDDEN, num_visual_tokens=VISUAL, projector_tokens=2)
+    model = RevisionModel(llm, config).eval()
+    ids, embeds = batch(tokenizer, n=2)
+    vectors = model.project(embeds)  # [2, 2, HIDDEN]
+    assert vectors.shape == (2, 2, HIDDEN) and not torch.allclose(vectors[:, 0], vectors[:, 1])
+    padded = model.embed(ids, embeds)
+    for position, token in zip(range(1, 1 + VISUAL), (0, 1, 0)):
+        assert torch.allclose(padded[:, position], vectors[:, token], atol=1e-6)
+    # both samples in one packed row: each counts its visual positions from its own start
+    packed_ids = torch.cat([ids[0], ids[1]])[None]
+    index = torch.cat([torch.zeros(ids.shape[1], dtype=torch.long), torch.ones(ids.shape[1], dtype=torch.long)])[None]
+    packed = model.embed(packed_ids, embeds, image_index=index)
+    assert torch.allclose(packed[0], torch.cat([padded[0], padded[1]]), atol=1e-6)
+
+
+def test_projector_input_statistics_standardise_and_travel_with_the_weights(tokenizer, tmp_path):
+    from revision.model import load_projector_state, set_input_statistics
+    from safetensors.torch import save_file
+
+    projector = build_projector("mlp2x_gelu", EMBED_DIM, HIDDEN)
+    data = torch.randn(500, EMBED_DIM).numpy() * 0.05 + 3.0  # a large common offset, a small spread
+    mean_norm, scale = set_input_statistics(projector, data)
+    assert mean_norm == pytest.approx(3.0 * EMBED_DIM ** 0.5, rel=0.01) and scale == pytest.approx(0.05, rel=0.1)
+    standardised = (torch.from_numpy(data).float() - projector.input_mean) / projector.input_scale
+    assert standardised.mean().abs() < 0.05 and standardised.std().item() == pytest.approx(1.0, rel=0.1)
+    save_file(projector.state_dict(), str(tmp_path / "p.safetensors"))
+    again = build_projector("mlp2x_gelu", EMBED_DIM, HIDDEN)
+    load_projector_state(again, load_projector_weights(tmp_path / "p.safetensors"))
+    assert torch.equal(again.input_mean, projector.input_mean) and torch.equal(again.input_scale, projector.input_scale)
+    # a projector file from before the statistics existed loads as the identity
+    old = {k: v for k, v in projector.state_dict().items() if not k.startswith("input_")}
+    fresh = build_projector("mlp2x_gelu", EMBED_DIM, HIDDEN)
+    load_projector_state(fresh, old)
+    assert torch.equal(fresh.input_mean, torch.zeros(EMBED_DIM)) and fresh.input_scale.item() == 1.0
+    with pytest.raises(RuntimeError, match="unexpected"):
+        load_projector_state(fresh, {**old, "9.weight": torch.zeros(1)})

@@ -41,8 +41,11 @@ import torch
 
 from revision import gguf, predict
 from revision.records import read_records
+from revision.store import EmbeddingStore
+from revision.store_writer import write_store
 from revision.toy import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
-from revision.toy.report import GAP_KEYS, caption_scores, difference_table, gap_table, held_out_examples, stage_table, table
+from revision.toy.probes import probe_line, probe_store
+from revision.toy.report import GAP_KEYS, probe_table, caption_scores, difference_table, gap_table, held_out_examples, stage_table, table
 
 REPO = Path(__file__).resolve().parents[2]
 ALIGN_METHODS = ("none", "mean_shift", "c3", "anchor", "anchor_trace", "realign")
@@ -67,6 +70,7 @@ class Budget:
     encoder: str = "minilm"     # minilm: the dual encoder on the real MiniLM (toy/dual_encoder.py); toy: toy/clip.py
     llm: str = "smollm2"        # smollm2: the real SmolLM2-135M-Instruct (revision/gguf.py); toy: toy/llm.py
     clip_steps: int = 600
+    clip_pretrain_steps: int = 400  # the minilm dual encoder's conv tower: steps on the captions' words first
     llm_steps: int = 300
     stage1_epochs: float = 3.0
     stage1_lr: float = 1e-2
@@ -74,6 +78,8 @@ class Budget:
     stage2_lr: float = 1e-3
     batch: int = 32
     visual_tokens: int = 1
+    projector_tokens: int = 1   # distinct vectors the projector makes of the embedding (they fill the visual tokens)
+    stage2_projector_lr: float = 0.0  # > 0: the projector's own learning rate in stage 2 (--mm_projector_lr)
     max_length: int = 128
     max_steps: int = -1         # > 0: cap every training stage (the mini preset)
     caption_tokens: int = 40
@@ -156,7 +162,9 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
     run("world", partial(toy_world.main, [world, "--seed", str(seed), "--preset", budget.world]))
     clip_main = {"toy": clip.main, "minilm": dual_encoder.main}[budget.encoder]
     run(f"{budget.encoder}_clip", partial(clip_main, ["--world", world, "--out", str(paths["clip"]), "--seed", str(seed),
-                                                      "--steps", str(budget.clip_steps), "--skip_measure"]))
+                                                      "--steps", str(budget.clip_steps), "--skip_measure",
+                                                      *(["--pretrain_steps", str(budget.clip_pretrain_steps)]
+                                                        if budget.encoder == "minilm" else [])]))
     if budget.llm == "smollm2":  # converted once per machine into the GGUF cache, shared by every run and seed
         run("smollm2_llm", partial(link_smollm2, paths["llm"]))
     else:
@@ -169,11 +177,35 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
         run("embed_paired", [*embed, "--images", f"{world}/paired.jsonl", "--out", str(emb / "paired")])
     if eval_store:
         run("embed_eval", [*embed, "--images", f"{world}/eval_images.jsonl", "--out", str(emb / "eval")])
+        run("embed_eval_blind", partial(write_blind_store, emb / "unpaired" / "image", emb / "eval" / "image",
+                                        emb / "eval_blind" / "image"))
+    run("probes", partial(write_probes, paths["world"], emb / "unpaired", d / "probes.json"))
     for method in methods:
         run(f"align_{method}", [py, "embed_mean.py", "--text", str(emb / "unpaired" / "text"), "--image",
                                 str(emb / "unpaired" / "image"), "--out", str(paths["align"] / method), "--method", method,
                                 "--overwrite", "--quiet", "--seed", str(seed)])
     return paths
+
+
+def write_blind_store(unpaired: Path, eval_store: Path, out: Path) -> None:
+    """The eval images' store with every embedding replaced by the mean unpaired image embedding: the same
+    checkpoint answering from it has no image information (the table's qa_acc_blind)."""
+    mean = EmbeddingStore(unpaired).load_all().embeds.astype(np.float64).mean(0)
+    shard = EmbeddingStore(eval_store).load_all()
+    blind = np.repeat((mean / np.linalg.norm(mean))[None].astype(np.float32), len(shard.ids), axis=0)
+    write_store(out, "image", shard.ids, blind, encoder=EmbeddingStore(eval_store).encoder, dtype="float32", overwrite=True)
+    print(f"{out}: {len(shard.ids)} eval ids, each with the mean of {unpaired}")
+
+
+def write_probes(world: Path, stores: Path, out: Path) -> None:
+    """Linear probes of what the CLIP's image and caption embeddings carry (revision.toy.probes)."""
+    try:
+        results = {kind: probe_store(stores / kind, world) for kind in ("image", "text")}
+    except ValueError as e:  # a world too small to probe (the mini preset): said, not fatal
+        results = {"skipped": str(e)}
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    for kind, result in results.items():
+        print(f"probes ({kind} embeddings): {probe_line(result)}" if kind != "skipped" else f"probes skipped: {result}")
 
 
 def link_smollm2(link: Path) -> None:
@@ -184,8 +216,8 @@ def link_smollm2(link: Path) -> None:
     print(f"{link} -> {folder}")
 
 
-def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float) -> dict[str, str]:
-    extra = f"--disable_tqdm true --save_strategy no --logging_steps 25 --dataloader_num_workers 0 --seed {seed}"
+def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float, extra: str = "") -> dict[str, str]:
+    extra = f"--disable_tqdm true --save_strategy no --logging_steps 25 --dataloader_num_workers 0 --seed {seed} {extra}".strip()
     if budget.max_steps > 0:
         extra += f" --max_steps {budget.max_steps}"
     return {"VISUAL_TOKENS": str(visual_tokens), "MAX_LENGTH": str(budget.max_length + visual_tokens),
@@ -223,12 +255,15 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
         data, store = ((world / "pretrain.json", align) if stage1_data == "text" else
                        (world / "pretrain_paired.json", paths["embeds"] / "paired" / "image"))
         run(f"{name}.stage1", ["bash", "script/train/pretrain.sh"], {
-            **common, **train_env(budget, seed, visual_tokens, budget.stage1_epochs, budget.stage1_lr),
+            **common, **train_env(budget, seed, visual_tokens, budget.stage1_epochs, budget.stage1_lr,
+                                  f"--mm_projector_tokens {budget.projector_tokens}"),
             "DATA": str(data), "EMBED_FOLDER": str(store), "OUTPUT": str(out / "stage1"),
             # recorded in the stage-1 checkpoint: captioning real images then applies the method's image_map
             **({"ALIGN_STATS": str(align / "align_stats.json")} if stage1_data == "text" else {})})
         names.append(f"{name}.stage1")
-    stage2_env = {**common, **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr),
+    stage2_extra = (f"--mm_projector_lr {budget.stage2_projector_lr}" if budget.stage2_projector_lr > 0 else "") + (
+        "" if stage1_data else f" --mm_projector_tokens {budget.projector_tokens}")  # else inherited from stage 1
+    stage2_env = {**common, **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr, stage2_extra),
                   "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),
                   "OUTPUT": str(out / "stage2")}
     if stage1_data:  # the short form: projector and alignment come from the stage-1 folder
@@ -244,9 +279,18 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
         "--answers", str(out / "qa_answers.jsonl"), "--references", str(world / "eval_questions.jsonl"), "--task", "short",
         "--max_new_tokens", str(budget.answer_tokens)]))
     names.append(f"{name}.predict_qa")
+    # the same checkpoint with every image replaced by the mean image embedding: what it answers without seeing
+    run(f"{name}.predict_qa_blind", partial(predict.main, [
+        *predict_args[:2], "--embed_folder", str(paths["embeds"] / "eval_blind" / "image"), *predict_args[4:],
+        "--model", str(out / "stage2"), "--questions", str(world / "eval_questions.jsonl"),
+        "--answers", str(out / "qa_answers_blind.jsonl"), "--references", str(world / "eval_questions.jsonl"),
+        "--task", "short", "--max_new_tokens", str(budget.answer_tokens)]))
+    names.append(f"{name}.predict_qa_blind")
     qa = json.loads((out / "qa_answers.metrics.json").read_text())
-    result: dict[str, Any] = {"qa_acc": qa["accuracy"],
-                              "qa_per_category": {c: v["accuracy"] for c, v in qa["per_category"].items()}}
+    blind = json.loads((out / "qa_answers_blind.metrics.json").read_text())
+    result: dict[str, Any] = {"qa_acc": qa["accuracy"], "qa_acc_blind": blind["accuracy"],
+                              "qa_per_category": {c: v["accuracy"] for c, v in qa["per_category"].items()},
+                              "qa_per_category_blind": {c: v["accuracy"] for c, v in blind["per_category"].items()}}
     if stage1_data and budget.captions:
         questions = run.run_dir / "eval_caption_questions.jsonl"
         write_caption_questions(world, questions)
@@ -281,7 +325,7 @@ def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation
     before = json.loads((paths["align"] / methods[0] / "gap_report.json").read_text())["before"]
     summary = {"seed": seed, "budget": asdict(budget), "rows": results, "stage_seconds": run.times,
                "wall_seconds": sum(run.times.values()),  # cached stages count with their recorded time
-               "clip": {k: before[k] for k in GAP_KEYS}}
+               "clip": {k: before[k] for k in GAP_KEYS}, "probes": json.loads((run.run_dir / "probes.json").read_text())}
     (run.run_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -312,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python -m revision.toy.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = (f"# Embedded-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
             f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
-            f"{stage_table(summaries)}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
+            f"{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
     row = "realign" if "realign" in rows else rows[0]
     if budget.show:
         text += "\n" + held_out_examples(out / f"seed-{seeds[0]}", row, budget.show) + "\n"

@@ -47,7 +47,7 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
 COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_distance_after", "centroid dist. after", 3),
            ("linear_probe_acc_before", "probe acc. before", 3), ("linear_probe_acc_after", "probe acc. after", 3),
            ("caption_acc", "caption attr. acc. (strict)", 3), ("caption_count_acc", "caption count acc.", 3),
-           ("qa_acc", "QA acc.", 3), ("stage1_loss", "stage-1 loss (end)", 3), ("stage2_loss", "stage-2 loss (end)", 3),
+           ("qa_acc", "QA acc.", 3), ("qa_acc_blind", "QA acc. blind", 3), ("stage1_loss", "stage-1 loss (end)", 3), ("stage2_loss", "stage-2 loss (end)", 3),
            ("seconds", "wall s", 0))
 
 
@@ -101,14 +101,32 @@ def gap_table(gaps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def probe_table(probes: list[dict]) -> str:
+    """What the CLIP's embeddings carry: linear-probe accuracy per attribute (revision.toy.probes), mean ± std over seeds."""
+    probes = [p for p in probes if "skipped" not in p]
+    if not probes:
+        return "Attribute probes: skipped (world too small)."
+    names = list(probes[0]["image"])
+    lines = ["Linear probes of the CLIP's embeddings (held-out half of the unpaired set; one-object scenes, count over all):", "",
+             "| embeddings | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for kind in ("image", "text"):
+        lines.append(f"| {kind} | " + " | ".join(_cell([p[kind][n]["acc"] for p in probes], 3) for n in names) + " |")
+    lines.append("| chance | " + " | ".join(_cell([p["image"][n]["chance"] for p in probes], 3) for n in names) + " |")
+    return "\n".join(lines)
+
+
 def held_out_examples(run_dir: Path, row: str, count: int) -> str:
-    """The first `count` held-out questions with the row's answers and the truth, as printed lines."""
-    answers = {a["question_id"]: a.get("text") or a.get("error", "") for a in
-               read_records(run_dir / "runs" / row / "qa_answers.jsonl")}
+    """The first `count` held-out questions with the row's answers, its blind answers (every image replaced by the
+    mean image embedding) and the truth, as printed lines."""
+    def answers(name: str) -> dict[str, str]:
+        path = run_dir / "runs" / row / name
+        return {a["question_id"]: a.get("text") or a.get("error", "") for a in read_records(path)} if path.is_file() else {}
+
+    seen, blind = answers("qa_answers.jsonl"), answers("qa_answers_blind.jsonl")
     questions = read_records(run_dir / "world" / "eval_questions.jsonl")[:count]
     lines = [f"Held-out questions about unseen images ({row}, {run_dir.name}):"]
-    lines += [f"  {q['image']}  Q: {q['text']!r}  model: {answers.get(q['question_id'])!r}  truth: {q['answer']!r}"
-              for q in questions]
+    lines += [f"  {q['image']}  Q: {q['text']!r}  model: {seen.get(q['question_id'])!r}  blind: "
+              f"{blind.get(q['question_id'])!r}  truth: {q['answer']!r}" for q in questions]
     return "\n".join(lines)
 
 
