@@ -49,6 +49,31 @@ def test_table_and_artifacts(demo):
     assert (run / "done" / "realign.stage2.json").is_file() and (run / "logs" / "realign.stage2.log").is_file()
 
 
+def test_blind_baseline_answers_without_image_information(demo):
+    """qa_acc_blind: the same checkpoint, every eval image replaced by the unpaired set's mean image embedding."""
+    import numpy as np
+
+    run = demo / "seed-0"
+    results = json.loads((demo / "results.json").read_text())
+    for row in ("realign", "no_stage1"):
+        assert 0 <= results["rows"][row]["qa_acc_blind"]["mean"] <= 1
+    blind = EmbeddingStore(run / "embeds" / "eval_blind" / "image").load_all()
+    seen = EmbeddingStore(run / "embeds" / "eval" / "image").load_all()
+    assert list(blind.ids) == list(seen.ids)
+    mean = EmbeddingStore(run / "embeds" / "unpaired" / "image").load_all().embeds.astype(np.float64).mean(0)
+    assert np.allclose(blind.embeds, mean / np.linalg.norm(mean), atol=1e-6)
+    # blind, an answer depends on the question alone: one answer per distinct question text
+    answers = [json.loads(line) for line in (run / "runs" / "realign" / "qa_answers_blind.jsonl").read_text().splitlines()]
+    questions = {q["question_id"]: q["text"] for q in map(json.loads, (run / "world" / "eval_questions.jsonl").read_text().splitlines())}
+    by_text: dict[str, set] = {}
+    for a in answers:
+        by_text.setdefault(questions[a["question_id"]], set()).add(a["text"])
+    assert len(answers) == 24 and all(len(v) == 1 for v in by_text.values())
+    table = (demo / "results.md").read_text()
+    assert "QA acc. blind" in table and " blind: " in table
+    assert "Linear probes of the CLIP's embeddings" in table and "| image |" in table
+
+
 def test_transfer_readout_on_the_run(demo):
     results = transfer(demo / "seed-0", ["realign"])
     assert set(results) == {"image->image", "realign"}
