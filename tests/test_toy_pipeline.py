@@ -68,7 +68,11 @@ def test_blind_baseline_answers_without_image_information(demo):
     by_text: dict[str, set] = {}
     for a in answers:
         by_text.setdefault(questions[a["question_id"]], set()).add(a["text"])
-    assert len(answers) == 24 and all(len(v) == 1 for v in by_text.values())
+    assert len(answers) == 24 and all(len(v) == 1 for v in by_text.values()) and not any("error" in a for a in answers)
+    # every question's image is in the blind store by its path, so prediction never opened the image file
+    table = EmbeddingTable(run / "embeds" / "eval_blind" / "image")
+    paths = [q["image"] for q in map(json.loads, (run / "world" / "eval_questions.jsonl").read_text().splitlines())]
+    assert (table.lookup(paths) >= 0).all()
     table = (demo / "results.md").read_text()
     assert "QA acc. blind" in table and " blind: " in table
     assert "Linear probes of the CLIP's embeddings" in table and "| image |" in table

@@ -193,7 +193,9 @@ def write_blind_store(unpaired: Path, eval_store: Path, out: Path) -> None:
     mean = EmbeddingStore(unpaired).load_all().embeds.astype(np.float64).mean(0)
     shard = EmbeddingStore(eval_store).load_all()
     blind = np.repeat((mean / np.linalg.norm(mean))[None].astype(np.float32), len(shard.ids), axis=0)
-    write_store(out, "image", shard.ids, blind, encoder=EmbeddingStore(eval_store).encoder, dtype="float32", overwrite=True)
+    # the image paths too: prediction looks a question's image up by path, and must never fall back to the file
+    write_store(out, "image", shard.ids, blind, sources=shard.sources, encoder=EmbeddingStore(eval_store).encoder,
+                dtype="float32", overwrite=True)
     print(f"{out}: {len(shard.ids)} eval ids, each with the mean of {unpaired}")
 
 
@@ -281,7 +283,9 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
     names.append(f"{name}.predict_qa")
     # the same checkpoint with every image replaced by the mean image embedding: what it answers without seeing
     run(f"{name}.predict_qa_blind", partial(predict.main, [
-        *predict_args[:2], "--embed_folder", str(paths["embeds"] / "eval_blind" / "image"), *predict_args[4:],
+        # image_root without images: an image missing from the blind store is an error row, never seen
+        "--image_root", str(paths["embeds"] / "eval_blind"), "--embed_folder", str(paths["embeds"] / "eval_blind" / "image"),
+        *predict_args[4:],
         "--model", str(out / "stage2"), "--questions", str(world / "eval_questions.jsonl"),
         "--answers", str(out / "qa_answers_blind.jsonl"), "--references", str(world / "eval_questions.jsonl"),
         "--task", "short", "--max_new_tokens", str(budget.answer_tokens)]))
