@@ -168,7 +168,7 @@ def dual_encoder(minilm, mini_world, tmp_path_factory):
     from revision.toy.dual_encoder import main
 
     out = tmp_path_factory.mktemp("dual")
-    main(["--world", str(mini_world), "--out", str(out), *SMALL_VISION, "--steps", "12", "--batch_size", "16",
+    main(["--world", str(mini_world), "--out", str(out), *SMALL_VISION, "--steps", "12", "--pretrain_steps", "6", "--batch_size", "16",
           "--lr", "3e-3", "--warmup", "1"])
     return out
 

@@ -1,0 +1,79 @@
+"""revision/conv_tower.py: a small CNN as a standard transformers model, and the world's dual encoder built on it."""
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+from revision.conv_tower import ConvTowerConfig, ConvTowerModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_trained_tower_loads_back_with_its_batch_norm_statistics(tmp_path):
+    """transformers calls _init_weights after loading: a reset there once wiped the loaded running statistics."""
+    torch.manual_seed(0)
+    tower = ConvTowerModel(ConvTowerConfig(widths=[4, 8], hidden_size=16, image_size=16))
+    with torch.no_grad():
+        for _ in range(3):  # training-mode forwards move the running statistics away from 0 / 1
+            tower.train()(pixel_values=3 + 2 * torch.randn(8, 3, 16, 16))
+    tower.eval().save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()  # by its registered model_type
+    assert type(loaded) is ConvTowerModel
+    for key, value in tower.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert tower.features[1].running_mean.abs().max() > 0.1  # the statistics did move
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(pixel_values=x).pooler_output, tower(pixel_values=x).pooler_output)
+
+
+def test_position_survives_the_pooling():
+    """The same blob in two corners gives two different pooled vectors (a global average pool would not)."""
+    torch.manual_seed(0)
+    tower = ConvTowerModel(ConvTowerConfig(widths=[4, 8], hidden_size=16, image_size=16)).eval()
+    left, right = torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    left[..., 2:6, 2:6], right[..., 10:14, 10:14] = 1.0, 1.0
+    with torch.no_grad():
+        a, b = tower(pixel_values=left).pooler_output, tower(pixel_values=right).pooler_output
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_a_dual_encoder_holding_the_tower_saves_and_loads_without_remote_code(tmp_path):
+    from transformers import BertConfig
+
+    text = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        ConvTowerConfig(widths=[4, 8], hidden_size=16, image_size=16), text, projection_dim=8)
+    model = VisionTextDualEncoderModel(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = VisionTextDualEncoderModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(loaded.get_image_features(pixel_values=x).pooler_output,
+                          model.get_image_features(pixel_values=x).pooler_output)
+    with pytest.raises(ValueError, match="divisible"):
+        ConvTowerConfig(widths=[4, 8, 16], image_size=20)
+
+
+def test_redrawn_captions_and_their_labels(mini_world):
+    """Redraw turns each paired caption back into its scene and draws it anew; the heads' labels are the caption's."""
+    from revision.records import read_records
+    from revision.toy.clip import image_processor
+    from revision.toy.dual_encoder import AttributeHeads, Redraw
+    from revision.toy.scenes import SHAPES
+
+    pairs = read_records(mini_world / "paired.jsonl")
+    scenes = {r["id"]: r["attributes"] for r in read_records(mini_world / "scenes.jsonl")}
+    draw = Redraw([p["caption"] for p in pairs], image_processor(), seed=0)
+    index = torch.arange(4)
+    first, second = draw[index], draw[index]
+    assert first.shape == (4, 3, 64, 64) and not torch.equal(first, second)  # another picture of the same captions
+    heads = AttributeHeads(16, draw)
+    for i, pair in enumerate(pairs):
+        truth = scenes[pair["id"]]
+        assert heads.count[i] == truth["count"] - 1
+        if truth["count"] == 1:
+            assert heads.single[i].tolist()[1] == SHAPES.index(truth["objects"][0]["shape"])  # colour, shape, size, position
+        else:
+            assert (heads.single[i] == -100).all()
+    with pytest.raises(ValueError, match="names no complete object"):
+        Redraw(["a picture of nothing at all."], image_processor(), seed=0)
+    assert np.isfinite(heads.loss(torch.randn(4, 16), index).item())
