@@ -59,7 +59,7 @@ class DualEncoderConfig:
     heads: int = 4               # vit
     patch: int = 8               # vit
     projection_dim: int = 128    # the shared space: what image_embed.py stores
-    pretrain_steps: int = 400    # conv: steps of caption-word labels before the contrastive steps
+    pretrain_steps: int = 800    # conv: steps of caption-word labels before the contrastive steps
     pretrain_lr: float = 2e-3
     redraw: bool = True          # draw each step's captions anew (False: the stored paired pictures)
     steps: int = 300

@@ -70,7 +70,7 @@ class Budget:
     encoder: str = "minilm"     # minilm: the dual encoder on the real MiniLM (toy/dual_encoder.py); toy: toy/clip.py
     llm: str = "smollm2"        # smollm2: the real SmolLM2-135M-Instruct (revision/gguf.py); toy: toy/llm.py
     clip_steps: int = 600
-    clip_pretrain_steps: int = 400  # the minilm dual encoder's conv tower: steps on the captions' words first
+    clip_pretrain_steps: int = 800  # the minilm dual encoder's conv tower: steps on the captions' words first
     llm_steps: int = 300
     stage1_epochs: float = 3.0
     stage1_lr: float = 1e-2
@@ -90,10 +90,10 @@ class Budget:
 
 
 BUDGETS = {
-    # the real parts on CPU (docs/results.md, "A recipe whose model reads"): the conv dual encoder (400 steps on the
-    # captions' words, 200 contrastive), 4 distinct visual tokens from a standardised projector input, stage 1 50 steps
+    # the real parts on CPU (docs/results.md, "A recipe whose model reads"): the conv dual encoder (800 steps on the
+    # captions' words, 100 contrastive), 4 distinct visual tokens from a standardised projector input, stage 1 50 steps
     # of 8 captions, stage 2 two epochs of 8 (80 steps) with the projector at 10x the LLM's learning rate
-    "default": Budget(clip_steps=200, clip_pretrain_steps=400, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=2.0,
+    "default": Budget(clip_steps=100, clip_pretrain_steps=800, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=2.0,
                       stage2_lr=1e-4, stage2_projector_lr=1e-3, batch=8, visual_tokens=4, projector_tokens=4,
                       max_length=112, answer_tokens=8, captions=False, threads=min(os.cpu_count() or 1, 8)),
     "toy": Budget(world="default", encoder="toy", llm="toy"),
