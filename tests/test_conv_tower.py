@@ -77,3 +77,10 @@ def test_redrawn_captions_and_their_labels(mini_world):
     with pytest.raises(ValueError, match="names no complete object"):
         Redraw(["a picture of nothing at all."], image_processor(), seed=0)
     assert np.isfinite(heads.loss(torch.randn(4, 16), index).item())
+
+
+def test_label_pretraining_without_redrawn_pictures_is_refused(mini_world, tmp_path):
+    from revision.toy.dual_encoder import DualEncoderConfig, train_dual_encoder
+
+    with pytest.raises(ValueError, match="--redraw true"):
+        train_dual_encoder(mini_world, tmp_path, DualEncoderConfig(redraw=False, pretrain_steps=2, steps=1))

@@ -135,6 +135,9 @@ def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEnco
     text_features = text_tower_features(model, processor.tokenizer, captions, cfg.text_batch)
     prep_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    if cfg.vision == "conv" and cfg.pretrain_steps and draw is None:
+        raise ValueError("pretraining the conv tower on the captions' words draws its pictures anew: use --redraw true "
+                         "(or --pretrain_steps 0)")
     heads = AttributeHeads(model.config.vision_config.hidden_size, draw) if cfg.vision == "conv" and cfg.pretrain_steps else None
     pretrain_losses = pretrain_vision(model, heads, draw, cfg, log_every) if heads else []
     losses = fit(model, draw or pixels, text_features, cfg, log_every, heads)
@@ -163,7 +166,6 @@ class Redraw:
         drawn = [render(Scene(self.scenes[i].objects, BACKGROUNDS[self.rng.integers(len(BACKGROUNDS))]), self.rng)
                  for i in index.tolist()]
         return self.image_processor(images=drawn, return_tensors="pt")["pixel_values"]
-
 
 
 class AttributeHeads(torch.nn.Module):
