@@ -71,8 +71,9 @@ def checkpoint_config(path: str | os.PathLike | None) -> RevisionConfig | None:
 
 
 def inherit_settings(folder: str | os.PathLike, projector_type: str | None, num_visual_tokens: int | None,
-                     align_stats: str | None) -> tuple[str, int, str | None]:
-    """(projector_type, num_visual_tokens, align_stats) for a run that continues the checkpoint `folder`.
+                     align_stats: str | None, projector_tokens: int | None = None) -> tuple[str, int, str | None, int]:
+    """(projector_type, num_visual_tokens, align_stats, projector_tokens) for a run that continues the checkpoint
+    `folder`.
 
     A setting not given (None) is the folder's. A given one must agree with it, except num_visual_tokens
     (a warning): the projector maps one embedding to one vector, however many positions that vector fills.
@@ -87,8 +88,11 @@ def inherit_settings(folder: str | os.PathLike, projector_type: str | None, num_
     if num_visual_tokens is not None and num_visual_tokens != config.num_visual_tokens:
         logger.warning("--num_visual_tokens %d differs from num_visual_tokens %d recorded in %s: the projector's vector "
                        "now fills %d positions", num_visual_tokens, config.num_visual_tokens, where, num_visual_tokens)
+    if projector_tokens is not None and projector_tokens != config.projector_tokens:
+        raise ValueError(f"--mm_projector_tokens {projector_tokens} contradicts projector_tokens {config.projector_tokens} "
+                         f"recorded in {where}; drop the flag to continue that projector")
     return (config.projector_type, config.num_visual_tokens if num_visual_tokens is None else num_visual_tokens,
-            _inherit_alignment(Path(folder), config, align_stats))
+            _inherit_alignment(Path(folder), config, align_stats), config.projector_tokens)
 
 
 def _inherit_alignment(folder: Path, config: RevisionConfig, align_stats: str | None) -> str | None:

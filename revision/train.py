@@ -246,13 +246,9 @@ def settle_settings(model_args: ModelArguments, data_args: DataArguments) -> Non
     """Fill the settings left unset from the checkpoint this run continues (checking those set), else defaults."""
     folder = continued_checkpoint(model_args)
     if folder is not None:
-        model_args.mm_projector_type, model_args.num_visual_tokens, data_args.align_stats = inherit_settings(
-            folder, model_args.mm_projector_type, model_args.num_visual_tokens, data_args.align_stats)
-        recorded = RevisionConfig.load(folder).projector_tokens
-        if model_args.mm_projector_tokens not in (None, recorded):
-            raise InputError(f"--mm_projector_tokens {model_args.mm_projector_tokens} contradicts projector_tokens {recorded} "
-                             f"recorded in {folder}; drop the flag to continue that projector")
-        model_args.mm_projector_tokens = recorded
+        (model_args.mm_projector_type, model_args.num_visual_tokens, data_args.align_stats,
+         model_args.mm_projector_tokens) = inherit_settings(folder, model_args.mm_projector_type, model_args.num_visual_tokens,
+                                                            data_args.align_stats, model_args.mm_projector_tokens)
     model_args.mm_projector_tokens = model_args.mm_projector_tokens or RevisionConfig.projector_tokens
     model_args.mm_projector_type = model_args.mm_projector_type or RevisionConfig.projector_type
     if model_args.num_visual_tokens is None:

@@ -194,10 +194,11 @@ def write_blind_store(unpaired: Path, eval_store: Path, out: Path) -> None:
     """The eval images' store with every embedding replaced by the mean unpaired image embedding: the same
     checkpoint answering from it has no image information (the table's qa_acc_blind)."""
     mean = EmbeddingStore(unpaired).load_all().embeds.astype(np.float64).mean(0)
-    shard = EmbeddingStore(eval_store).load_all()
+    store = EmbeddingStore(eval_store)
+    shard = store.load_all()
     blind = np.repeat((mean / np.linalg.norm(mean))[None].astype(np.float32), len(shard.ids), axis=0)
     # the image paths too: prediction looks a question's image up by path, and must never fall back to the file
-    write_store(out, "image", shard.ids, blind, sources=shard.sources, encoder=EmbeddingStore(eval_store).encoder,
+    write_store(out, "image", shard.ids, blind, sources=shard.sources, encoder=store.encoder,
                 dtype="float32", overwrite=True)
     print(f"{out}: {len(shard.ids)} eval ids, each with the mean of {unpaired}")
 
