@@ -40,6 +40,15 @@ def free_port() -> str:
 
 
 @pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """make_tiny_training_world's defaults (a one-layer llama of hidden size 32; 64 text and 64 image samples of
+    dim 16), built once per test module: {"model": folder, "text" | "image": (store folder, data file)}."""
+    from revision.tiny.lm import make_tiny_training_world
+
+    return make_tiny_training_world(tmp_path_factory.mktemp("tiny-world"))
+
+
+@pytest.fixture(scope="module")
 def mini_world(tmp_path_factory):
     """The toy world's mini preset (seed 0), built once per test module."""
     from revision.toy.world import PRESETS, build_world

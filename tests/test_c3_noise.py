@@ -9,7 +9,6 @@ import pytest
 
 from revision.align import C3_NOISE_STD
 from revision.data import embed_noise
-from revision.tiny.lm import make_tiny_training_world
 from revision.train import parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,16 +16,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The tiny world, aligned with c3 and with mean_shift by embed_mean.py (the CLI, as a user runs it)."""
+def aligned(tiny_world, tmp_path_factory):
+    """The tiny world aligned with c3 and with mean_shift by embed_mean.py (the CLI, as a user runs it): a folder
+    holding one aligned text store a method, c3/ and mean_shift/."""
     root = tmp_path_factory.mktemp("c3")
-    world = make_tiny_training_world(root / "world")
     for method in ("c3", "mean_shift"):
-        done = subprocess.run([sys.executable, str(ROOT / "embed_mean.py"), "--text", world["text"][0], "--image",
-                               world["image"][0], "--out", str(root / method), "--method", method, "--quiet", "--no_report"],
+        done = subprocess.run([sys.executable, str(ROOT / "embed_mean.py"), "--text", tiny_world["text"][0], "--image",
+                               tiny_world["image"][0], "--out", str(root / method), "--method", method, "--quiet", "--no_report"],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert done.returncode == 0, done.stderr
-    return world, root
+    return root
 
 
 def stage1(world, root, method, out, *extra):
@@ -46,10 +45,9 @@ def fed_and_stored(dataset, n=8):
     return fed, stored
 
 
-def test_c3_stage1_is_noisy_by_itself_and_mean_shift_is_not(world, tmp_path, caplog):
-    world, root = world
+def test_c3_stage1_is_noisy_by_itself_and_mean_shift_is_not(tiny_world, aligned, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="revision.train"):
-        c3, stats = stage1(world, root, "c3", tmp_path / "c3")
+        c3, stats = stage1(tiny_world, aligned, "c3", tmp_path / "c3")
     assert c3.embed_noise_std == pytest.approx(C3_NOISE_STD)
     assert f"embedding noise std 0.126491 (from {stats} (c3))" in caplog.text
     fed, stored = fed_and_stored(c3)
@@ -59,7 +57,7 @@ def test_c3_stage1_is_noisy_by_itself_and_mean_shift_is_not(world, tmp_path, cap
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="revision.train"):
-        mean_shift, stats = stage1(world, root, "mean_shift", tmp_path / "ms")
+        mean_shift, stats = stage1(tiny_world, aligned, "mean_shift", tmp_path / "ms")
     assert mean_shift.embed_noise_std == 0 and f"embedding noise std 0 (from {stats} (mean_shift))" in caplog.text
     fed, stored = fed_and_stored(mean_shift)
     np.testing.assert_allclose(fed, stored, atol=1e-6)
@@ -67,14 +65,13 @@ def test_c3_stage1_is_noisy_by_itself_and_mean_shift_is_not(world, tmp_path, cap
     np.testing.assert_array_equal(fed, fed_and_stored(c3)[1])
 
 
-def test_a_passed_flag_overrides_the_file_and_real_images_get_no_noise(world, tmp_path, caplog):
-    world, root = world
+def test_a_passed_flag_overrides_the_file_and_real_images_get_no_noise(tiny_world, aligned, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="revision.train"):
-        dataset, _ = stage1(world, root, "c3", tmp_path / "off", "--embed_noise_std", "0")
+        dataset, _ = stage1(tiny_world, aligned, "c3", tmp_path / "off", "--embed_noise_std", "0")
     assert "embedding noise std 0 (from --embed_noise_std)" in caplog.text
     fed, stored = fed_and_stored(dataset)
     np.testing.assert_allclose(fed, stored, atol=1e-6)
-    stats = root / "c3" / "align_stats.json"
+    stats = aligned / "c3" / "align_stats.json"
     assert embed_noise(0.3, stats, "text") == (0.3, "--embed_noise_std")
     assert embed_noise(None, stats, "image") == (0.0, "default: none on real image embeddings")  # stage 2
     assert embed_noise(None, None, "text") == (0.0, "default: none")

@@ -16,15 +16,10 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 from revision.data import DataCollator, EmbeddingTable, SupervisedDataset
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel
 from revision.packing import EpochLengthGroupedSampler, PackingCollator, pack_rows, padding_share, row_layout
-from revision.tiny.lm import build_tiny_lm, make_tiny_training_world
+from revision.tiny.lm import build_tiny_lm
 
 VISUAL, DIM = 3, 8
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_tiny_training_world(tmp_path_factory.mktemp("world"))
 
 
 def tiny_model(attn: str = "sdpa") -> RevisionModel:
@@ -128,9 +123,9 @@ def test_changing_one_sample_leaves_the_others_alone():
     assert torch.allclose(logits[~mine], other_logits[~mine], atol=1e-6)
 
 
-def test_rows_hold_whole_samples_and_visual_blocks(world):
-    store, data = world["image"]
-    tokenizer = AutoTokenizer.from_pretrained(world["model"])
+def test_rows_hold_whole_samples_and_visual_blocks(tiny_world):
+    store, data = tiny_world["image"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world["model"])
     visual, max_length = 16, 40
     dataset = SupervisedDataset(data, tokenizer, EmbeddingTable(store, None), "chat", visual, max_length)
     collate = PackingCollator(tokenizer.pad_token_id, 16, max_length)
@@ -167,12 +162,12 @@ def test_flattened_rows_give_flash_varlen_kwargs():
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_training_with_packing_matches_padded_training(world, tmp_path, stage):
+def test_training_with_packing_matches_padded_training(tiny_world, tmp_path, stage):
     common = ["--max_steps", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "12"]
     torch.manual_seed(0)  # the projector is drawn before the Trainer seeds: the same one in both runs
-    padded = run(world, tmp_path / "padded", stage, *common)
+    padded = run(tiny_world, tmp_path / "padded", stage, *common)
     torch.manual_seed(0)
-    packed = run(world, tmp_path / "packed", stage, *common, "--packing", "--gradient_checkpointing")
+    packed = run(tiny_world, tmp_path / "packed", stage, *common, "--packing", "--gradient_checkpointing")
     batch = packed.data_collator([packed.train_dataset[i] for i in range(12)])
     assert len(batch["input_ids"]) < 12  # several samples a row
     assert type(packed.data_collator).__name__ == "PackingCollator"
@@ -181,25 +176,26 @@ def test_training_with_packing_matches_padded_training(world, tmp_path, stage):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_resume_with_packing_gives_the_same_losses(world, tmp_path):
+def test_resume_with_packing_gives_the_same_losses(tiny_world, tmp_path):
     common = ["--max_steps", "8", "--learning_rate", "1e-2", "--embed_noise_std", "0.05", "--packing"]
-    full = run(world, tmp_path / "full", "finetune", *common, "--save_strategy", "steps", "--save_steps", "4")
-    resumed = run(world, tmp_path / "resumed", "finetune", *common,
+    full = run(tiny_world, tmp_path / "full", "finetune", *common, "--save_strategy", "steps", "--save_steps", "4")
+    resumed = run(tiny_world, tmp_path / "resumed", "finetune", *common,
                   "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-4"))
     assert len(losses(resumed, after_step=4)) == 4
     assert losses(resumed, after_step=4) == pytest.approx(losses(full, after_step=4), rel=1e-5)
 
 
-def test_deepspeed_zero3_with_packing_matches_plain_training(world, tmp_path, free_port):
-    run(world, tmp_path / "s1", "pretrain", "--max_steps", "1")
+def test_deepspeed_zero3_with_packing_matches_plain_training(tiny_world, tmp_path, free_port):
+    run(tiny_world, tmp_path / "s1", "pretrain", "--max_steps", "1")
     common = ["--max_steps", "3", "--learning_rate", "1e-2", "--packing", "--pretrain_mm_mlp_adapter", str(tmp_path / "s1")]
-    plain = run(world, tmp_path / "plain", "finetune", *common)
+    plain = run(tiny_world, tmp_path / "plain", "finetune", *common)
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": free_port, "OMP_NUM_THREADS": "1"}
     # as in test_train: skip the shared-memory allreduce DeepSpeed's CPU backend would compile for one process
     child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
              "from revision.train import main; main(sys.argv[1:])")
-    args = flags(world, tmp_path / "ds", "finetune", *common, "--deepspeed", str(REPO / "script" / "deepspeed" / "zero3.json"))
+    args = flags(tiny_world, tmp_path / "ds", "finetune", *common,
+                 "--deepspeed", str(REPO / "script" / "deepspeed" / "zero3.json"))
     done = subprocess.run([sys.executable, "-c", child, *args], env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads((tmp_path / "ds" / "trainer_state.json").read_text())["log_history"]
@@ -219,11 +215,11 @@ def test_flash_varlen_packing_matches_padded_on_gpu():
     assert torch.allclose(losses_packed, losses_padded, atol=2e-2)
 
 
-def test_length_grouped_resume_in_a_later_epoch_gives_the_same_losses(world, tmp_path):
+def test_length_grouped_resume_in_a_later_epoch_gives_the_same_losses(tiny_world, tmp_path):
     """68 samples, batches of 8: 9 steps an epoch; resuming at step 11 replays epoch 2's length-grouped order."""
     common = ["--max_steps", "14", "--learning_rate", "1e-2", "--group_by_length", "--packing"]
-    full = run(world, tmp_path / "full", "finetune", *common, "--save_strategy", "steps", "--save_steps", "11")
-    resumed = run(world, tmp_path / "resumed", "finetune", *common,
+    full = run(tiny_world, tmp_path / "full", "finetune", *common, "--save_strategy", "steps", "--save_steps", "11")
+    resumed = run(tiny_world, tmp_path / "resumed", "finetune", *common,
                   "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-11"))
     assert losses(resumed, after_step=11) == pytest.approx(losses(full, after_step=11), rel=1e-5)
     assert full._get_train_sampler().lengths == full.train_dataset.lengths  # the estimates: no tokenizing

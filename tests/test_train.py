@@ -21,21 +21,16 @@ from revision.model import IMAGE_TOKEN_INDEX, RevisionModel
 from revision.store import EmbeddingStore, Shard, write_reference_shard
 from revision.store_writer import write_store
 from revision.train import TrainingDivergedError, parse_args, train
-from revision.tiny.lm import make_tiny_corpus, make_tiny_training_world, tiny_embeddings
+from revision.tiny.lm import make_tiny_corpus, tiny_embeddings
 
 VISUAL = 2
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_tiny_training_world(tmp_path_factory.mktemp("world"))
-
-
-def flags(world, out, stage, *extra):
-    store, data = world["text" if stage == "pretrain" else "image"]
-    base = ["--model_name_or_path", world["model"], "--data_path", data, "--embed_folder", store, "--output_dir", str(out),
+def flags(tiny_world, out, stage, *extra):
+    store, data = tiny_world["text" if stage == "pretrain" else "image"]
+    base = ["--model_name_or_path", tiny_world["model"], "--data_path", data, "--embed_folder", store, "--output_dir", str(out),
             "--num_visual_tokens", str(VISUAL), "--model_max_length", "48", "--per_device_train_batch_size", "8",
             "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--save_strategy", "no",
             "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03", "--seed", "0"]
@@ -43,8 +38,8 @@ def flags(world, out, stage, *extra):
     return base + list(extra)
 
 
-def run(world, out, stage, *extra):
-    return train(*parse_args(flags(world, out, stage, *extra)))
+def run(tiny_world, out, stage, *extra):
+    return train(*parse_args(flags(tiny_world, out, stage, *extra)))
 
 
 def losses(trainer, after_step=0):
@@ -55,10 +50,11 @@ def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_stage1_trains_only_the_projector(world, tmp_path):
-    trainer = run(world, tmp_path / "s1", "pretrain", "--max_steps", "6", "--learning_rate", "1e-2", "--gradient_checkpointing")
+def test_stage1_trains_only_the_projector(tiny_world, tmp_path):
+    trainer = run(tiny_world, tmp_path / "s1", "pretrain", "--max_steps", "6", "--learning_rate", "1e-2",
+                  "--gradient_checkpointing")
     model = trainer.model
-    initial = RevisionModel.from_llm(world["model"], 16, num_visual_tokens=VISUAL)
+    initial = RevisionModel.from_llm(tiny_world["model"], 16, num_visual_tokens=VISUAL)
     for name, value in initial.llm.state_dict().items():
         assert torch.equal(value, model.llm.state_dict()[name]), f"LLM weight {name} changed in stage 1"
     assert not torch.equal(model.projector[0].weight, initial.projector[0].weight)
@@ -69,13 +65,13 @@ def test_stage1_trains_only_the_projector(world, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_stage2_trains_the_right_sets(world, tmp_path, mode):
-    s1 = run(world, tmp_path / "s1", "pretrain", "--max_steps", "2", "--learning_rate", "1e-2")
+def test_stage2_trains_the_right_sets(tiny_world, tmp_path, mode):
+    s1 = run(tiny_world, tmp_path / "s1", "pretrain", "--max_steps", "2", "--learning_rate", "1e-2")
     stage1_projector = snapshot(s1.model.projector)
     extra = ["--lora_enable", "--lora_r", "4"] if mode == "lora" else []
-    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
+    trainer = run(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
                   "--pretrain_mm_mlp_adapter", str(tmp_path / "s1" / "projector.safetensors"), *extra)
-    model, initial = trainer.model, RevisionModel.from_llm(world["model"], 16).llm.state_dict()
+    model, initial = trainer.model, RevisionModel.from_llm(tiny_world["model"], 16).llm.state_dict()
     assert not torch.equal(model.projector[0].weight, stage1_projector["0.weight"])
     llm = model.llm.get_base_model() if mode == "lora" else model.llm
     changed = {name for name, value in llm.state_dict().items()
@@ -95,43 +91,43 @@ def test_stage2_trains_the_right_sets(world, tmp_path, mode):
         assert torch.allclose(reloaded.eval()(**batch).logits, model.eval()(**batch).logits, atol=1e-5)
 
 
-def test_loss_decreases_on_a_learnable_task(world, tmp_path):
-    stats = make_alignment("mean_shift").fit(EmbeddingStore(world["text"][0]), EmbeddingStore(world["image"][0]))
+def test_loss_decreases_on_a_learnable_task(tiny_world, tmp_path):
+    stats = make_alignment("mean_shift").fit(EmbeddingStore(tiny_world["text"][0]), EmbeddingStore(tiny_world["image"][0]))
     stats.save(tmp_path / "align_stats.json")
-    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "40", "--learning_rate", "3e-3",
+    trainer = run(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "40", "--learning_rate", "3e-3",
                   "--align_stats", str(tmp_path / "align_stats.json"))
     curve = losses(trainer)
     assert sum(curve[-5:]) / 5 < 0.6 * sum(curve[:5]) / 5, curve
     # the image_map the data used travels with the checkpoint
     loaded = RevisionModel.from_pretrained(tmp_path / "s2")
-    row = EmbeddingStore(world["image"][0]).load_all().embeds[:1]
+    row = EmbeddingStore(tiny_world["image"][0]).load_all().embeds[:1]
     assert loaded.revision_config.alignment == "align_stats.json"
     assert np.allclose(loaded.image_map(row), stats.image_map(row))
     assert torch.allclose(trainer.train_dataset[0]["image_embeds"], torch.from_numpy(stats.image_map(row)[0]), atol=1e-6)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_resume_gives_the_same_losses(world, tmp_path, stage):
+def test_resume_gives_the_same_losses(tiny_world, tmp_path, stage):
     common = ["--max_steps", "12", "--learning_rate", "1e-2", "--embed_noise_std", "0.05"]
-    full = run(world, tmp_path / "full", stage, *common, "--save_strategy", "steps", "--save_steps", "6")
+    full = run(tiny_world, tmp_path / "full", stage, *common, "--save_strategy", "steps", "--save_steps", "6")
     checkpoint = tmp_path / "full" / "checkpoint-6"
     assert (checkpoint / "projector.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
-    resumed = run(world, tmp_path / "resumed", stage, *common, "--resume_from_checkpoint", str(checkpoint))
+    resumed = run(tiny_world, tmp_path / "resumed", stage, *common, "--resume_from_checkpoint", str(checkpoint))
     assert len(losses(resumed, after_step=6)) == 6  # the history up to step 6 comes from the checkpoint
     assert losses(resumed, after_step=6) == pytest.approx(losses(full, after_step=6), rel=1e-5)
 
 
-def test_same_seed_gives_the_same_losses(world, tmp_path):
+def test_same_seed_gives_the_same_losses(tiny_world, tmp_path):
     # projector init, noise and data order all come from --seed: two runs agree step by step, another seed does not
     common = ["--max_steps", "4", "--learning_rate", "1e-2", "--embed_noise_std", "0.05"]
-    first, second = (losses(run(world, tmp_path / name, "pretrain", *common)) for name in ("a", "b"))
-    other = losses(run(world, tmp_path / "c", "pretrain", *common, "--seed", "1"))
+    first, second = (losses(run(tiny_world, tmp_path / name, "pretrain", *common)) for name in ("a", "b"))
+    other = losses(run(tiny_world, tmp_path / "c", "pretrain", *common, "--seed", "1"))
     assert len(first) == 4 and first == second
     assert other[0] != first[0]
 
 
-def fitted(world, method, path):
-    stats = make_alignment(method).fit(EmbeddingStore(world["text"][0]), EmbeddingStore(world["image"][0]))
+def fitted(tiny_world, method, path):
+    stats = make_alignment(method).fit(EmbeddingStore(tiny_world["text"][0]), EmbeddingStore(tiny_world["image"][0]))
     stats.save(path)
     return stats
 
@@ -141,77 +137,77 @@ def without_visual_tokens(args):
     return args[:i] + args[i + 2:]
 
 
-def first_image_sample(world, trainer):
+def first_image_sample(tiny_world, trainer):
     """The first training sample's image embedding and the raw store row it came from."""
-    row = EmbeddingStore(world["image"][0]).load_all().embeds[:1]
+    row = EmbeddingStore(tiny_world["image"][0]).load_all().embeds[:1]
     return trainer.train_dataset[0]["image_embeds"].numpy(), row
 
 
 @pytest.fixture(scope="module")
-def stage1(world, tmp_path_factory):
+def stage1(tiny_world, tmp_path_factory):
     """A stage-1 folder with a linear projector, 3 visual tokens and ReAlign statistics."""
     root = tmp_path_factory.mktemp("stage1")
-    stats = fitted(world, "realign", root / "realign.json")
-    run(world, root / "s1", "pretrain", "--max_steps", "1", "--mm_projector_type", "linear", "--num_visual_tokens", "3",
+    stats = fitted(tiny_world, "realign", root / "realign.json")
+    run(tiny_world, root / "s1", "pretrain", "--max_steps", "1", "--mm_projector_type", "linear", "--num_visual_tokens", "3",
         "--align_stats", str(root / "realign.json"))
     return root / "s1", stats
 
 
-def test_stage2_inherits_the_stage1_folder(world, stage1, tmp_path):
+def test_stage2_inherits_the_stage1_folder(tiny_world, stage1, tmp_path):
     folder, stats = stage1
-    args = without_visual_tokens(flags(world, tmp_path / "s2", "finetune", "--max_steps", "1", "--learning_rate", "1e-2",
+    args = without_visual_tokens(flags(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "1", "--learning_rate", "1e-2",
                                        "--pretrain_mm_mlp_adapter", str(folder)))
     trainer = train(*parse_args(args))  # no projector type, visual tokens or alignment given
     model = trainer.model
     assert model.revision_config.projector_type == "linear" and [type(m).__name__ for m in model.projector] == ["Linear"]
     assert int((trainer.train_dataset[0]["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == 3
-    embeds, row = first_image_sample(world, trainer)
+    embeds, row = first_image_sample(tiny_world, trainer)
     assert np.allclose(embeds, stats.image_map(row)[0], atol=1e-6)
     saved = RevisionModel.from_pretrained(tmp_path / "s2")
     assert saved.alignment.method == "realign" and saved.revision_config.num_visual_tokens == 3
     assert saved.alignment.to_dict()["mu_hat"] == stats.to_dict()["mu_hat"]
 
 
-def test_stage1_records_its_text_stores_alignment_for_stage2(world, tmp_path):
+def test_stage1_records_its_text_stores_alignment_for_stage2(tiny_world, tmp_path):
     # embed_mean.py's aligned store names its statistics: stage 1 records them, stage 2 applies their image_map
-    stats = fitted(world, "mean_shift", tmp_path / "stats.json")
+    stats = fitted(tiny_world, "mean_shift", tmp_path / "stats.json")
     captions, embeds = tiny_embeddings(64, 16)
     aligned = tmp_path / "aligned"
     write_store(aligned, "text", [f"text{i:06d}" for i in range(64)], stats.text_map(embeds), captions,
                 encoder="tiny/random-prototypes", dtype="float32", extra={"alignment": "align_stats.json"})
     stats.save(aligned / "align_stats.json")
-    run(world, tmp_path / "s1", "pretrain", "--max_steps", "1", "--embed_folder", str(aligned))
+    run(tiny_world, tmp_path / "s1", "pretrain", "--max_steps", "1", "--embed_folder", str(aligned))
     assert json.loads((tmp_path / "s1" / "revision_config.json").read_text())["alignment"] == "align_stats.json"
-    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "1", "--pretrain_mm_mlp_adapter", str(tmp_path / "s1"))
-    embeds, row = first_image_sample(world, trainer)
+    trainer = run(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "1", "--pretrain_mm_mlp_adapter", str(tmp_path / "s1"))
+    embeds, row = first_image_sample(tiny_world, trainer)
     assert np.allclose(embeds, stats.image_map(row)[0], atol=1e-6)
     assert not np.allclose(embeds, row[0] / np.linalg.norm(row[0]), atol=1e-3)  # centred: not plain normalisation
 
 
-def test_stage2_flags_that_contradict_the_stage1_folder(world, stage1, tmp_path, caplog):
+def test_stage2_flags_that_contradict_the_stage1_folder(tiny_world, stage1, tmp_path, caplog):
     folder, _ = stage1
     adapter = ["--pretrain_mm_mlp_adapter", str(folder)]
     with pytest.raises(ValueError, match="--mm_projector_type mlp2x_gelu contradicts projector_type linear recorded in "
                                          + re.escape(str(folder / "revision_config.json"))):
-        run(world, tmp_path / "a", "finetune", *adapter, "--mm_projector_type", "mlp2x_gelu")
-    fitted(world, "mean_shift", tmp_path / "mean_shift.json")
+        run(tiny_world, tmp_path / "a", "finetune", *adapter, "--mm_projector_type", "mlp2x_gelu")
+    fitted(tiny_world, "mean_shift", tmp_path / "mean_shift.json")
     with pytest.raises(ValueError, match=re.escape(f"--align_stats {tmp_path / 'mean_shift.json'} (method mean_shift) "
                                                    f"contradicts the alignment {folder / 'align_stats.json'} (method realign)")):
-        run(world, tmp_path / "b", "finetune", *adapter, "--align_stats", str(tmp_path / "mean_shift.json"))
+        run(tiny_world, tmp_path / "b", "finetune", *adapter, "--align_stats", str(tmp_path / "mean_shift.json"))
     # a projector file inherits nothing (as before): the default mlp2x_gelu does not fit these linear weights
     with pytest.raises(ValueError, match="projector.safetensors: these projector weights do not fit a mlp2x_gelu projector "
                                          "16 -> 32"):
-        run(world, tmp_path / "d", "finetune", "--pretrain_mm_mlp_adapter", str(folder / "projector.safetensors"))
-    fitted(world, "realign", tmp_path / "same.json")  # the same statistics again: agrees
+        run(tiny_world, tmp_path / "d", "finetune", "--pretrain_mm_mlp_adapter", str(folder / "projector.safetensors"))
+    fitted(tiny_world, "realign", tmp_path / "same.json")  # the same statistics again: agrees
     with caplog.at_level("WARNING", logger="revision.model"):
-        trainer = run(world, tmp_path / "c", "finetune", *adapter, "--align_stats", str(tmp_path / "same.json"),
+        trainer = run(tiny_world, tmp_path / "c", "finetune", *adapter, "--align_stats", str(tmp_path / "same.json"),
                       "--max_steps", "1", "--num_visual_tokens", "2")  # may differ: warned
     assert "--num_visual_tokens 2 differs from num_visual_tokens 3" in caplog.text
     assert trainer.model.revision_config.num_visual_tokens == 2
 
 
-def test_projector_lr_and_length_grouping(world, tmp_path):
-    trainer = run(world, tmp_path / "s2", "finetune", "--max_steps", "1", "--learning_rate", "1e-5",
+def test_projector_lr_and_length_grouping(tiny_world, tmp_path):
+    trainer = run(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "1", "--learning_rate", "1e-5",
                   "--mm_projector_lr", "2e-4", "--group_by_length", "--weight_decay", "0.1")
     groups = trainer.optimizer.param_groups
     projector = {id(p) for p in trainer.model.projector.parameters()}
@@ -220,35 +216,36 @@ def test_projector_lr_and_length_grouping(world, tmp_path):
     assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
 
 
-def test_start_up_errors(world, tmp_path):
+def test_start_up_errors(tiny_world, tmp_path):
     with pytest.raises(ValueError, match="model_max_length 6 leaves no room for text"):
-        run(world, tmp_path / "a", "pretrain", "--model_max_length", "6")
+        run(tiny_world, tmp_path / "a", "pretrain", "--model_max_length", "6")
     for flag, value in (("--learning_rate", "nan"), ("--learning_rate", "-1.0"), ("--embed_noise_std", "inf")):
         with pytest.raises(InputError, match=rf"^{flag} {value}: expected a finite number >= 0$"):
-            run(world, tmp_path / "a", "pretrain", flag, value)
-    run(world, tmp_path / "s1", "pretrain", "--max_steps", "1")
+            run(tiny_world, tmp_path / "a", "pretrain", flag, value)
+    run(tiny_world, tmp_path / "s1", "pretrain", "--max_steps", "1")
     other_store, _ = make_tiny_corpus(tmp_path / "other", "image", n=8, dim=12)
     with pytest.raises(ValueError, match="projector takes dim 16, but the embeddings in .* have dim 12"):
-        run(world, tmp_path / "b", "finetune", "--embed_folder", str(other_store),
+        run(tiny_world, tmp_path / "b", "finetune", "--embed_folder", str(other_store),
             "--pretrain_mm_mlp_adapter", str(tmp_path / "s1"))
     with pytest.raises(ValueError, match="embeddings in .* have dim 12, but the projector takes 16"):
-        run(world, tmp_path / "c", "finetune", "--embed_folder", str(other_store), "--model_name_or_path", str(tmp_path / "s1"))
+        run(tiny_world, tmp_path / "c", "finetune", "--embed_folder", str(other_store),
+            "--model_name_or_path", str(tmp_path / "s1"))
 
 
-def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path, free_port):
+def test_deepspeed_zero2_single_process_on_cpu(tiny_world, tmp_path, free_port):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": free_port, "OMP_NUM_THREADS": "1"}
     # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce (a minute of C++) that one process never uses.
     child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
              "from revision.train import main; main(sys.argv[1:])")
-    args = flags(world, tmp_path / "ds", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
+    args = flags(tiny_world, tmp_path / "ds", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
                  "--deepspeed", str(REPO / "script" / "deepspeed" / "zero2.json"), "--save_strategy", "steps", "--save_steps", "3")
     done = subprocess.run([sys.executable, "-c", child, *args], env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "ds" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
     model = RevisionModel.from_pretrained(tmp_path / "ds")
-    before = RevisionModel.from_llm(world["model"], 16)
+    before = RevisionModel.from_llm(tiny_world["model"], 16)
     assert not torch.equal(model.llm.lm_head.weight, before.llm.lm_head.weight)
     assert torch.equal(load_file(str(tmp_path / "ds" / "projector.safetensors"))["0.weight"], model.projector[0].weight)
     # DeepSpeed's own files (global_step3/*.pt, unpickled with weights_only=False at resume) are in the manifest
@@ -257,10 +254,10 @@ def test_deepspeed_zero2_single_process_on_cpu(world, tmp_path, free_port):
     assert any(n.startswith("global_step3/") and n.endswith("optim_states.pt") for n in manifest)
 
 
-def nan_store(world, root, bad_row=3, n=8):
+def nan_store(tiny_world, root, bad_row=3, n=8):
     """The first n text rows as a reference-layout store (written without row checks), row bad_row NaN, and a
     data file of those n samples."""
-    store, data = world["text"]
+    store, data = tiny_world["text"]
     shard = EmbeddingStore(store).load_all()
     embeds = np.array(shard.embeds[:n], np.float32)
     embeds[bad_row, 5] = np.nan
@@ -270,13 +267,13 @@ def nan_store(world, root, bad_row=3, n=8):
     return str(root / "nan"), str(root / "d.json")
 
 
-def test_nan_rows_are_refused_or_skipped_never_trained_on(world, tmp_path):
-    store, data = nan_store(world, tmp_path)
+def test_nan_rows_are_refused_or_skipped_never_trained_on(tiny_world, tmp_path):
+    store, data = nan_store(tiny_world, tmp_path)
     with pytest.raises(InputError, match=r"d.json: sample 3 id 'text000003': unusable embedding in .*nan/text_embeds_1.pkl "
                                          r"row 3 \(id 'text000003'\): NaN; pass --skip_bad_embeddings"):
-        run(world, tmp_path / "a", "pretrain", "--embed_folder", store, "--data_path", data, "--max_steps", "2")
+        run(tiny_world, tmp_path / "a", "pretrain", "--embed_folder", store, "--data_path", data, "--max_steps", "2")
     assert not (tmp_path / "a" / "projector.safetensors").exists()
-    trainer = run(world, tmp_path / "b", "pretrain", "--embed_folder", store, "--data_path", data, "--max_steps", "2",
+    trainer = run(tiny_world, tmp_path / "b", "pretrain", "--embed_folder", store, "--data_path", data, "--max_steps", "2",
                   "--skip_bad_embeddings")
     assert (len(trainer.train_dataset), trainer.train_dataset.skipped_bad) == (7, 1)
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "b" / "projector.safetensors")).values())
@@ -287,7 +284,7 @@ def test_nan_rows_are_refused_or_skipped_never_trained_on(world, tmp_path):
     assert not (tmp_path / "c" / "projector.safetensors").exists()
 
 
-def test_training_stops_at_the_first_non_finite_loss(world, tmp_path, monkeypatch):
+def test_training_stops_at_the_first_non_finite_loss(tiny_world, tmp_path, monkeypatch):
     embedding = SupervisedDataset.embedding
 
     def poisoned(self, row, index):  # a NaN that gets past the data checks (e.g. from a broken image_map)
@@ -295,16 +292,16 @@ def test_training_stops_at_the_first_non_finite_loss(world, tmp_path, monkeypatc
         return vec * float("nan") if self.ids[index] == "text000005" else vec
 
     monkeypatch.setattr(SupervisedDataset, "embedding", poisoned)
-    _, data = nan_store(world, tmp_path, bad_row=0)
+    _, data = nan_store(tiny_world, tmp_path, bad_row=0)
     clean = [s for s in json.loads(Path(data).read_text()) if s["id"] != "text000000"]
     Path(data).write_text(json.dumps(clean))
     with pytest.raises(TrainingDivergedError, match=r"step 1: the loss is nan on the batch of samples \[.*'text000005'"):
-        run(world, tmp_path / "out", "pretrain", "--data_path", data, "--max_steps", "3",
+        run(tiny_world, tmp_path / "out", "pretrain", "--data_path", data, "--max_steps", "3",
             "--save_strategy", "steps", "--save_steps", "1")
     assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "projector.safetensors").exists()
 
 
-def test_training_stops_at_a_non_finite_gradient_norm(world, tmp_path, monkeypatch):
+def test_training_stops_at_a_non_finite_gradient_norm(tiny_world, tmp_path, monkeypatch):
     import revision.train as train_module
 
     build = train_module.build_model
@@ -316,19 +313,19 @@ def test_training_stops_at_a_non_finite_gradient_norm(world, tmp_path, monkeypat
 
     monkeypatch.setattr(train_module, "build_model", with_inf_gradients)
     with pytest.raises(TrainingDivergedError, match=r"step 1: the gradient norm is (inf|nan); stopped before the optimizer step"):
-        run(world, tmp_path / "out", "pretrain", "--max_steps", "2")
+        run(tiny_world, tmp_path / "out", "pretrain", "--max_steps", "2")
     assert not (tmp_path / "out" / "projector.safetensors").exists()
 
 
-def test_bad_input_prints_one_line_and_exits_2(world, tmp_path):
-    store, data = world["text"]
+def test_bad_input_prints_one_line_and_exits_2(tiny_world, tmp_path):
+    store, data = tiny_world["text"]
     samples = json.loads(Path(data).read_text())[:4]
     files = {"empty.json": b"", "bad.json": b'[{"id": 1,', "latin1.jsonl": b'{"id": "text000001", "caption": "caf\xe9"}\n',
              "ghost.json": json.dumps(samples + [{"id": "ghost", "caption": "a red star"}]).encode(),
              "silent.json": json.dumps([{**s, "conversations": s["conversations"][:1]} for s in samples]).encode()}
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
-    nan_folder, nan_data = nan_store(world, tmp_path / "nan")
+    nan_folder, nan_data = nan_store(tiny_world, tmp_path / "nan")
     cases = [  # (flags, what the one line says)
         (["--data_path", str(tmp_path / "empty.json")], "empty.json: empty file (no samples)"),
         (["--data_path", str(tmp_path / "bad.json")], "bad.json:1: not valid JSON"),
@@ -343,7 +340,7 @@ def test_bad_input_prints_one_line_and_exits_2(world, tmp_path):
     child = ("import json, sys\nfrom revision.train import main\ncases = json.loads(sys.argv[1])\n"
              "for argv in cases[:-1]:\n    try:\n        main(argv)\n    except SystemExit as e:\n"
              "        print(f'EXIT {e.code}', file=sys.stderr, flush=True)\nmain(cases[-1])\n")
-    argvs = [flags(world, tmp_path / "out", "pretrain", "--max_steps", "1") + extra for extra, _ in cases]
+    argvs = [flags(tiny_world, tmp_path / "out", "pretrain", "--max_steps", "1") + extra for extra, _ in cases]
     done = subprocess.run([sys.executable, "-c", child, json.dumps(argvs)], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -354,25 +351,26 @@ def test_bad_input_prints_one_line_and_exits_2(world, tmp_path):
     assert [o.split("\n", 1)[0] for o in outputs[1:]] == ["2"] * len(cases)
 
 
-def deepspeed_run(world, out, port, *extra):
+def deepspeed_run(tiny_world, out, port, *extra):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
     child = ("import importlib, sys; importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
              "from revision.train import main; main(sys.argv[1:])")
-    args = flags(world, out, "finetune", "--learning_rate", "1e-2", "--deepspeed", str(REPO / "script" / "deepspeed" / "zero2.json"),
-                 *extra)
+    args = flags(tiny_world, out, "finetune", "--learning_rate", "1e-2",
+                 "--deepspeed", str(REPO / "script" / "deepspeed" / "zero2.json"), *extra)
     return subprocess.run([sys.executable, "-c", child, *args], env=env, cwd=REPO, capture_output=True, text=True)
 
 
-def test_deepspeed_resume_unpickles_no_code_even_with_a_regenerated_manifest(world, tmp_path, free_port):
+def test_deepspeed_resume_unpickles_no_code_even_with_a_regenerated_manifest(tiny_world, tmp_path, free_port):
     out = tmp_path / "ds"
-    done = deepspeed_run(world, out, free_port, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    done = deepspeed_run(tiny_world, out, free_port, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = out / "checkpoint-2"
     clean = tmp_path / "clean"
     shutil.copytree(out, clean)
     # DeepSpeed's real state loads weights-only with the allow-list: the resumed run goes on
-    done = deepspeed_run(world, clean, free_port, "--max_steps", "3", "--resume_from_checkpoint", str(clean / "checkpoint-2"))
+    done = deepspeed_run(tiny_world, clean, free_port, "--max_steps", "3",
+                         "--resume_from_checkpoint", str(clean / "checkpoint-2"))
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((clean / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
@@ -381,7 +379,7 @@ def test_deepspeed_resume_unpickles_no_code_even_with_a_regenerated_manifest(wor
     optim = next(ckpt.glob("global_step2/*_optim_states.pt"))
     torch.save({"optimizer_state_dict": Payload(f"touch {marker}")}, optim)
     write_manifest(ckpt)
-    done = deepspeed_run(world, out, free_port, "--max_steps", "3", "--resume_from_checkpoint", str(ckpt))
+    done = deepspeed_run(tiny_world, out, free_port, "--max_steps", "3", "--resume_from_checkpoint", str(ckpt))
     lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback", "[rank0]: Traceback"))]
     assert done.returncode == 2 and lines == [f"error: {optim}: would unpickle posix.system, which DeepSpeed's state "
                                               "never holds; refused before loading (nothing in it ran)"]
