@@ -1,4 +1,6 @@
 """RevisionModel: one class over several HF backbones, the splice, save / load."""
+import importlib.util
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -72,11 +74,23 @@ def test_visual_positions_never_carry_loss(tokenizer):
 
 
 def test_projector_gets_gradient_from_every_visual_position(tokenizer):
+    """One projected vector fills all VISUAL positions: each position's gradient is nonzero, and the projector's
+    gradient is their sum over every position (none dropped, none counted twice)."""
     model = make_model(tokenizer, projector_type="linear")
     ids, embeds = batch(tokenizer)
+    seen = {}
+
+    def keep_inputs_embeds(module, args, kwargs):
+        kwargs["inputs_embeds"].retain_grad()
+        seen["inputs_embeds"] = kwargs["inputs_embeds"]
+
+    model.llm.register_forward_pre_hook(keep_inputs_embeds, with_kwargs=True)
     model(input_ids=ids, labels=ids, image_embeds=embeds).loss.backward()
-    assert model.projector[0].weight.grad.abs().sum() > 0
-    assert model.llm.get_input_embeddings().weight.grad.abs().sum() > 0
+    per_position = seen["inputs_embeds"].grad[:, 1:1 + VISUAL]  # [n, VISUAL, HIDDEN]
+    assert (per_position.abs().amax(-1) > 1e-6).all(), per_position.abs().amax(-1)
+    linear = model.projector[0]
+    assert torch.allclose(linear.bias.grad, per_position.sum((0, 1)), rtol=1e-5, atol=1e-8)
+    assert torch.allclose(linear.weight.grad, torch.einsum("nph,ne->he", per_position, embeds), rtol=1e-5, atol=1e-8)
 
 
 def test_projector_types():
@@ -95,8 +109,15 @@ def test_bad_inputs_give_clear_errors(tokenizer):
         model(input_ids=ids)
 
 
-def test_attention_defaults_to_sdpa_without_cuda():
-    assert default_attn_implementation() == "sdpa"
+@pytest.mark.parametrize("cuda, flash_attn, expected", [(False, False, "sdpa"), (False, True, "sdpa"), (True, False, "sdpa"),
+                                                      (True, True, "flash_attention_2")])
+def test_attention_is_flash_attention_2_only_with_cuda_and_flash_attn(monkeypatch, cuda, flash_attn, expected):
+    # each machine's case, whatever machine runs the suite (a CPU box, or CUDA with flash-attn for the packing test)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: (object() if flash_attn else None) if name == "flash_attn" else find_spec(name, *args))
+    assert default_attn_implementation() == expected
 
 
 @pytest.mark.parametrize("stage", ["full", "lora", "base"])
