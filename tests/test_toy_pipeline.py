@@ -20,14 +20,23 @@ def test_table_and_artifacts(demo):
     run = demo / "seed-0"
     results = json.loads((demo / "results.json").read_text())
     assert set(results["rows"]) == {"realign", "no_stage1"}
-    realign = results["rows"]["realign"]
-    for key in ("centroid_distance_before", "linear_probe_acc_after", "caption_acc", "qa_acc", "seconds"):
-        assert 0 <= realign[key]["mean"] < 1e4
+    realign = {key: value["mean"] for key, value in results["rows"]["realign"].items()}
+    report = json.loads((run / "align" / "realign" / "gap_report.json").read_text())
+    before, after = report["before"], report["after"]
+    # the row's gap numbers are the method's gap report's: the toy CLIP's wide gap (a probe tells the modalities
+    # apart), which ReAlign closes (centroids matched, the probe near chance)
+    assert realign["centroid_distance_before"] == before["centroid_distance"] == pytest.approx(1.265, rel=0.02)
+    assert realign["linear_probe_acc_before"] == before["linear_probe_acc"] == 1.0
+    assert realign["centroid_distance_after"] == after["centroid_distance"] < 0.01
+    assert realign["linear_probe_acc_after"] == after["linear_probe_acc"] <= 0.6
+    # two steps a stage of the toy LLM; rel 0.02 leaves room for the toy CLIP's 800 CPU steps before them
+    assert [realign["stage1_loss"], realign["stage2_loss"]] == pytest.approx([2.985, 2.748], rel=0.02)
+    assert realign["qa_acc"] * 24 == round(realign["qa_acc"] * 24) and 0 <= realign["caption_acc"] <= 1  # 24 questions
+    assert 0 < realign["seconds"] < json.loads((run / "results.json").read_text())["wall_seconds"]
     assert "caption_acc" not in results["rows"]["no_stage1"]  # no stage-1 checkpoint to caption with
     table = (demo / "results.md").read_text()
     assert "| realign |" in table and "| no_stage1 |" in table and "Regenerate:" in table
     # the CLIP's gap before alignment beside the paper's LLM2CLIP, from the method's gap report
-    before = json.loads((run / "align" / "realign" / "gap_report.json").read_text())["before"]
     assert f"| this world | {before['centroid_distance']:.4f} | {before['linear_probe_acc']:.4f} |" in table
     assert "| LLM2CLIP (paper) | 0.39 | — | 0.0032 |" in table
     # it ends with held-out questions, the model's answers and the truth
