@@ -80,6 +80,8 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     if not records:
         raise InputError(f"{path}: empty file (no samples)")
     return records
+
+
 def check_lengths(model_max_length: int, num_visual_tokens: int) -> None:
     """Refuse at start a length that cannot hold the visual block and some text."""
     if model_max_length < num_visual_tokens + MIN_TEXT_TOKENS:
@@ -122,13 +124,14 @@ class SupervisedDataset(Dataset):
 
     A sample has an image when its text holds `<image>` ({"id", "caption"} records always do). Its key is
     the sample's "image" field (an id of the store, else one of its image paths), else its "id".
+    model_max_length must hold the visual block: callers check it once with check_lengths before loading anything
+    (revision/settings.py, data_utils.py).
     """
 
     def __init__(self, data_path: str | os.PathLike, tokenizer, table: EmbeddingTable | None, template: str,
                  num_visual_tokens: int, model_max_length: int, image_map: Callable | None = None,
                  embed_noise_std: float = 0.0, skip_missing: bool = False, noise_seed: int = 0,
                  skip_bad_embeddings: bool = False):
-        check_lengths(model_max_length, num_visual_tokens)
         # resolved once here, not per sample (it may log a fallback warning)
         self.data_path, self.tokenizer, self.table = Path(data_path), tokenizer, table
         self.template = resolve_template(template, tokenizer)

@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE, TEMPLATE
+
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200  # marks visual positions in input_ids; never a vocabulary id, so no embedding resize
 IGNORE_INDEX = -100
@@ -44,10 +46,10 @@ class RevisionConfig:
 
     embed_dim: int  # D: the encoder's embedding size
     hidden_size: int  # d: the LLM's width
-    projector_type: str = "mlp2x_gelu"
-    projector_tokens: int = 1  # distinct vectors the projector makes of one embedding; they fill the visual positions in turn
-    num_visual_tokens: int = 576
-    template: str = "plain"
+    projector_type: str = PROJECTOR_TYPE
+    projector_tokens: int = PROJECTOR_TOKENS  # distinct vectors the projector makes of one embedding; they fill the visual positions in turn
+    num_visual_tokens: int = NUM_VISUAL_TOKENS
+    template: str = TEMPLATE
     encoder: str | None = None
     base_model: str | None = None  # the LLM the folder's weights start from (needed when they are not all here)
     llm_weights: str = "full"  # full: HF weights in the folder; lora: an adapter; base: only base_model
@@ -68,55 +70,6 @@ class RevisionConfig:
 def checkpoint_config(path: str | os.PathLike | None) -> RevisionConfig | None:
     """The RevisionConfig of a checkpoint folder; None for anything else (a projector file, an HF model folder)."""
     return RevisionConfig.load(path) if path and Path(path, CONFIG_FILE).is_file() else None
-
-
-def inherit_settings(folder: str | os.PathLike, projector_type: str | None, num_visual_tokens: int | None,
-                     align_stats: str | None, projector_tokens: int | None = None) -> tuple[str, int, str | None, int]:
-    """(projector_type, num_visual_tokens, align_stats, projector_tokens) for a run that continues the checkpoint
-    `folder`.
-
-    A setting not given (None) is the folder's. A given one must agree with it, except num_visual_tokens
-    (a warning): the projector maps one embedding to one vector, however many positions that vector fills.
-    --align_stats may add an alignment to a folder that records none; against a recorded one it must hold
-    the same statistics (the projector learned on inputs that alignment produced). The embedding dim is no
-    flag: build_model refuses embeddings whose dim is not the projector's.
-    """
-    config, where = RevisionConfig.load(folder), Path(folder, CONFIG_FILE)
-    if projector_type is not None and projector_type != config.projector_type:
-        raise ValueError(f"--mm_projector_type {projector_type} contradicts projector_type {config.projector_type} "
-                         f"recorded in {where}; drop the flag to continue that projector")
-    if num_visual_tokens is not None and num_visual_tokens != config.num_visual_tokens:
-        logger.warning("--num_visual_tokens %d differs from num_visual_tokens %d recorded in %s: the projector's vector "
-                       "now fills %d positions", num_visual_tokens, config.num_visual_tokens, where, num_visual_tokens)
-    if projector_tokens is not None and projector_tokens != config.projector_tokens:
-        raise ValueError(f"--mm_projector_tokens {projector_tokens} contradicts projector_tokens {config.projector_tokens} "
-                         f"recorded in {where}; drop the flag to continue that projector")
-    return (config.projector_type, config.num_visual_tokens if num_visual_tokens is None else num_visual_tokens,
-            _inherit_alignment(Path(folder), config, align_stats), config.projector_tokens)
-
-
-def _inherit_alignment(folder: Path, config: RevisionConfig, align_stats: str | None) -> str | None:
-    if not config.alignment:
-        return align_stats
-    recorded = folder / config.alignment
-    if not align_stats:
-        logger.info("alignment from %s (%s)", recorded, folder / CONFIG_FILE)
-        return str(recorded)
-    from revision.align import load_alignment
-
-    given, saved = load_alignment(align_stats), load_alignment(recorded)
-    if _statistics(given) != _statistics(saved):
-        other = " with other statistics" if given.method == saved.method else ""
-        raise ValueError(f"--align_stats {align_stats} (method {given.method}{other}) contradicts the alignment "
-                         f"{recorded} (method {saved.method}) recorded in {folder / CONFIG_FILE}; drop the flag to use the "
-                         "recorded one")
-    return align_stats
-
-
-def _statistics(alignment) -> str:
-    """An alignment's method and fitted numbers (not its free-form info), comparable as a string."""
-    fitted = {k: v for k, v in alignment.to_dict().items() if k != "info"}
-    return json.dumps(fitted, sort_keys=True, default=lambda v: np.asarray(v).tolist())
 
 
 def build_projector(projector_type: str, in_dim: int, out_dim: int, tokens: int = 1) -> nn.Sequential:
@@ -215,9 +168,9 @@ class RevisionModel(nn.Module):
         self.alignment = None  # revision.align.Alignment whose image_map real image embeddings need
 
     @classmethod
-    def from_llm(cls, llm_path: str, embed_dim: int, projector_type: str = "mlp2x_gelu", num_visual_tokens: int = 576,
-                 template: str = "plain", encoder: str | None = None, dtype: torch.dtype | None = None,
-                 attn_implementation: str | None = None, projector_tokens: int = 1) -> "RevisionModel":
+    def from_llm(cls, llm_path: str, embed_dim: int, projector_type: str = PROJECTOR_TYPE, num_visual_tokens: int = NUM_VISUAL_TOKENS,
+                 template: str = TEMPLATE, encoder: str | None = None, dtype: torch.dtype | None = None,
+                 attn_implementation: str | None = None, projector_tokens: int = PROJECTOR_TOKENS) -> "RevisionModel":
         """A fresh projector on a pretrained LLM (a folder, hub id, or .gguf file: revision.gguf converts it once)."""
         from revision.gguf import resolve_llm
 

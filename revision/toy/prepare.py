@@ -1,6 +1,7 @@
 """The launchers' embedded default: the toy world with everything a training stage reads, built once.
 
     python -m revision.toy.prepare --out outputs/toy-world [--preset default|mini] [--seed 0]
+    python -m revision.toy.prepare --print_sizes    # the launchers: visual tokens and max length (1 129)
 
 Into OUT: world/ (scenes, captions, instruction data), clip/ (the toy CLIP), llm/ (the toy LLM),
 embeds/unpaired/{image,text} (the stores) and align/realign (the ReAligned caption store and its
@@ -25,13 +26,24 @@ def prepare_default_world(out: Path, budget: Budget, seed: int = 0) -> dict[str,
     return prepare(Runner(out, seed, budget), seed, budget, ("realign",), paired_store=False, eval_store=False)
 
 
+def launch_sizes(budget: Budget = Budget()) -> tuple[int, int]:
+    """(visual tokens, model_max_length) the launchers train this world with: the toy's base budget, its length
+    rule as the pipeline's (captions of max_length tokens beside the visual block)."""
+    return budget.visual_tokens, budget.max_length + budget.visual_tokens
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/toy-world")
     parser.add_argument("--preset", choices=sorted(BUDGETS), default="default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--print_sizes", action="store_true",
+                        help="print the launchers' visual tokens and max length for this world, and build nothing")
     add_config_arguments(parser, Budget(), overrides_only=True, skip=("world",))  # the world is the preset's
     args = parser.parse_args(argv)
+    if args.print_sizes:
+        print(*launch_sizes())
+        return
     budget = config_from_arguments(args, BUDGETS[args.preset])
     torch.set_num_threads(budget.threads)  # the in-process steps (toy CLIP, toy LLM)
     paths = prepare_default_world(Path(args.out).resolve(), budget, args.seed)

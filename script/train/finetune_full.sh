@@ -13,7 +13,7 @@ BATCH=${BATCH:-16}
 OUTPUT=${OUTPUT:-outputs/revision-finetune${LORA:+-lora}}
 GLOBAL_BATCH=${GLOBAL_BATCH:-256}
 DEEPSPEED=${DEEPSPEED:-script/deepspeed/zero2.json}
-flags=(--version "${VERSION:-chat}" --learning_rate "${LR:-1e-5}")
+flags=(--version "${VERSION:-$DEFAULT_INSTRUCT_TEMPLATE}" --learning_rate "${LR:-1e-5}")
 [ -n "${PRETRAIN_ADAPTER:-}" ] && flags+=(--pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER")
 # Visual tokens, projector and alignment come from the stage-1 folder (its revision_config.json); a flag
 # only when the user sets one (train.py stops when it contradicts stage 1)

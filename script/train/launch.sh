@@ -17,9 +17,12 @@ case "$PRESET" in
   paper) MODEL=${MODEL:-meta-llama/Meta-Llama-3-8B-Instruct} ;;
   *) echo "unknown PRESET=$PRESET (known: paper)" >&2; exit 2 ;;
 esac
-# the embedded default's sizes (the toy pipeline's: 1 visual token, short captions) unless the caller sets them
-TOY_MAX_LENGTH=${MAX_LENGTH:-129}
-MAX_LENGTH=${MAX_LENGTH:-2048}
+# train.py's defaults, written once in revision/defaults.py (DEFAULT_VISUAL_TOKENS, DEFAULT_MAX_LENGTH, ...);
+# read as a file: nothing of the package (or torch) is imported
+defaults=$("$PY" revision/defaults.py) || { echo "could not read revision/defaults.py with $PY" >&2; exit 2; }
+eval "$defaults"
+USER_MAX_LENGTH=${MAX_LENGTH:-}  # the embedded default keeps the toy's own length unless the caller sets one
+MAX_LENGTH=${MAX_LENGTH:-$DEFAULT_MAX_LENGTH}
 EPOCHS=${EPOCHS:-1}
 EXTRA=${EXTRA:-}               # any further train.py flags, quoted as in a shell: EXTRA='--run_name "my run"'
 
@@ -32,11 +35,15 @@ default_world() {
   # revision.toy.prepare builds the world and its stores and never calls a launcher (the full pipeline does)
   [ -n "$DRY_RUN" ] || "$PY" -m revision.toy.prepare --out "$DEFAULT_DIR" --preset "${TOY_PRESET:-default}" >&2
   MODEL=$DEFAULT_DIR/llm
+  # the toy's sizes (1 visual token, short captions), from its own budget (revision/toy/prepare.py --print_sizes)
+  local sizes toy_tokens toy_length
+  sizes=$("$PY" -m revision.toy.prepare --print_sizes) || exit 2
+  read -r toy_tokens toy_length <<< "$sizes"
   if [ "$1" = text ]; then
     DATA=${DATA:-$DEFAULT_DIR/world/pretrain.json}
     EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/align/realign}
     ALIGN_STATS=${ALIGN_STATS:-$DEFAULT_DIR/align/realign/align_stats.json}
-    VISUAL_TOKENS=${VISUAL_TOKENS:-1}
+    VISUAL_TOKENS=${VISUAL_TOKENS:-$toy_tokens}
   else
     DATA=${DATA:-$DEFAULT_DIR/world/instruct.json}
     EMBED_FOLDER=${EMBED_FOLDER:-$DEFAULT_DIR/embeds/unpaired/image}
@@ -44,11 +51,11 @@ default_world() {
       PRETRAIN_ADAPTER=${PRETRAIN_ADAPTER:-$DEFAULT_DIR/pretrain}  # stage 2 inherits its tokens and alignment
     else
       ALIGN_STATS=${ALIGN_STATS:-$DEFAULT_DIR/align/realign/align_stats.json}
-      VISUAL_TOKENS=${VISUAL_TOKENS:-1}
+      VISUAL_TOKENS=${VISUAL_TOKENS:-$toy_tokens}
     fi
   fi
   OUTPUT=${OUTPUT:-$DEFAULT_DIR/$2}
-  MAX_LENGTH=$TOY_MAX_LENGTH
+  MAX_LENGTH=${USER_MAX_LENGTH:-$toy_length}
   GLOBAL_BATCH=${GLOBAL_BATCH:-$BATCH}   # a small corpus: one device batch per step
 }
 

@@ -14,5 +14,5 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-256}
 DEEPSPEED=${DEEPSPEED:-script/deepspeed/zero2.json}
 # ALIGN_STATS (optional): recorded in the checkpoint, so captioning a real image applies the same image_map
 align=(); [ -n "${ALIGN_STATS:-}" ] && align=(--align_stats "$ALIGN_STATS")
-launch --tune_mm_mlp_adapter --version plain --num_visual_tokens "${VISUAL_TOKENS:-576}" \
-  --mm_projector_type "${PROJECTOR:-mlp2x_gelu}" --learning_rate "${LR:-5e-4}" "${align[@]}"
+launch --tune_mm_mlp_adapter --version "$DEFAULT_TEMPLATE" --num_visual_tokens "${VISUAL_TOKENS:-$DEFAULT_VISUAL_TOKENS}" \
+  --mm_projector_type "${PROJECTOR:-$DEFAULT_PROJECTOR}" --learning_rate "${LR:-5e-4}" "${align[@]}"
