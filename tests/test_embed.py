@@ -18,7 +18,8 @@ from revision.embed import (BATCH_DELAY_ENV, InputError, image_batches, load_ima
                             read_texts, worker_chunk)
 from revision.encoders import load_encoder
 from revision.inputs import Sample
-from revision.store import EmbeddingStore, StoreError, UnsafePickleError
+from revision.errors import StoreError, UnsafePickleError
+from revision.store import EmbeddingStore
 from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
