@@ -1,5 +1,5 @@
-"""Write side of embedding stores (see revision/store.py for the format and the read side, docs/distributed.md
-for locks, rank parts and the merge)."""
+"""Write side of embedding stores (the format: revision/shards.py and revision/manifest.py; the read side:
+revision/store.py; docs/distributed.md for locks, rank parts and the merge)."""
 from __future__ import annotations
 
 import json
