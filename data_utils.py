@@ -15,9 +15,9 @@ import argparse
 from transformers import AutoTokenizer
 
 from revision.arguments import DataArguments, ModelArguments, TrainingArguments, add_flags
-from revision.data import EmbeddingTable, InputError, SupervisedDataset, check_lengths, exit_with
+from revision.data import EmbeddingTable, SupervisedDataset, check_lengths
+from revision.errors import InputError, StoreError, exit_with
 from revision.defaults import NUM_VISUAL_TOKENS
-from revision.store import StoreError
 
 
 def build_parser() -> argparse.ArgumentParser:

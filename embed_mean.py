@@ -29,7 +29,7 @@ from revision.align.run import merge_aligned  # noqa: E402
 from revision.distributed import detect_rank  # noqa: E402
 from revision.locks import LockedError  # noqa: E402
 from revision.nofollow import LinkError  # noqa: E402
-from revision.store import StoreError  # noqa: E402
+from revision.errors import StoreError, exit_with  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             part=rank.partial,
         )
     except (StoreError, ValueError, LockedError, LinkError) as e:  # bad input: one clear line, no traceback
-        p.exit(2, f"embed_mean.py: error: {e}\n")
+        exit_with(e, prog="embed_mean.py")
     print(json.dumps(summary, indent=1))
 
 

@@ -29,7 +29,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from revision.embed import embed_images, load_image, read_images  # noqa: E402
+from revision.decode import load_image  # noqa: E402
+from revision.encode import embed_images  # noqa: E402
+from revision.lists import read_images  # noqa: E402
 from revision.encoders import load_encoder, resolve_device  # noqa: E402
 from revision.inputs import open_inputs  # noqa: E402
 from revision.store_writer import StoreWriter  # noqa: E402

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 import embed_throughput  # noqa: E402
 import train_step  # noqa: E402
-from revision.embed import load_image, read_images  # noqa: E402
+from revision.decode import load_image  # noqa: E402
+from revision.lists import read_images  # noqa: E402
 from revision.encoders import load_encoder  # noqa: E402
 from revision.tiny.clip import build_tiny_clip  # noqa: E402
 from revision.tiny.lm import build_tokenizer, make_tiny_corpus, tiny_config  # noqa: E402

@@ -39,7 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from revision.align import method_names  # noqa: E402
-from revision.store import EmbeddingStore, Shard, safe_load, write_reference_shard  # noqa: E402
+from revision.safe_pickle import safe_load  # noqa: E402
+from revision.shards import Shard, write_reference_shard  # noqa: E402
+from revision.store import EmbeddingStore  # noqa: E402
 from revision.store_writer import write_store  # noqa: E402
 
 TARGET = {"speed": 15.0, "rss": 0.25, "cosine": 0.99999, "floor": 1.5}

@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from revision.embedding_table import EmbeddingTable
-from revision.model import RevisionModel, load_projector_state, load_projector_weights, set_input_statistics
+from revision.model import RevisionModel
+from revision.projector import load_projector_state, load_projector_weights, set_input_statistics
 from revision.settings import Settings
 
 STANDARDIZE_ROWS = 100_000  # rows (evenly spread over the store) that fix a fresh projector's input statistics

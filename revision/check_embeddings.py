@@ -6,7 +6,8 @@ Reads the store shard by shard and checks: ids unique; one embedding width; ever
 norm (the official `embed.py` writes an all-zero row for an image it cannot read); with --data_json (the
 official {"images": [...], "texts": [...]} input) that every input id of the store's kind is there and
 nothing else; with --reference (the same inputs encoded another way, e.g. natively here and by the
-official code under transformers 4.x) the cosine of each shared id. Exit status 1 when a check fails.
+official code under transformers 4.x) the cosine of each shared id. Exit status 1 when a check fails, 2 when the
+store or the input file cannot be read (one line `error: ...`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from revision.store import EmbeddingStore, StoreError
+from revision.embedding_rows import bad_rows
+from revision.errors import InputError, StoreError, report
+from revision.lists import read_data_json
+from revision.store import EmbeddingStore
 
 SHOWN = 5  # example ids per problem
 
@@ -33,15 +37,17 @@ def check_store(root: str | Path, expected_ids: Sequence[str] | None = None, ref
         for shard in store.iter_shards():
             rows += len(shard)
             widths.add(int(shard.embeds.shape[1]))
+            # unusable rows by the rule every reader applies (revision/embedding_rows.py); the rest by their norm
+            unusable = bad_rows(shard.embeds)
+            finite = np.isfinite(shard.embeds[unusable]).all(axis=1)
+            kind_of = {int(row): "zero" if ok else "non_finite" for row, ok in zip(unusable, finite)}
             norms = np.linalg.norm(shard.embeds.astype(np.float64), axis=1)
             for i, row_id in enumerate(shard.ids):
                 if row_id in seen:
                     duplicates.append(row_id)
                 seen.add(row_id)
-                if not np.isfinite(norms[i]):
-                    non_finite.append(row_id)
-                elif norms[i] < 1e-6:
-                    zero.append(row_id)
+                if i in kind_of:
+                    (zero if kind_of[i] == "zero" else non_finite).append(row_id)
                 elif abs(norms[i] - 1) > norm_tolerance:
                     off_norm.append(row_id)
     except StoreError as e:  # e.g. shards of different widths
@@ -102,21 +108,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", help="write the findings as JSON here")
     args = parser.parse_args(argv)
     expected = None
-    if args.data_json:
-        from revision.lists import read_data_json
-
-        images, texts = read_data_json(args.data_json)
-        expected = [item.id for item in (images if EmbeddingStore(args.store).kind == "image" else texts)]
-    report = check_store(args.store, expected, args.reference, args.norm_tolerance, args.min_cosine)
+    try:
+        if args.data_json:
+            images, texts = read_data_json(args.data_json)
+            expected = [item.id for item in (images if EmbeddingStore(args.store).kind == "image" else texts)]
+        findings = check_store(args.store, expected, args.reference, args.norm_tolerance, args.min_cosine)
+    except (StoreError, InputError, OSError) as e:  # a folder that is no store, an unreadable input file: one line
+        return report(e)
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{report['store']}: {report['kind']} store, {report['rows']} rows")
-    for problem in report["problems"]:
+        Path(args.report).write_text(json.dumps(findings, indent=1) + "\n")
+    print(f"{findings['store']}: {findings['kind']} store, {findings['rows']} rows")
+    for problem in findings["problems"]:
         print(f"  FAIL {problem}")
-    if not report["problems"]:
+    if not findings["problems"]:
         print("  ok: ids unique, one width, unit norms" + (", every input present" if expected is not None else "")
               + (f", cosine to reference >= {args.min_cosine}" if args.reference else ""))
-    return 1 if report["problems"] else 0
+    return 1 if findings["problems"] else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ folder whose save was interrupted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import logging
@@ -31,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from revision import nofollow
+from revision.hashing import file_sha256
 from revision.nofollow import LinkError, open_nofollow
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,9 @@ def pause_point(name: str) -> None:
 # ---- hashing and the manifest -------------------------------------------------------------------
 
 def _hash_file(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-        os.fsync(f.fileno())  # on disk before the manifest says it is complete (power loss, not just a kill)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    # fsync: on disk before the manifest says it is complete (power loss, not just a kill)
+    digest = file_sha256(path, fsync=True)
+    return {"size": path.stat().st_size, "sha256": digest}
 
 
 def _files(folder: Path) -> list[str]:

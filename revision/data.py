@@ -9,10 +9,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -27,25 +25,15 @@ from revision.conversation import (
 from revision.embedding_table import EmbeddingTable
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from revision.records import RecordsError, read_dicts
-from revision.store import normalize_rows
+from revision.embedding_rows import normalize_rows
+from revision.errors import InputError, exit_with  # noqa: F401  (exit_with: callers import it from here too)
 
 MIN_TEXT_TOKENS = 8  # model_max_length must leave at least this much room next to the visual block
 logger = logging.getLogger(__name__)
 
 
-class InputError(ValueError):
-    """Bad training input (data file, sample, embedding): the message names the file and the sample or row.
-    train.py prints it as one line instead of a traceback."""
-
-
 class MissingEmbeddingError(InputError, LookupError):
     """A sample whose id has no embedding in the store."""
-
-
-def exit_with(error: Exception, code: int = 2) -> NoReturn:
-    """For CLIs: print an input error as one line on stderr and exit, instead of a traceback."""
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-    raise SystemExit(code) from None
 
 
 def image_map_from(align_stats: str | os.PathLike | None) -> Callable[[np.ndarray], np.ndarray]:

@@ -15,15 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from revision.locks import LockedError, StoreLock, part_tag
-from revision.store import (
-    FORMAT,
-    PART_GLOB,
-    SKIPPED,
-    StoreError,
-    _atomic_write_bytes,
-    _write_manifest,
-    read_manifest,
-)
+from revision.errors import StoreError
+from revision.manifest import PART_GLOB, SKIPPED, read_manifest, write_manifest
+from revision.shards import FORMAT, atomic_write_bytes
 
 SUMMED = ("inputs", "resumed", "encoded", "skipped", "stored")
 
@@ -99,8 +93,8 @@ def merge_parts(root: str | os.PathLike) -> dict:
             "shards": [{k: e[k] for k in ("name", "rows", "sha256")} for n in names for e in books[n]["shards"]],
         }
         logs = [root / f"skipped-{n[:-len('.json')]}.jsonl" for n in names]
-        _atomic_write_bytes(root / SKIPPED, b"".join(p.read_bytes() for p in logs if p.exists()))
-        _write_manifest(root, manifest)
+        atomic_write_bytes(root / SKIPPED, b"".join(p.read_bytes() for p in logs if p.exists()))
+        write_manifest(root, manifest)
         return manifest
     finally:
         lock.release()

@@ -9,7 +9,7 @@ Inputs (ids are stable across reruns: the given id, else the image's relative pa
   --data_json FILE.json   the official layout {"images": [{"id", "image"}], "texts": [{"id", "text"}]}
   --images/--texts 'data/{00000..00099}.tar'   webdataset shards (img2dataset): KEY.jpg + KEY.txt/.json, id = KEY
   --images/--texts DATA.parquet (or a folder)   image bytes or paths / a caption column (--image_column, ...)
-(the readers: revision/inputs.py, READERS). Tars and parquet files are streamed, never listed up front.
+(the readers: revision/inputs.py, READERS; the encode loops: revision/encode.py). Tars and parquet files are streamed, never listed up front.
 
 Images are decoded and preprocessed in worker processes while this one encodes; images over --max_pixels are
 refused from their header. Unreadable items are skipped, counted and listed in OUT/KIND/skipped.jsonl; an empty
@@ -21,106 +21,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from revision.decode import (  # noqa: F401 (load_image, worker_chunk: re-exported)
-    DEFAULT_MAX_PIXELS, DecodeError, chunks, image_batches, load_image, worker_chunk,
-)
+from revision.decode import DEFAULT_MAX_PIXELS, DecodeError
 from revision.distributed import Rank, detect_rank, merge_if_last, merge_parts
-from revision.encoders import Encoder, load_encoder
+from revision.encode import embed_images, embed_texts
+from revision.encoders import load_encoder
+from revision.errors import InputError, StoreError, report
 from revision.inputs import READERS, Inputs, Sample, Unit, open_inputs
-from revision.lists import (  # noqa: F401 (the list readers: re-exported)
-    ImageItem, InputError, TextItem, read_data_json, read_images, read_texts,
-)
-from revision.store import PART_GLOB, SKIPPED, StoreError, check_unique_ids
+from revision.lists import read_data_json
+from revision.manifest import PART_GLOB, SKIPPED
+from revision.store import check_unique_ids
 from revision.store_writer import StoreWriter
-
-# Sleep after every batch: a throttle for slow shared disks, and how the tests get a run to kill mid-way.
-BATCH_DELAY_ENV = "REVISION_EMBED_BATCH_DELAY"
-
-
-# ------------------------------------------------------------------------------------------- encoding
-
-
-def embed_images(inputs: Inputs, encoder: Encoder, writer: StoreWriter, batch_size: int = 256, num_workers: int = 4,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
-    """Encode this rank's inputs from the writer's resume point on; returns the summary (also in the manifest)."""
-    delay = float(os.environ.get(BATCH_DELAY_ENV, 0))
-    start, seen, encoded = time.perf_counter(), 0, 0
-    if not writer.was_complete:
-        with tqdm(desc="images", unit="img", total=_known_total(inputs, writer)) as bar:
-            batches = image_batches(_todo(inputs, writer), encoder.preprocess, batch_size, num_workers,
-                                    encoder.device.type == "cuda", max_pixels)
-            for kept, pixels, failed in batches:
-                for sample, reason in failed:
-                    writer.skip({"id": sample.id, "path": sample.source, "reason": reason}, sample.position)
-                if kept:
-                    writer.add([s.id for s in kept], encoder.encode_pixels(pixels), [s.source for s in kept],
-                               positions=[s.position for s in kept])
-                seen, encoded = seen + len(kept) + len(failed), encoded + len(kept)
-                bar.update(len(kept) + len(failed))
-                if delay:
-                    time.sleep(delay)
-    return _close(writer, seen, encoded, time.perf_counter() - start)
-
-
-def embed_texts(inputs: Inputs, encoder: Encoder, writer: StoreWriter, batch_size: int = 256) -> dict:
-    delay = float(os.environ.get(BATCH_DELAY_ENV, 0))
-    start, seen, encoded = time.perf_counter(), 0, 0
-    if not writer.was_complete:
-        with tqdm(desc="texts", unit="text", total=_known_total(inputs, writer)) as bar:
-            for chunk in chunks(_todo(inputs, writer), batch_size):
-                kept = []
-                for sample in chunk:
-                    reason = sample.error or ("" if sample.payload.strip() else "empty or whitespace-only text")
-                    if reason:
-                        writer.skip({"id": sample.id, "reason": reason}, sample.position)
-                    else:
-                        kept.append(sample)
-                if kept:
-                    captions = [s.payload.strip() for s in kept]
-                    writer.add([s.id for s in kept], encoder.encode_texts(captions, batch_size), captions,
-                               positions=[s.position for s in kept])
-                seen, encoded = seen + len(chunk), encoded + len(kept)
-                bar.update(len(chunk))
-                if delay:
-                    time.sleep(delay)
-    return _close(writer, seen, encoded, time.perf_counter() - start)
-
-
-def _todo(inputs: Inputs, writer: StoreWriter) -> Iterator[Sample]:
-    limit = None if inputs.limit is None else max(0, inputs.limit - writer.resume.consumed)
-    return inputs.stream(writer.resume.end, limit)
-
-
-def _known_total(inputs: Inputs, writer: StoreWriter) -> int | None:
-    if any(u.items is None for u in inputs.units):
-        return None  # streamed: never counted up front
-    return sum(len(u.items) for u in inputs.units) - writer.resume.consumed
-
-
-def _close(writer: StoreWriter, seen: int, encoded: int, seconds: float) -> dict:
-    before = writer.manifest.get("summary", {}) if writer.was_complete else {}
-    inputs = before.get("inputs", 0) if writer.was_complete else writer.resume.consumed + seen
-    summary = {
-        "inputs": inputs, "resumed": inputs - seen, "encoded": encoded, "skipped": writer.skipped,
-        "seconds": round(seconds, 3), "items_per_s": round(encoded / seconds, 1) if seconds > 0 and encoded else None,
-    }
-    summary["stored"] = writer.close(summary=summary)["count"]
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------ CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """image_embed.py's flags."""
     parser = argparse.ArgumentParser(
         prog="image_embed.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -177,6 +97,7 @@ def _inputs(args: argparse.Namespace, rank: Rank) -> dict[str, Inputs]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Embed (or, with --merge, only merge the ranks' parts) as the flags say; returns the summary to print."""
     out = Path(args.out)
     if args.merge:
         stores = [out / kind for kind in ("image", "text") if any((out / kind).glob(PART_GLOB))]
@@ -220,6 +141,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_summary(summary: dict) -> str:
+    """The summary as the lines image_embed.py prints."""
     if "encoder" not in summary:
         return "\n".join(f"{kind:5s}: merged {m['parts']} parts, {m['count']} in store, {m['skipped']} skipped"
                          for kind, m in summary["merged"].items())
@@ -246,7 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run(args)
     except (InputError, StoreError, OSError, ImportError, ValueError, DecodeError) as e:  # OSError: a model or file that cannot be read
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(format_summary(summary))
     return 0

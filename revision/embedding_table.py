@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from revision.store import EmbeddingStore, StoreError, bad_rows, describe_bad_row
+from revision.embedding_rows import bad_rows, describe_bad_row
+from revision.errors import StoreError
+from revision.store import EmbeddingStore
 
 CACHE_VERSION = "4"  # 2: the cache records the store's unusable rows; 4: keys as a blob + a 128-bit digest index
 logger = logging.getLogger(__name__)

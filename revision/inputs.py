@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from revision.lists import read_images, read_texts
+from revision.registry import Registry
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 ID_COLUMNS = ("key", "id")
@@ -188,12 +189,13 @@ def read_parquet(spec: str, kind: str, options: dict) -> list[Unit]:
     return [Unit(str(f), read=lambda f=f: _parquet_samples(f, kind, options), size=f.stat().st_size) for f in files]
 
 
-READERS: dict[str, Callable[[str, str, dict], list[Unit]]] = {
+READERS: Registry[Callable[[str, str, dict], list[Unit]]] = Registry("input format")
+READERS.update({
     "folder": read_list,  # revision.lists.read_images handles folders
     "list": read_list,
     "webdataset": read_webdataset,
     "parquet": read_parquet,
-}
+})
 
 
 def detect_format(spec: str) -> str:
@@ -210,7 +212,7 @@ def open_inputs(specs: list[str], kind: str, part: int = 0, parts: int = 1, opti
     one unit), streamed units (tars, parquet files) round-robin by unit. `max_items` cuts the whole input before it
     is split (lists) or each rank's stream (others)."""
     options = options or {}
-    units = list(units or []) + [u for spec in specs for u in READERS[fmt or detect_format(spec)](spec, kind, options)]
+    units = list(units or []) + [u for spec in specs for u in READERS.lookup(fmt or detect_format(spec))(spec, kind, options)]
     listed = [s for u in units if u.items is not None for s in u.items]
     streamed = [u for u in units if u.items is None]
     if max_items is not None:

@@ -7,11 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from revision.errors import InputError
 from revision.records import RecordsError, read_records
-
-
-class InputError(ValueError):
-    """An input list that cannot be read as it is (the message names the file and row)."""
 
 
 @dataclass(frozen=True)

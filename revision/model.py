@@ -10,32 +10,27 @@ trained), projector.safetensors, revision_config.json and the tokenizer.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
-import pickle
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE, TEMPLATE
+from revision.projector import PROJECTOR_FILE, build_projector, load_projector_state, load_projector_weights, readable_weights
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200  # marks visual positions in input_ids; never a vocabulary id, so no embedding resize
 IGNORE_INDEX = -100
-PROJECTOR_FILE = "projector.safetensors"
 CONFIG_FILE = "revision_config.json"
 logger = logging.getLogger(__name__)
 
@@ -72,81 +67,11 @@ def checkpoint_config(path: str | os.PathLike | None) -> RevisionConfig | None:
     return RevisionConfig.load(path) if path and Path(path, CONFIG_FILE).is_file() else None
 
 
-def build_projector(projector_type: str, in_dim: int, out_dim: int, tokens: int = 1) -> nn.Sequential:
-    """`linear`, or `mlpNx_gelu`: N Linear layers with GELU between (LLaVA's naming; mlp2x_gelu is the paper's).
-    The last layer makes `tokens` vectors of out_dim (1: the paper's one vector, repeated over the visual positions).
-    The input is standardised first by the buffers input_mean [in_dim] and input_scale [1] (identity until
-    set_input_statistics): saved with the weights, so inference standardises as training did."""
-    if tokens < 1:
-        raise ValueError(f"projector tokens must be at least 1, got {tokens}")
-    if projector_type == "linear":
-        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim * tokens)]
-    else:
-        match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
-        if not match or int(match.group(1)) < 1:
-            raise ValueError(f"unknown projector type {projector_type!r}; use 'linear' or 'mlpNx_gelu' (e.g. mlp2x_gelu)")
-        depth = int(match.group(1))
-        layers = [nn.Linear(in_dim, out_dim * (tokens if depth == 1 else 1))]
-        for k in range(depth - 1):
-            layers += [nn.GELU(), nn.Linear(out_dim, out_dim * (tokens if k == depth - 2 else 1))]
-    projector = nn.Sequential(*layers)
-    projector.register_buffer("input_mean", torch.zeros(in_dim))
-    projector.register_buffer("input_scale", torch.ones(1))
-    return projector
-
-
-def set_input_statistics(projector: nn.Module, embeds: np.ndarray) -> tuple[float, float]:
-    """Standardise the projector's input with the mean and one scalar std of `embeds` [N, D] (the inputs it will
-    train on): raw text, aligned text and image embeddings sit at different offsets and spreads on the sphere,
-    and a projector fed their small deviations from a large common mean learns slowly (docs/recipe.md).
-    Returns (norm of the mean, scalar std)."""
-    x = np.asarray(embeds, dtype=np.float64)
-    mean = x.mean(0)
-    scale = float(np.sqrt(((x - mean) ** 2).sum(1).mean() / x.shape[1])) or 1.0
-    projector.input_mean.copy_(torch.from_numpy(mean).to(projector.input_mean))
-    projector.input_scale.fill_(scale)
-    return float(np.linalg.norm(mean)), scale
-
-
-def load_projector_state(projector: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """load_state_dict, where a projector saved before input standardisation existed keeps the identity."""
-    buffers = {"input_mean", "input_scale"}
-    result = projector.load_state_dict(weights, strict=False)
-    missing = set(result.missing_keys) - (buffers if not buffers & set(weights) else set())
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"missing keys {sorted(missing)[:3]}, unexpected keys {result.unexpected_keys[:3]}")
-
-
 def default_attn_implementation() -> str:
     """flash_attention_2 when flash-attn is installed and CUDA is there, else PyTorch SDPA."""
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
-
-
-@contextlib.contextmanager
-def readable_weights(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a weight file that is not safetensors (or not a plain torch pickle) into one line naming it."""
-    try:
-        yield
-    except (SafetensorError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-def load_projector_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Projector weights from our projector.safetensors (a file or its folder) or a LLaVA/ReVision mm_projector.bin."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PROJECTOR_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no projector weights here")
-    with readable_weights(path):
-        if path.suffix == ".safetensors":
-            weights = load_file(str(path))
-        else:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-    # LLaVA-style files name keys like model.mm_projector.0.weight; ours are 0.weight.
-    return {k.split("mm_projector.")[-1]: v for k, v in weights.items()}
 
 
 def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from revision.data import EmbeddingTable
-from revision.evaluate import TASKS, evaluate_files, task_help
+from revision.errors import report
+from revision.eval_tasks import TASKS, task_help
+from revision.evaluate import evaluate_files
 from revision.infer import Predictor, Visual
 from revision.records import read_dicts
 
@@ -180,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
             print(json.dumps({k: metrics[k] for k in ("task", "n", "answered", "errors", "accuracy") if k in metrics}))
     except (ValueError, LookupError, OSError) as e:  # bad checkpoint (CheckpointError), question file or references: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -3,19 +3,13 @@ call can allocate more than the file holds). With a manifest digest, the file's 
 it is unpickled: a changed shard is refused before it can cost anything."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
 from typing import Any
 
-
-class StoreError(ValueError):
-    """A store or shard that cannot be used as it is (the message names the file and, where known, the row)."""
-
-
-class UnsafePickleError(StoreError):
-    """A pickle that asks for anything beyond plain data and numpy arrays."""
+from revision.errors import StoreError, UnsafePickleError
+from revision.hashing import file_sha256
 
 
 # Globals a pickle of plain data + numpy arrays needs (numpy 1.x and 2.x spellings). Nothing here
@@ -59,14 +53,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "numpy arrays, dicts, lists, strings and numbers. The file was not executed. If you trust it, "
             "convert it to the revision.embeddings/1 layout in a separate, sandboxed process."
         )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_load(path: str | os.PathLike, sha256: str | None = None) -> Any:

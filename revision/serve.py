@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from revision.errors import report
 from revision.predict import add_loading_arguments, build_parser as predict_parser, load_predictor, read_questions
 
 SERVE_MAX_PIXELS = 40_000_000  # 40 MP: any camera photo; a bigger upload is refused from its header, never decoded
@@ -66,15 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from revision import web
     except ImportError as e:
-        print(f"error: the web demo needs Gradio ({e}): pip install 'revision[web]'", file=sys.stderr)
-        return 2
+        return report(f"the web demo needs Gradio ({e}): pip install 'revision[web]'")
     try:
         predictor = load_predictor(args)
         predictor.encoder  # load it now: a checkpoint that cannot answer about images never starts a server
         examples = find_examples(Path(args.model), args.examples, args.num_examples)
     except (ValueError, LookupError, OSError) as e:  # CheckpointError, a missing encoder, a bad example file: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     chat = web.Chat(predictor, args.max_pixels or None, args.seed)
     page = web.build_page(predictor, chat, examples, args.max_new_tokens, args.temperature)
     page.queue(default_concurrency_limit=1, max_size=args.queue_size)  # one model: one request at a time
@@ -83,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 quiet=True, theme=web.THEME, footer_links=["api"], max_file_size=MAX_FILE_SIZE,
                                 allowed_paths=sorted({str(image.parent) for image, _ in examples}))
     except OSError as e:  # the port is taken, the host is not this machine's
-        print(f"error: cannot listen on {args.host}:{args.port or 'a port from 7860'}: {e}", file=sys.stderr)
-        return 2
+        return report(f"cannot listen on {args.host}:{args.port or 'a port from 7860'}: {e}")
     print(f"ReVision demo of {args.model} on {url} (Ctrl+C stops it)", flush=True)
     page.block_thread()
     return 0

@@ -22,7 +22,8 @@ import torch
 
 from revision import checkpoint
 from revision.arguments import DataArguments, ModelArguments, TrainingArguments
-from revision.data import InputError, check_lengths, embed_noise
+from revision.data import check_lengths, embed_noise
+from revision.errors import InputError
 from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE
 from revision.gguf import resolve_llm
 from revision.model import CONFIG_FILE, RevisionConfig, checkpoint_config
@@ -87,7 +88,7 @@ def resolve(model_args: ModelArguments, data_args: DataArguments, training_args:
     visual = NUM_VISUAL_TOKENS if visual is None else visual
     check_lengths(training_args.model_max_length, visual)
     if not data_args.embed_folder:
-        raise SystemExit("no embedding folder: pass --embed_folder or set folder_path in data_utils.py")
+        raise InputError("no embedding folder: pass --embed_folder or set folder_path in data_utils.py")
     store = read_store(data_args.embed_folder)
     align_stats = align_stats or store.alignment
     noise_std, noise_source = embed_noise(data_args.embed_noise_std, align_stats, store.kind)
@@ -117,7 +118,7 @@ def check_values(model_args: ModelArguments, data_args: DataArguments, training_
     """The flags every run needs, and the numbers that must be finite and >= 0."""
     for name, value in (("--model_name_or_path", model_args.model_name_or_path), ("--data_path", data_args.data_path)):
         if not value:
-            raise SystemExit(f"{name} is required")
+            raise InputError(f"{name} is required")
     for name, value in (("learning_rate", training_args.learning_rate), ("mm_projector_lr", training_args.mm_projector_lr),
                         ("weight_decay", training_args.weight_decay), ("embed_noise_std", data_args.embed_noise_std)):
         if value is not None and not (math.isfinite(value) and value >= 0):

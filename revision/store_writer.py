@@ -1,5 +1,5 @@
-"""Write side of embedding stores (see revision/store.py for the format and the read side, docs/distributed.md
-for locks, rank parts and the merge)."""
+"""Write side of embedding stores (the format: revision/shards.py and revision/manifest.py; the read side:
+revision/store.py; docs/distributed.md for locks, rank parts and the merge)."""
 from __future__ import annotations
 
 import json
@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from revision import store
+from revision import shards
 from revision.locks import StoreLock, part_tag
 from revision.nofollow import open_nofollow, refuse_links
-from revision.store import (
-    FORMAT, KINDS, MANIFEST, PART_GLOB, SKIPPED, Shard, StoreError, _squared_norms, _write_manifest, bad_rows,
-    check_unique_ids, describe_bad_row, load_shard, read_manifest,
-)
+from revision.embedding_rows import bad_rows, describe_bad_row, squared_norms
+from revision.errors import StoreError
+from revision.manifest import MANIFEST, PART_GLOB, SKIPPED, read_manifest, write_manifest
+from revision.shards import FORMAT, KINDS, Shard, load_shard
+from revision.store import check_unique_ids
 
 logger = logging.getLogger(__name__)
 Position = tuple  # (unit, offset): an input's place in the writer's input stream (unit index, item in the unit)
@@ -102,7 +103,7 @@ class StoreWriter:
         self._done_ids: set[str] | None = None
         self._seen: set[str] = set()  # ids this run stored: a repeat (the same key in two tars) is skipped and listed
         if not self.was_complete:  # a complete store stays as it is on disk until this writer adds to it or closes
-            _write_manifest(self.root, self.manifest, self.book_name)
+            write_manifest(self.root, self.manifest, self.book_name)
 
     def _open(self, encoder: str, overwrite: bool, extra: dict, inputs: str | None) -> None:
         # checked before any file is read or touched
@@ -214,7 +215,7 @@ class StoreWriter:
         self.manifest["count"] += len(ids)
         if self._done_ids is not None:
             self._done_ids.update(ids)
-        _write_manifest(self.root, self.manifest, self.book_name)
+        write_manifest(self.root, self.manifest, self.book_name)
 
     def add(
         self, ids: Sequence[str], embeds: np.ndarray | Any, sources: Sequence[str] | None = None,
@@ -255,7 +256,7 @@ class StoreWriter:
                     np.copyto(into, chunk, casting="unsafe")
             else:
                 chunk = chunk.astype(np.float64 if chunk.dtype == np.float64 else np.float32, copy=False)
-                norms = np.sqrt(_squared_norms(chunk))[:, None]
+                norms = np.sqrt(squared_norms(chunk))[:, None]
                 np.divide(chunk, np.where(norms > 0, norms, 1.0), out=into, casting="unsafe")
             self._ids.extend(ids[start : start + take])
             self._sources.extend(sources[start : start + take])
@@ -284,8 +285,8 @@ class StoreWriter:
             consumed = (self.manifest["shards"][-1].get("consumed", 0) if self.manifest["shards"] else 0) + len(shard) + skips
             entry.update(end=list(end), consumed=consumed, skipped=self._skipped, skip_log_bytes=log_bytes)
         self._shard_writer = self._shard_writer or ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        # looked up in revision.store at call time: the tests that kill a write mid-way patch it there
-        written = self._shard_writer.submit(store.write_shard, self.root / name, shard, self.dtype, self.drop_page_cache)
+        # looked up in revision.shards at call time: the tests that kill a write mid-way patch it there
+        written = self._shard_writer.submit(shards.write_shard, self.root / name, shard, self.dtype, self.drop_page_cache)
         self._pending = (written, entry, shard.ids)
         self._ids, self._sources, self._buffered = [], [], 0
         self._buffer, self._spare = self._spare, self._buffer
@@ -318,7 +319,7 @@ class StoreWriter:
             self.manifest["complete"] = True
             self.manifest["skipped"] = self._skipped
             self.manifest.update(summary)
-            _write_manifest(self.root, self.manifest, self.book_name)
+            write_manifest(self.root, self.manifest, self.book_name)
         finally:
             self.shutdown()
         return self.manifest

@@ -19,10 +19,10 @@ from transformers import AutoTokenizer
 from revision import checkpoint
 from revision.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from revision.build import build_model
-from revision.data import EmbeddingTable, InputError, SupervisedDataset, exit_with, image_map_from
+from revision.data import EmbeddingTable, SupervisedDataset, image_map_from
+from revision.errors import InputError, StoreError, exit_with
 from revision.packing import make_collator
 from revision.settings import Settings, resolve
-from revision.store import StoreError
 from revision.trainer import EpochToDataset, RevisionTrainer, TrainingDivergedError
 
 __all__ = ["DataArguments", "ModelArguments", "RevisionTrainer", "TrainingArguments", "TrainingDivergedError",

@@ -8,7 +8,9 @@ import pytest
 from revision.align import (
     STATS_FILE, BadRows, PassCache, SpilledRows, align_stores, load_alignment, make_alignment, method_names, sample_rows,
 )
-from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard
+from revision.errors import StoreError
+from revision.shards import Shard, write_reference_shard
+from revision.store import EmbeddingStore
 from revision.store_writer import write_store
 
 

@@ -10,7 +10,9 @@ import torch
 from revision.data import DataCollator, EmbeddingTable, InputError, SupervisedDataset, check_lengths, image_map_from, tokenize
 from revision.conversation import Segment
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard
+from revision.errors import StoreError
+from revision.shards import Shard, write_reference_shard
+from revision.store import EmbeddingStore
 from revision.store_writer import write_store
 from revision.tiny.lm import build_tokenizer, make_tiny_corpus
 

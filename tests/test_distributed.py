@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from revision.distributed import detect_rank
-from revision.embed import BATCH_DELAY_ENV, main
+from revision.embed import main
+from revision.encode import BATCH_DELAY_ENV
 from revision.store import EmbeddingStore
 from revision.tiny.clip import build_tiny_clip
 

@@ -14,11 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from revision.embed import (BATCH_DELAY_ENV, InputError, image_batches, load_image, main, read_data_json, read_images,
-                            read_texts, worker_chunk)
+from revision.decode import image_batches, load_image, worker_chunk
+from revision.embed import main
+from revision.encode import BATCH_DELAY_ENV
+from revision.errors import InputError
+from revision.lists import read_data_json, read_images, read_texts
 from revision.encoders import load_encoder
 from revision.inputs import Sample
-from revision.store import EmbeddingStore, StoreError, UnsafePickleError
+from revision.errors import StoreError, UnsafePickleError
+from revision.store import EmbeddingStore
 from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import revision.store as store_module
+import revision.shards as store_module
 from revision.align import STATS_FILE, align_stores, load_alignment
 from revision.data import EmbeddingTable
-from revision.store import EmbeddingStore, Shard, StoreError, write_reference_shard
+from revision.errors import StoreError
+from revision.shards import Shard, write_reference_shard
+from revision.store import EmbeddingStore
 from revision.store_writer import StoreWriter, write_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,21 +5,10 @@ import shutil
 
 import pytest
 
-from revision.evaluate import (
-    TASKS,
-    EvalError,
-    Task,
-    attribute_hits,
-    evaluate,
-    evaluate_files,
-    extract_option,
-    load_answers,
-    load_references,
-    main,
-    normalize_answer,
-    parse_yes_no,
-    vqa_accuracy,
-)
+from revision.answers import attribute_hits, extract_option, normalize_answer, parse_yes_no, vqa_accuracy
+from revision.eval_files import EvalError, load_answers
+from revision.eval_tasks import TASKS, Task
+from revision.evaluate import evaluate, evaluate_files, load_references, main
 
 OPTIONS = {"A": "blue square", "B": "red circle", "C": "dark red", "D": "green"}
 

@@ -292,7 +292,7 @@ def test_cli_clear_errors_for_bad_checkpoint_and_question_file(world, tmp_path, 
 def test_an_unusable_store_row_is_named_not_answered(tmp_path):
     from revision.data import EmbeddingTable
     from revision.predict import store_embedding
-    from revision.store import Shard, write_reference_shard
+    from revision.shards import Shard, write_reference_shard
 
     embeds = np.eye(3, 16, dtype=np.float32)
     embeds[1, 4] = np.nan

@@ -5,8 +5,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from revision.model import (IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel, build_projector,
-                            default_attn_implementation, load_projector_weights)
+from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel, default_attn_implementation
+from revision.projector import build_projector, load_projector_weights
 from revision.tiny.lm import build_tiny_lm, build_tokenizer
 
 EMBED_DIM, HIDDEN, VISUAL = 16, 32, 3
@@ -184,7 +184,7 @@ def test_projector_tokens_fill_the_visual_positions_in_turn_and_packing_agrees(t
 
 
 def test_projector_input_statistics_standardise_and_travel_with_the_weights(tokenizer, tmp_path):
-    from revision.model import load_projector_state, set_input_statistics
+    from revision.projector import load_projector_state, set_input_statistics
     from safetensors.torch import save_file
 
     projector = build_projector("mlp2x_gelu", EMBED_DIM, HIDDEN)

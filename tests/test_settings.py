@@ -116,7 +116,7 @@ def test_refusals_come_before_anything_is_loaded(world, tmp_path):
         settle(*argv(world, tmp_path, "pretrain", "--model_max_length", "100"))  # the default 576 visual tokens
     with pytest.raises(InputError, match=r"^--weight_decay -1.0: expected a finite number >= 0$"):
         settle(*argv(world, tmp_path, "pretrain", "--weight_decay", "-1", "--num_visual_tokens", "2"))
-    with pytest.raises(SystemExit, match="--data_path is required"):
+    with pytest.raises(InputError, match="--data_path is required"):
         settle("--model_name_or_path", world["model"], "--output_dir", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

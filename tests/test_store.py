@@ -9,10 +9,10 @@ import pytest
 
 from revision.locks import LockedError
 from revision.nofollow import LinkError
-from revision.store import (
-    EmbeddingStore, Shard, StoreError, UnsafePickleError, check_unique_ids, load_shard, safe_load,
-    write_reference_shard, write_shard,
-)
+from revision.errors import StoreError, UnsafePickleError
+from revision.safe_pickle import safe_load
+from revision.shards import Shard, load_shard, write_reference_shard, write_shard
+from revision.store import EmbeddingStore, check_unique_ids
 from revision.store_writer import StoreWriter, write_store
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from revision.embed import read_images, read_texts
+from revision.lists import read_images, read_texts
 from revision.toy.world import (
     COLOURS, POSITIONS, PRESETS, QUESTION_CATEGORIES, SHAPES, Scene, WorldSizes, build_world, make_world,
     parse_caption, render, vocabulary,

@@ -18,7 +18,8 @@ from revision.align import make_alignment
 from revision.checkpoint import check_resumable, weights_only_loads, write_manifest
 from revision.data import InputError, SupervisedDataset
 from revision.model import IMAGE_TOKEN_INDEX, RevisionModel
-from revision.store import EmbeddingStore, Shard, write_reference_shard
+from revision.shards import Shard, write_reference_shard
+from revision.store import EmbeddingStore
 from revision.store_writer import write_store
 from revision.train import TrainingDivergedError, parse_args, train
 from revision.tiny.lm import make_tiny_corpus, tiny_embeddings

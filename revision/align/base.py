@@ -22,12 +22,14 @@ import numpy as np
 
 from revision import nofollow
 from revision.align.streams import BadRows, Stream, map_chunks, row_dtype, sample_rows
-from revision.store import Shard, StoreError
+from revision.errors import AlignmentError, StoreError
+from revision.registry import Registry
+from revision.shards import Shard
 
 STATS_FILE = "align_stats.json"
 STATS_FORMAT = "revision.align/1"
 
-Check = Callable[[Any, int, str], Any]  # (value, dim, name) -> the validated value; raises StoreError
+Check = Callable[[Any, int, str], Any]  # (value, dim, name) -> the validated value; raises AlignmentError
 
 
 def vector(value: Any, dim: int, name: str) -> np.ndarray:
@@ -35,19 +37,19 @@ def vector(value: Any, dim: int, name: str) -> np.ndarray:
     try:
         v = np.asarray(value, np.float64)
     except (TypeError, ValueError):
-        raise StoreError(f"alignment statistic {name!r} is not a vector of numbers") from None
+        raise AlignmentError(f"alignment statistic {name!r} is not a vector of numbers") from None
     if v.shape != (dim,):
-        raise StoreError(f"alignment statistic {name!r} has shape {v.shape}, expected ({dim},)")
+        raise AlignmentError(f"alignment statistic {name!r} has shape {v.shape}, expected ({dim},)")
     if not np.isfinite(v).all():
         bad = int(np.flatnonzero(~np.isfinite(v))[0])
-        raise StoreError(f"alignment statistic {name!r} holds {v[bad]} at index {bad} "
+        raise AlignmentError(f"alignment statistic {name!r} holds {v[bad]} at index {bad} "
                          f"({int((~np.isfinite(v)).sum())} non-finite values of {dim})")
     return v
 
 
 def _number(value: Any, name: str, ok: Callable[[float], bool], rule: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise StoreError(f"alignment statistic {name!r} is {value!r}; it must be a finite number {rule}")
+        raise AlignmentError(f"alignment statistic {name!r} is {value!r}; it must be a finite number {rule}")
     return float(value)
 
 
@@ -61,17 +63,16 @@ def non_negative(value: Any, dim: int, name: str) -> float:
     return _number(value, name, lambda x: x >= 0, ">= 0")
 
 
-REGISTRY: dict[str, type[Alignment]] = {}
+REGISTRY: Registry[type[Alignment]] = Registry("alignment method")
 
 
 def register(cls: type[Alignment]) -> type[Alignment]:
     """Class decorator: make a method available by its `method` name (embed_mean.py --method, stats files)."""
-    REGISTRY[cls.method] = cls
-    return cls
+    return REGISTRY.add(cls.method, cls)
 
 
 def method_names() -> tuple[str, ...]:
-    return tuple(REGISTRY)
+    return REGISTRY.names()
 
 
 class _RowNames:
@@ -224,21 +225,20 @@ _KEEPS_UNIT = (Alignment.text_unit, Alignment.image_unit)
 
 
 def make_alignment(method: str) -> Alignment:
-    if method not in REGISTRY:
-        raise ValueError(f"unknown alignment method {method!r}; choose one of {method_names()}")
-    return REGISTRY[method]()
+    """A fresh (unfitted) alignment of the registered method; an unknown name raises ValueError naming the choices."""
+    return REGISTRY.lookup(method)()
 
 
 def alignment_from_dict(d: Any) -> Alignment:
     """Rebuild an alignment from `Alignment.to_dict()` (e.g. the copy a checkpoint's config carries)."""
     if not isinstance(d, dict):
-        raise StoreError(f"not alignment statistics: a JSON {type(d).__name__}, expected an object with 'format' and 'method'")
+        raise AlignmentError(f"not alignment statistics: a JSON {type(d).__name__}, expected an object with 'format' and 'method'")
     if d.get("format") != STATS_FORMAT or d.get("method") not in REGISTRY:
-        raise StoreError(f"not alignment statistics (format {d.get('format')!r}, method {d.get('method')!r})")
+        raise AlignmentError(f"not alignment statistics (format {d.get('format')!r}, method {d.get('method')!r})")
     cls, dim, info = REGISTRY[d["method"]], d.get("dim"), d.get("info", {})
     missing = [k for k in cls.stats if k not in d]
     if missing or (cls.stats and not (isinstance(dim, int) and dim > 0)):
-        raise StoreError(f"{cls.method} statistics lack {missing or ['dim']}")
+        raise AlignmentError(f"{cls.method} statistics lack {missing or ['dim']}")
     return cls(dim, info, **{k: d[k] for k in cls.stats})
 
 
@@ -248,15 +248,15 @@ def load_alignment(path: str | os.PathLike) -> Alignment:
     if path.is_dir():
         path = path / STATS_FILE
     if not path.is_file():
-        raise StoreError(f"{path}: no alignment statistics here")
+        raise AlignmentError(f"{path}: no alignment statistics here")
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from e
+        raise AlignmentError(f"{path}: not valid JSON ({e})") from e
     try:
         return alignment_from_dict(d)
-    except StoreError as e:
-        raise StoreError(f"{path}: {e}") from e
+    except AlignmentError as e:
+        raise AlignmentError(f"{path}: {e}") from e
 
 
 def _check_unit(rows: np.ndarray, keep: np.ndarray, shard, lo: int, alignment: Alignment) -> None:
@@ -267,5 +267,5 @@ def _check_unit(rows: np.ndarray, keep: np.ndarray, shard, lo: int, alignment: A
     if wrong.any():
         row = lo + int(np.flatnonzero(wrong)[0])
         what = "non-finite" if not np.isfinite(rows[row - lo]).all() else f"norm {np.sqrt(sq[row - lo]):.3g}"
-        raise StoreError(f"{shard.path}: row {row} (id {shard.ids[row]!r}) maps to a {what} embedding under the "
+        raise AlignmentError(f"{shard.path}: row {row} (id {shard.ids[row]!r}) maps to a {what} embedding under the "
                          f"{alignment.method} statistics; check them (align_stats.json)")

@@ -28,7 +28,9 @@ from revision.align.streams import DEFAULT_MEMORY_BUDGET, BadRows, PassCache
 from revision.distributed import merge_if_last, merge_parts
 from revision.locks import StoreLock
 from revision.nofollow import refuse_links
-from revision.store import PART_GLOB, EmbeddingStore, StoreError, _write_manifest, read_manifest
+from revision.errors import StoreError
+from revision.manifest import PART_GLOB, read_manifest, write_manifest
+from revision.store import EmbeddingStore
 from revision.store_writer import StoreWriter
 
 
@@ -227,7 +229,7 @@ def merge_aligned(out_dir: str | os.PathLike, when_last: bool = False) -> dict |
     merged.update(text_rows_dropped=sum(b.get("text_rows_dropped", 0) for b in books), rows_written=merged["count"])
     lock = StoreLock(out)  # as the merge: no part writes meanwhile
     try:
-        _write_manifest(out, merged)
+        write_manifest(out, merged)
     finally:
         lock.release()
     return merged

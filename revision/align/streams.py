@@ -15,7 +15,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from revision.store import EmbeddingStore, Shard, StoreError, bad_rows, describe_bad_row, safe_load
+from revision.embedding_rows import bad_rows, describe_bad_row
+from revision.errors import StoreError
+from revision.safe_pickle import safe_load
+from revision.shards import Shard
+from revision.store import EmbeddingStore
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of decoded text embeddings kept in RAM between passes (beyond: a temp disk cache)
 CHUNK_ROWS = 64  # one chunk's rows: 64 x 1280 x 8 B = 0.65 MB stays in the L2 cache (measured fastest: 64-128)
