@@ -104,9 +104,13 @@ class Predictor:
             raise ValueError("precomputed embedding is all zeros or holds NaN/Inf")
         return embedding
 
-    def image_embeddings(self, visuals: Sequence[Visual]) -> np.ndarray:
-        """[N, D] float32 rows as the projector receives them: image_map of each visual's embedding (zeros for None)."""
+    def image_embeddings(self, visuals: Sequence[Visual], mapped: bool = False) -> np.ndarray:
+        """[N, D] float32 rows as the projector receives them: image_map of each visual's embedding (zeros for None).
+        `mapped`: the embeddings are in the projector's input space already (text embeddings aligned by
+        embed_mean.py: synthetic image embeddings, what stage 1 trained on), so image_map is skipped."""
         prepared = [self.prepare(v) for v in visuals]
+        if mapped and any(isinstance(v, Image.Image) for v in prepared):
+            raise ValueError("mapped embeddings were asked for, but a visual is an image: only embeddings can be mapped")
         raw = np.zeros((len(prepared), self.embed_dim), np.float32)
         images = [(i, v) for i, v in enumerate(prepared) if isinstance(v, Image.Image)]
         if images:
@@ -116,7 +120,7 @@ class Predictor:
                 raw[i] = v
         present = [i for i, v in enumerate(prepared) if v is not None]
         self._check_finite(raw, present, visuals, "the encoder")  # e.g. an fp16 overflow
-        if present:
+        if present and not mapped:
             raw[present] = self.model.image_map(raw[present])
         self._check_finite(raw, present, visuals, f"{self.folder}'s image_map")
         return raw
@@ -171,8 +175,9 @@ class Predictor:
 
     def answer_batch(self, prompts: Sequence[Prompt], visuals: Sequence[Visual] | None = None, batch_size: int = 8,
                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
-                     stop: Sequence[str] = ()) -> list[str]:
-        """Answers to prompts[i] about visuals[i]. temperature 0 is greedy; `stop` strings end an answer (not kept)."""
+                     stop: Sequence[str] = (), mapped: bool = False) -> list[str]:
+        """Answers to prompts[i] about visuals[i]. temperature 0 is greedy; `stop` strings end an answer (not kept);
+        `mapped`: see image_embeddings."""
         visuals = list(visuals) if visuals is not None else [None] * len(prompts)
         if len(visuals) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(visuals)} visuals")
@@ -187,7 +192,7 @@ class Predictor:
         answers = []
         for start in range(0, len(prompts), batch_size):
             batch_prompts, batch_visuals = prompts[start:start + batch_size], visuals[start:start + batch_size]
-            embeds = torch.from_numpy(self.image_embeddings(batch_visuals)).to(self.device)
+            embeds = torch.from_numpy(self.image_embeddings(batch_visuals, mapped)).to(self.device)
             input_ids, mask = left_pad([self.prompt_ids(p, v is not None) for p, v in zip(batch_prompts, batch_visuals)], pad_id)
             new = self.model.generate(input_ids.to(self.device), embeds, attention_mask=mask.to(self.device), **options)
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)

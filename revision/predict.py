@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--answers", default="answers.jsonl", help="where answers go (JSONL)")
     many.add_argument("--image_root", help="folder relative image paths resolve against (default: the question file's)")
     many.add_argument("--embed_folder", help="image store holding precomputed embeddings (by id or image path)")
+    many.add_argument("--mapped", action="store_true",
+                      help="the embeddings are in the projector's input space already (a text store aligned by "
+                           "embed_mean.py): skip the checkpoint's image_map, e.g. to caption synthetic image embeddings")
     many.add_argument("--references", help="score the answers against this file right away (revision.evaluate)")
     many.add_argument("--task", choices=tuple(TASKS), help=f"the scorer --references needs ({task_help()})")
     many.add_argument("--metrics", help="metrics JSON (default: next to --answers)")
@@ -161,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.references and not args.task:
         parser.error("--references needs --task")
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   num_beams=args.num_beams)
+                   num_beams=args.num_beams, mapped=args.mapped)
     torch.manual_seed(args.seed)
     try:
         predictor = load_predictor(args)

@@ -113,6 +113,15 @@ def test_image_map_from_the_checkpoint_is_applied(world, predictor):
     assert not fed[4].any()  # no image: nothing fed
 
 
+def test_mapped_embeddings_skip_the_image_map(world, predictor):
+    """--mapped: a synthetic image embedding (aligned text) reaches the projector as it is; an image cannot be mapped."""
+    raw = world["encoder"].encode_images([Image.open(p) for p in world["images"].values()]).numpy()
+    np.testing.assert_array_equal(predictor.image_embeddings(list(raw), mapped=True), raw)
+    assert np.abs(predictor.image_embeddings(list(raw)) - raw).max() > 0.1  # unmapped: the image_map applies
+    with pytest.raises(ValueError, match="only embeddings can be mapped"):
+        predictor.image_embeddings([next(iter(world["images"].values()))], mapped=True)
+
+
 def test_loglikelihood_prefers_the_right_option(world, predictor):
     path = world["images"]["blue"]
     scores = {name: predictor.loglikelihood(QUESTION, name, path) for name in COLOURS}

@@ -34,6 +34,13 @@ def test_table_and_artifacts(demo):
     assert realign["qa_acc"] * 24 == round(realign["qa_acc"] * 24) and 0 <= realign["caption_acc"] <= 1  # 24 questions
     assert 0 < realign["seconds"] < json.loads((run / "results.json").read_text())["wall_seconds"]
     assert "caption_acc" not in results["rows"]["no_stage1"]  # no stage-1 checkpoint to caption with
+    # stage 1 captioned its own held-out source too: the eval captions through ReAlign's text map, fed unmapped
+    source = [json.loads(line) for line in (run / "runs" / "realign" / "source_caption_answers.jsonl").read_text().splitlines()]
+    assert len(source) == 12 and all("text" in a for a in source)
+    seed_row = json.loads((run / "results.json").read_text())["rows"]["realign"]
+    assert 0 <= realign["source_caption_acc"] <= 1 and set(seed_row) >= {"caption_colour", "source_caption_shape"}
+    aligned = EmbeddingStore(run / "align_eval" / "realign")
+    assert aligned.kind == "text" and len(aligned.load_all().ids) == 12
     table = (demo / "results.md").read_text()
     assert "| realign |" in table and "| no_stage1 |" in table and "Regenerate:" in table
     # the CLIP's gap before alignment beside the paper's LLM2CLIP, from the method's gap report
@@ -99,6 +106,13 @@ def test_rerun_resumes_from_finished_stages(demo, capsys):
     printed = capsys.readouterr().out
     assert "no_stage1.stage2" in printed and "cached" in printed and " s\n" in printed
     assert f"python -m revision.serve --model {demo / 'seed-0/runs/no_stage1/stage2'}\n" in printed  # the web demo
+
+
+def test_stage1_only_needs_captions_and_stage1_rows(demo):
+    for flags in (["--captions", "false"], ["--rows", "realign,no_stage1"]):
+        with pytest.raises(SystemExit):
+            pipeline.main(["--out", str(demo / "other"), "--preset", "mini", "--stage2", "false", *flags])
+    assert not (demo / "other").exists()
 
 
 def test_rerun_with_other_settings_is_refused(demo):

@@ -86,6 +86,7 @@ class Budget:
     answer_tokens: int = 8
     threads: int = 1            # torch threads per process: tiny models run fastest on one (threads mostly wait)
     captions: bool = True       # caption the eval images with each stage-1 checkpoint (the table's caption columns)
+    stage2: bool = True         # false: stop each row after stage 1 and its captions (the stage-1 transfer table)
     show: int = 6               # held-out questions printed at the end with the model's answers and the truth
 
 
@@ -183,10 +184,16 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
         run("embed_eval_blind", partial(write_blind_store, emb / "unpaired" / "image", emb / "eval" / "image",
                                         emb / "eval_blind" / "image"))
     run("probes", partial(write_probes, paths["world"], emb / "unpaired", d / "probes.json"))
+    if budget.captions:  # the held-out source of the text rows: the eval images' reference captions
+        run("embed_eval_captions", [*embed, "--texts", f"{world}/eval_captions.jsonl", "--out", str(emb / "eval_captions")])
     for method in methods:
         run(f"align_{method}", [py, "embed_mean.py", "--text", str(emb / "unpaired" / "text"), "--image",
                                 str(emb / "unpaired" / "image"), "--out", str(paths["align"] / method), "--method", method,
                                 "--overwrite", "--quiet", "--seed", str(seed)])
+        if budget.captions:  # the same captions through the method's fitted text map (c3: without its training noise)
+            run(f"align_eval_captions_{method}", [
+                py, "embed_mean.py", "--text", str(emb / "eval_captions" / "text"), "--out", str(d / "align_eval" / method),
+                "--apply_stats", str(paths["align"] / method), "--method", method, "--overwrite", "--quiet", "--no_report"])
     return paths
 
 
@@ -231,10 +238,12 @@ def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: 
             "EXTRA": extra}
 
 
-def write_caption_questions(world: Path, path: Path) -> None:
-    """The eval images as a question file for the captioning (plain template) checkpoint."""
+def write_caption_questions(world: Path, path: Path, by: str = "image") -> None:
+    """The eval images as a question file for the captioning (plain template) checkpoint: each names its image
+    (by="image") or its embedding's id (by="embedding": the eval caption of that id in an aligned text store)."""
     rows = read_records(world / "eval_captions.jsonl")
-    path.write_text("".join(json.dumps({"question_id": r["id"], "text": "", "image": r["image"]}) + "\n" for r in rows))
+    key = {"image": "image", "embedding": "id"}[by]
+    path.write_text("".join(json.dumps({"question_id": r["id"], "text": "", by: r[key]}) + "\n" for r in rows))
 
 
 def gap_metrics(align_dir: Path) -> dict[str, float]:
@@ -267,58 +276,71 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
             # recorded in the stage-1 checkpoint: captioning real images then applies the method's image_map
             **({"ALIGN_STATS": str(align / "align_stats.json")} if stage1_data == "text" else {})})
         names.append(f"{name}.stage1")
+    predict_args = ["--image_root", str(world), "--embed_folder", str(paths["embeds"] / "eval" / "image"), "--batch_size", "64"]
+    result: dict[str, Any] = {}
+    if budget.stage2:
+        names += run_stage2(run, name, paths, budget, seed, visual_tokens, stage1_data, out, predict_args)
+        qa = json.loads((out / "qa_answers.metrics.json").read_text())
+        blind = json.loads((out / "qa_answers_blind.metrics.json").read_text())
+        result.update(qa_acc=qa["accuracy"], qa_acc_blind=blind["accuracy"],
+                      qa_per_category={c: v["accuracy"] for c, v in qa["per_category"].items()},
+                      qa_per_category_blind={c: v["accuracy"] for c, v in blind["per_category"].items()},
+                      stage2_loss=final_loss(out / "stage2"))
+    if stage1_data and budget.captions:
+        # what text-only stage 1 taught about real images, before stage 2: captions of the held-out eval images,
+        # and (the row's own held-out source) of their reference captions through the method's text map
+        sources = {"": ("image", predict_args, [])}
+        if stage1_data == "text":
+            sources["source_"] = ("embedding", ["--embed_folder", str(run.run_dir / "align_eval" / method),
+                                                "--batch_size", "64"], ["--mapped"])
+        for prefix, (by, where, extra) in sources.items():
+            questions = run.run_dir / f"eval_caption_questions_by_{by}.jsonl"
+            write_caption_questions(world, questions, by)
+            stage = f"{name}.predict_{prefix}captions"
+            run(stage, partial(predict.main, [*where, *extra, "--model", str(out / "stage1"), "--questions", str(questions),
+                                              "--answers", str(out / f"{prefix}caption_answers.jsonl"),
+                                              "--max_new_tokens", str(budget.caption_tokens)]))
+            names.append(stage)
+            captions = caption_scores(out / f"{prefix}caption_answers.jsonl", world)
+            (out / f"{prefix}caption_metrics.json").write_text(json.dumps(captions, indent=1) + "\n")
+            result.update({f"{prefix}caption_acc": captions["strict_attribute_acc"], f"{prefix}caption_count_acc": captions["count_acc"],
+                           f"{prefix}caption_lenient_acc": captions["attribute_acc"], f"{prefix}caption_all_correct": captions["all_correct"],
+                           f"{prefix}caption_per_attribute": captions["strict_per_attribute"],
+                           **{f"{prefix}caption_{k}": v for k, v in captions["strict_per_attribute"].items()}})
+    if stage1_data == "text":
+        result.update(gap_metrics(align))
+    if stage1_data:
+        result["stage1_loss"] = final_loss(out / "stage1")
+    result["visual_tokens"] = visual_tokens
+    result["seconds"] = sum(run.times[n] for n in names)
+    return result
+
+
+def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed: int, visual_tokens: int,
+               stage1_data: str | None, out: Path, predict_args: list[str]) -> list[str]:
+    """Stage 2 on the instruction data and the real image store, then the held-out questions, seeing and blind;
+    the names of the stages run."""
+    method, world = ROWS[name.split("@")[0]][0], paths["world"]
     stage2_extra = (f"--mm_projector_lr {budget.stage2_projector_lr}" if budget.stage2_projector_lr > 0 else "") + (
         "" if stage1_data else f" --mm_projector_tokens {budget.projector_tokens}")  # else inherited from stage 1
-    stage2_env = {**common, **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr, stage2_extra),
+    stage2_env = {"MODEL": str(paths["llm"]), **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr,
+                                                            stage2_extra),
                   "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),
                   "OUTPUT": str(out / "stage2")}
     if stage1_data:  # the short form: projector and alignment come from the stage-1 folder
         stage2_env["PRETRAIN_ADAPTER"] = str(out / "stage1")
     else:
-        stage2_env["ALIGN_STATS"] = str(align / "align_stats.json")
+        stage2_env["ALIGN_STATS"] = str(paths["align"] / method / "align_stats.json")
     run(f"{name}.stage2", ["bash", "script/train/finetune_full.sh"], stage2_env)
-    names.append(f"{name}.stage2")
-
-    predict_args = ["--image_root", str(world), "--embed_folder", str(paths["embeds"] / "eval" / "image"), "--batch_size", "64"]
-    run(f"{name}.predict_qa", partial(predict.main, [
-        *predict_args, "--model", str(out / "stage2"), "--questions", str(world / "eval_questions.jsonl"),
-        "--answers", str(out / "qa_answers.jsonl"), "--references", str(world / "eval_questions.jsonl"), "--task", "short",
-        "--max_new_tokens", str(budget.answer_tokens)]))
-    names.append(f"{name}.predict_qa")
-    # the same checkpoint with every image replaced by the mean image embedding: what it answers without seeing
+    questions = ["--questions", str(world / "eval_questions.jsonl"), "--references", str(world / "eval_questions.jsonl"),
+                 "--task", "short", "--max_new_tokens", str(budget.answer_tokens), "--model", str(out / "stage2")]
+    run(f"{name}.predict_qa", partial(predict.main, [*predict_args, *questions, "--answers", str(out / "qa_answers.jsonl")]))
+    # the same checkpoint with every image replaced by the mean image embedding: what it answers without seeing;
+    # image_root without images: an image missing from the blind store is an error row, never seen
     run(f"{name}.predict_qa_blind", partial(predict.main, [
-        # image_root without images: an image missing from the blind store is an error row, never seen
         "--image_root", str(paths["embeds"] / "eval_blind"), "--embed_folder", str(paths["embeds"] / "eval_blind" / "image"),
-        *predict_args[4:],
-        "--model", str(out / "stage2"), "--questions", str(world / "eval_questions.jsonl"),
-        "--answers", str(out / "qa_answers_blind.jsonl"), "--references", str(world / "eval_questions.jsonl"),
-        "--task", "short", "--max_new_tokens", str(budget.answer_tokens)]))
-    names.append(f"{name}.predict_qa_blind")
-    qa = json.loads((out / "qa_answers.metrics.json").read_text())
-    blind = json.loads((out / "qa_answers_blind.metrics.json").read_text())
-    result: dict[str, Any] = {"qa_acc": qa["accuracy"], "qa_acc_blind": blind["accuracy"],
-                              "qa_per_category": {c: v["accuracy"] for c, v in qa["per_category"].items()},
-                              "qa_per_category_blind": {c: v["accuracy"] for c, v in blind["per_category"].items()}}
-    if stage1_data and budget.captions:
-        questions = run.run_dir / "eval_caption_questions.jsonl"
-        write_caption_questions(world, questions)
-        run(f"{name}.predict_captions", partial(predict.main, [
-            *predict_args, "--model", str(out / "stage1"), "--questions", str(questions),
-            "--answers", str(out / "caption_answers.jsonl"), "--max_new_tokens", str(budget.caption_tokens)]))
-        names.append(f"{name}.predict_captions")
-        captions = caption_scores(out / "caption_answers.jsonl", world)
-        (out / "caption_metrics.json").write_text(json.dumps(captions, indent=1) + "\n")
-        result.update(caption_acc=captions["strict_attribute_acc"], caption_count_acc=captions["count_acc"],
-                      caption_lenient_acc=captions["attribute_acc"], caption_all_correct=captions["all_correct"],
-                      caption_per_attribute=captions["strict_per_attribute"])
-    if stage1_data == "text":
-        result.update(gap_metrics(align))
-    if stage1_data:
-        result["stage1_loss"] = final_loss(out / "stage1")
-    result["stage2_loss"] = final_loss(out / "stage2")
-    result["visual_tokens"] = visual_tokens
-    result["seconds"] = sum(run.times[n] for n in names)
-    return result
+        *predict_args[4:], *questions, "--answers", str(out / "qa_answers_blind.jsonl")]))
+    return [f"{name}.stage2", f"{name}.predict_qa", f"{name}.predict_qa_blind"]
 
 
 def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation_visual_tokens: int) -> dict[str, Any]:
@@ -356,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    if not budget.stage2 and (not budget.captions or "no_stage1" in rows):
+        parser.error("--stage2 false measures stage 1 by its captions: it needs --captions true and no no_stage1 row")
     start = time.perf_counter()
     summaries = [run_seed(out, seed, budget, rows, args.ablation_visual_tokens) for seed in seeds]
     markdown, numbers = table(summaries)
@@ -366,13 +390,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
             f"{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
     row = "realign" if "realign" in rows else rows[0]
-    if budget.show:
+    if budget.show and budget.stage2:
         text += "\n" + held_out_examples(out / f"seed-{seeds[0]}", row, budget.show) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({**numbers, "seeds": seeds, "budget": asdict(budget), "command": command,
                                                   "per_seed": summaries}, indent=1) + "\n")
     print(text)
-    print(f"Ask it about an image in the browser: {serve_command(out / f'seed-{seeds[0]}' / 'runs' / row / 'stage2')}")
+    if budget.stage2:
+        print(f"Ask it about an image in the browser: {serve_command(out / f'seed-{seeds[0]}' / 'runs' / row / 'stage2')}")
 
 
 def serve_command(checkpoint: Path) -> str:

@@ -47,6 +47,7 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
 COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_distance_after", "centroid dist. after", 3),
            ("linear_probe_acc_before", "probe acc. before", 3), ("linear_probe_acc_after", "probe acc. after", 3),
            ("caption_acc", "caption attr. acc. (strict)", 3), ("caption_count_acc", "caption count acc.", 3),
+           ("source_caption_acc", "same, held-out source (strict)", 3),
            ("qa_acc", "QA acc.", 3), ("qa_acc_blind", "QA acc. blind", 3), ("stage1_loss", "stage-1 loss (end)", 3), ("stage2_loss", "stage-2 loss (end)", 3),
            ("seconds", "wall s", 0))
 
@@ -68,8 +69,11 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
     lines = ["| row | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(_cell(numbers[row][key], d) for key, _, d in COLUMNS) + " |")
-    for key, title in (("caption_per_attribute", "Caption accuracy per attribute (strict)"),
-                       ("qa_per_category", "QA accuracy per question category")):
+    for key, title in (("caption_per_attribute", "Stage-1 captions of held-out real images: accuracy per attribute (strict)"),
+                       ("source_caption_per_attribute", "The same checkpoints on their own held-out source (the eval "
+                        "images' reference captions through the row's text map): accuracy per attribute (strict)"),
+                       ("qa_per_category", "QA accuracy per question category"),
+                       ("qa_per_category_blind", "QA accuracy per question category, blind (every image the mean image embedding)")):
         if any(key in r for s in summaries for r in s["rows"].values()):  # no captions asked (--captions false): none
             lines += ["", f"{title}:", "", *_breakdown(summaries, rows, key)]
     return "\n".join(lines), {"rows": {r: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
@@ -138,7 +142,8 @@ def stage_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-DIFF_KEYS = (("qa_acc", "QA acc."), ("caption_acc", "caption attr. acc. (strict)"))
+DIFF_KEYS = (("qa_acc", "QA acc."), ("caption_acc", "caption attr. acc. (strict)"),
+             *((f"caption_{k}", f"caption {k} (strict)") for k in ("colour", "shape", "size", "position")))
 
 
 def difference_table(summaries: list[dict], baseline: str = "none") -> str:
