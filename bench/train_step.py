@@ -31,8 +31,8 @@ from revision.conversation import normalise_turns, render
 from revision.data import DataCollator, estimate_length, tokenize
 from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel
 from revision.packing import EpochLengthGroupedSampler, PackingCollator, padding_share, uses_flash_attention
-from revision.tiny.lm import build_tokenizer, tiny_config
-from revision.toy.world import WorldSizes, make_world, vocabulary
+from demo.tiny.lm import build_tokenizer, tiny_config
+from demo.world import WorldSizes, make_world, vocabulary
 from transformers import AutoModelForCausalLM
 
 CPU_CONFIG = dict(family="llama", vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4)

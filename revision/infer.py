@@ -50,7 +50,8 @@ class Predictor:
         if not (self.folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{self.folder}: not a ReVision checkpoint: {CONFIG_FILE} is missing "
                                     "(a folder written by train.py / RevisionModel.save_pretrained has one)")
-        # The encoder a checkpoint names may ship code (llm2clip:): it runs only when the user says so.
+        # The encoder a checkpoint names may be a Hugging Face folder that ships code (its config's auto_map): that
+        # code runs only when the user says so (llm2clip: and open_clip: run no repository code, revision/encoders/).
         self.trust_remote_code = trust_remote_code
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

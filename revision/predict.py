@@ -141,7 +141,8 @@ def add_loading_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--encoder", help="override the encoder the checkpoint names (e.g. its folder moved)")
     group.add_argument("--base_model", help="override the base LLM of a LoRA / projector-only checkpoint")
     group.add_argument("--trust_remote_code", action="store_true",
-                       help="allow an encoder that runs code from its repository (llm2clip:); off: refused")
+                       help="let a Hugging Face encoder folder run the Python it ships (its config's auto_map); off: such an "
+                            "encoder is refused (LLM2CLIP and open_clip run none, and never need it)")
     group.add_argument("--no_verify", action="store_true",
                        help="load the checkpoint without checking its files' sha256 against its manifest")
 

@@ -2,7 +2,7 @@
 import pytest
 
 from revision.conversation import render, render_prompt, resolve_template
-from revision.tiny.lm import build_tokenizer
+from demo.tiny.lm import build_tokenizer
 
 TWO_TURNS = [
     {"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red"},

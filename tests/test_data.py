@@ -14,7 +14,7 @@ from revision.errors import StoreError
 from revision.shards import Shard, write_reference_shard
 from revision.store import EmbeddingStore
 from revision.store_writer import write_store
-from revision.tiny.lm import build_tokenizer, make_tiny_corpus
+from demo.tiny.lm import build_tokenizer, make_tiny_corpus
 
 VISUAL = 4
 

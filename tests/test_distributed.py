@@ -15,7 +15,7 @@ from revision.distributed import detect_rank
 from revision.embed import main
 from revision.encode import BATCH_DELAY_ENV
 from revision.store import EmbeddingStore
-from revision.tiny.clip import build_tiny_clip
+from demo.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("webdataset", reason="tar/parquet inputs need the data extra: pip install -e '.[data]'")

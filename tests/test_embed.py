@@ -23,7 +23,7 @@ from revision.encoders import load_encoder
 from revision.inputs import Sample
 from revision.errors import StoreError, UnsafePickleError
 from revision.store import EmbeddingStore
-from revision.tiny.clip import build_tiny_clip
+from demo.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = ["good/gray.png", "good/gray16.png", "good/palette.png", "good/rgb.jpg", "good/rgba.png", "good/sub/cmyk.jpg"]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from revision.encoders import load_encoder, resolve_dtype, to_rgb
 from revision.store import EmbeddingStore
-from revision.tiny.clip import build_tiny_clip
+from demo.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from revision.infer import Predictor, StopOnStrings, cut_at_stop, left_pad
 from revision.model import CONFIG_FILE, RevisionConfig, RevisionModel
 from revision.predict import main
 from revision.store_writer import write_store
-from revision.tiny.clip import build_tiny_clip
-from revision.tiny.lm import build_tiny_lm, build_tokenizer
+from demo.tiny.clip import build_tiny_clip
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 QUESTION = "what colour is it ?"

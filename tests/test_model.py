@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 
 from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel, default_attn_implementation
 from revision.projector import build_projector, load_projector_weights
-from revision.tiny.lm import build_tiny_lm, build_tokenizer
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
 
 EMBED_DIM, HIDDEN, VISUAL = 16, 32, 3
 pytestmark = pytest.mark.usefixtures("one_thread")

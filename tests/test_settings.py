@@ -20,7 +20,7 @@ from revision.data import InputError
 from revision.model import RevisionConfig
 from revision.settings import Settings, resolve
 from revision.store import EmbeddingStore
-from revision.tiny.lm import make_tiny_training_world
+from demo.tiny.lm import make_tiny_training_world
 from revision.train import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,14 +1,17 @@
 """The whole toy pipeline in miniature (mini world, a few training steps): every stage runs through the real
 scripts, and the table and every artifact it promises exist and load."""
 import json
+from pathlib import Path
 
 import pytest
 
 from revision.data import EmbeddingTable
 from revision.model import RevisionModel
 from revision.store import EmbeddingStore
-from revision.toy import pipeline
-from revision.toy.transfer import transfer
+from demo import pipeline
+from demo.transfer import transfer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_transfer_readout_on_the_run(demo):
 
 
 def test_rerun_resumes_from_finished_stages(demo, capsys):
-    pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1"])
+    pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--repo", str(REPO)])
     printed = capsys.readouterr().out
     assert "no_stage1.stage2" in printed and "cached" in printed and " s\n" in printed
     assert f"python -m revision.serve --model {demo / 'seed-0/runs/no_stage1/stage2'}\n" in printed  # the web demo
@@ -103,4 +106,4 @@ def test_rerun_resumes_from_finished_stages(demo, capsys):
 
 def test_rerun_with_other_settings_is_refused(demo):
     with pytest.raises(ValueError, match="holds a run with other settings"):
-        pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--stage2_lr", "0.5"])
+        pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--stage2_lr", "0.5", "--repo", str(REPO)])

@@ -22,7 +22,7 @@ from revision.shards import Shard, write_reference_shard
 from revision.store import EmbeddingStore
 from revision.store_writer import write_store
 from revision.train import TrainingDivergedError, parse_args, train
-from revision.tiny.lm import make_tiny_corpus, tiny_embeddings
+from demo.tiny.lm import make_tiny_corpus, tiny_embeddings
 
 VISUAL = 2
 REPO = Path(__file__).resolve().parents[1]

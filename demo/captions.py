@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from revision.toy.scenes import COLOURS, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES, Obj, Scene
+from demo.scenes import COLOURS, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES, Obj, Scene
 
 # Surface forms: captions pick one at random; the first is the canonical word used in answers.
 SHAPE_WORDS = {"circle": ("circle", "disk"), "square": ("square", "box"), "triangle": ("triangle",),

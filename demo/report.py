@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from revision.records import read_records
-from revision.toy.world import parse_caption
+from demo.world import parse_caption
 
 
 def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def gap_table(gaps: list[dict]) -> str:
 
 
 def probe_table(probes: list[dict]) -> str:
-    """What the CLIP's embeddings carry: linear-probe accuracy per attribute (revision.toy.probes), mean ± std over seeds."""
+    """What the CLIP's embeddings carry: linear-probe accuracy per attribute (demo.probes), mean ± std over seeds."""
     probes = [p for p in probes if "skipped" not in p]
     if not probes:
         return "Attribute probes: skipped (world too small)."
