@@ -31,9 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from revision.decode import load_image  # noqa: E402
 from revision.encode import embed_images  # noqa: E402
-from revision.lists import read_images  # noqa: E402
 from revision.encoders import load_encoder, resolve_device  # noqa: E402
 from revision.inputs import open_inputs  # noqa: E402
+from revision.lists import read_images  # noqa: E402
 from revision.store_writer import StoreWriter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

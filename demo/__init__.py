@@ -20,7 +20,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Any, overrid
     overrides_only the default is None, meaning "keep the preset's")."""
     for f in (f for f in fields(defaults) if f.name not in skip):
         value = getattr(defaults, f.name)
-        parser.add_argument(f"--{f.name}", type=_parse_bool if isinstance(value, bool) else type(value), default=None if overrides_only else value,
+        parser.add_argument(f"--{f.name}", type=_parse_bool if isinstance(value, bool) else type(value),
+                            default=None if overrides_only else value,
                             help=f"override the preset's (default preset: {value})" if overrides_only else f"default {value}")
 
 

@@ -3,7 +3,7 @@ determines the scene), their parser, QA about a scene, and the vocabulary any te
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

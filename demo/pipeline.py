@@ -13,10 +13,11 @@ caption columns are strict: a caption naming the wrong number of objects scores 
 subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
 
 Rows: none, mean_shift, c3 (mean_shift's centring; stage 1 adds the noise its align_stats.json carries, 0.126),
-anchor and anchor_trace (the paper's ablations: ReAlign's step 1, steps 1-2), realign, paired (stage 1 on the paired IMAGE embeddings: the upper bound), no_stage1, and the
-num_visual_tokens ablation (realign with --ablation_visual_tokens). Captions are asked of the stage-1
-checkpoint (plain template: image in, caption out) because instruct.json teaches no captioning: they
-measure what text-only pretraining taught about real images, before stage 2 can wash it out.
+anchor and anchor_trace (the paper's ablations: ReAlign's step 1, steps 1-2), realign, paired (stage 1 on the
+paired IMAGE embeddings: the upper bound), no_stage1, and the num_visual_tokens ablation (realign with
+--ablation_visual_tokens). Captions are asked of the stage-1 checkpoint (plain template: image in, caption
+out) because instruct.json teaches no captioning: they measure what text-only pretraining taught about real
+images, before stage 2 can wash it out.
 Results (demo/report.py): OUT/results.md and OUT/results.json (mean ± std over seeds, each row's per-seed
 difference from none), OUT/seed-N/results.json.
 A finished stage is not run again (OUT/seed-N/done/<stage>.json holds its time): rerunning resumes.
@@ -31,22 +32,23 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from demo import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
+from demo.probes import probe_line, probe_store
+from demo.report import GAP_KEYS, caption_scores, difference_table, gap_table, held_out_examples, probe_table, stage_table, table
 from revision import gguf, predict
 from revision.errors import InputError, exit_with
 from revision.records import read_records
 from revision.store import EmbeddingStore
 from revision.store_writer import write_store
-from demo import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
-from demo.probes import probe_line, probe_store
-from demo.report import GAP_KEYS, probe_table, caption_scores, difference_table, gap_table, held_out_examples, stage_table, table
 
 # what the stages run, relative to the repository root (the pipeline runs a checkout's scripts, as a user does)
 REPO_SCRIPTS = ("script/train/pretrain.sh", "script/train/finetune_full.sh", "image_embed.py", "embed_mean.py")
@@ -385,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python -m demo.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = (f"# Embedded-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
             f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
-            f"{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
+            f"{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n\n"
+            f"Wall time of this invocation: {time.perf_counter() - start:.0f} s\n")
     row = "realign" if "realign" in rows else rows[0]
     if budget.show:
         text += "\n" + held_out_examples(out / f"seed-{seeds[0]}", row, budget.show) + "\n"

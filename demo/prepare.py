@@ -12,8 +12,8 @@ the launchers, so the launchers do not call it. A finished step is not run again
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from demo.clip import ATTRIBUTES, attribute_labels
 from revision.records import read_records
 from revision.store import EmbeddingStore
-from demo.clip import ATTRIBUTES, attribute_labels
 
 PROBED = (*ATTRIBUTES, "count")
 

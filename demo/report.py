@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from revision.records import read_records
 from demo.world import parse_caption
+from revision.records import read_records
 
 
 def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
@@ -47,7 +47,8 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
 COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_distance_after", "centroid dist. after", 3),
            ("linear_probe_acc_before", "probe acc. before", 3), ("linear_probe_acc_after", "probe acc. after", 3),
            ("caption_acc", "caption attr. acc. (strict)", 3), ("caption_count_acc", "caption count acc.", 3),
-           ("qa_acc", "QA acc.", 3), ("qa_acc_blind", "QA acc. blind", 3), ("stage1_loss", "stage-1 loss (end)", 3), ("stage2_loss", "stage-2 loss (end)", 3),
+           ("qa_acc", "QA acc.", 3), ("qa_acc_blind", "QA acc. blind", 3), ("stage1_loss", "stage-1 loss (end)", 3),
+           ("stage2_loss", "stage-2 loss (end)", 3),
            ("seconds", "wall s", 0))
 
 

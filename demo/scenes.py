@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges at 64 px
 

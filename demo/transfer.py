@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from demo.clip import ATTRIBUTES, attribute_labels
 from revision.align import load_alignment
 from revision.records import read_records
 from revision.store import EmbeddingStore
-from demo.clip import ATTRIBUTES, attribute_labels
 
 
 def ridge_readout(x: np.ndarray, labels: np.ndarray, classes: int, ridge: float = 1e-2) -> np.ndarray:

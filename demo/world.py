@@ -33,17 +33,15 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 # the world's parts, importable from here as before
-from demo.captions import (COUNT_WORDS, caption, parse_caption, qa_conversation,  # noqa: F401
-                                   questions, text_only_turn, vocabulary)
-from demo.scenes import (COLOURS, IMAGE_SIZE, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES,  # noqa: F401
-                                 Scene, render, sample_scene)
+from demo.captions import COUNT_WORDS, caption, parse_caption, qa_conversation, questions, text_only_turn, vocabulary  # noqa: F401
+from demo.scenes import COLOURS, IMAGE_SIZE, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES, Scene, render, sample_scene  # noqa: F401
 
 WORLD_VERSION = 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+
 def plain_words(text: str) -> str:
     """Lowercase words joined by single spaces (punctuation dropped): the form option texts are compared in."""
     return " ".join(re.findall(r"[^\W_]+", text.lower()))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ from revision.decode import DEFAULT_MAX_PIXELS, check_size, load_image, upright
 from revision.encoders import Encoder, load_encoder, resolve_device, resolve_dtype, to_rgb
 from revision.model import CONFIG_FILE, IMAGE_TOKEN, RevisionModel
 
-Visual = Union[Image.Image, str, os.PathLike, np.ndarray, None]
-Prompt = Union[str, Sequence[dict]]  # a question, or a conversation: {"from", "value"} turns ending with a question
+Visual = Image.Image | str | os.PathLike | np.ndarray | None
+Prompt = str | Sequence[dict]  # a question, or a conversation: {"from", "value"} turns ending with a question
 
 
 class Predictor:

@@ -21,8 +21,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = EmbeddingTable(args.embed_folder) if args.embed_folder else None
         image_root = Path(args.image_root) if args.image_root else Path(args.questions).parent
         if table is None and any(q.get("image") is not None and q.get("embedding") is None for q in questions):
-            predictor.encoder  # load it now: an encoder that does not fit the checkpoint fails before any answer
+            predictor.encoder  # noqa: B018 (a property: loads it now, so an encoder that does not fit fails before any answer)
         summary = answer_questions(predictor, questions, Path(args.answers), image_root, table, args.batch_size, **options)
         print(json.dumps(summary), file=sys.stderr)
         if args.references:

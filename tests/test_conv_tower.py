@@ -55,10 +55,10 @@ def test_a_dual_encoder_holding_the_tower_saves_and_loads_without_remote_code(tm
 
 def test_redrawn_captions_and_their_labels(mini_world):
     """Redraw turns each paired caption back into its scene and draws it anew; the heads' labels are the caption's."""
-    from revision.records import read_records
     from demo.clip import image_processor
     from demo.dual_encoder import AttributeHeads, Redraw
     from demo.scenes import SHAPES
+    from revision.records import read_records
 
     pairs = read_records(mini_world / "paired.jsonl")
     scenes = {r["id"]: r["attributes"] for r in read_records(mini_world / "scenes.jsonl")}

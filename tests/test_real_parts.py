@@ -131,8 +131,8 @@ def test_generation_stops_at_the_end_of_turn_token(chat_checkpoint, tokenizer):
 
 
 def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smollm2, tmp_path):
-    from revision.gguf import bundled_smollm2
     from demo.tiny.lm import make_tiny_corpus
+    from revision.gguf import bundled_smollm2
     from revision.train import parse_args, train
 
     gguf = tmp_path / "SmolLM2.gguf"  # a user's .gguf file, as MODEL= names it
@@ -141,7 +141,8 @@ def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smo
     trainer = train(*parse_args([
         "--model_name_or_path", str(gguf), "--data_path", str(data), "--embed_folder", str(store),
         "--output_dir", str(tmp_path / "s1"), "--tune_mm_mlp_adapter", "--version", "plain", "--num_visual_tokens", "2",
-        "--model_max_length", "24", "--per_device_train_batch_size", "8", "--max_steps", "8", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+        "--model_max_length", "24", "--per_device_train_batch_size", "8", "--max_steps", "8", "--learning_rate", "3e-3",
+        "--lr_scheduler_type", "constant",
         "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--save_strategy", "no", "--seed", "0"]))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8 and np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses  # 10.0 -> 8.2 measured

@@ -1,5 +1,6 @@
 """The toy LLM: trains on the world's text, saves an HF Llama + word-level tokenizer that load back."""
 import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,12 +31,12 @@ def test_toy_llm_refuses_a_world_without_captions(tmp_path):
 def test_pretraining_samples_are_rendered_like_the_two_stages(tmp_path):
     """Each caption twice: after the image slot (stage 1's plain template) and as QA about its scene (stage 2's
     chat template), the slot holding the mean embedding of the caption's keywords."""
+    from demo.llm import encode_samples, keywords, pretraining_samples, sample_batches, with_summary
+    from demo.tiny.lm import build_tiny_lm, build_tokenizer
+    from demo.world import parse_caption, vocabulary
     from revision.conversation import render, resolve_template
     from revision.data import tokenize
     from revision.model import IMAGE_TOKEN_INDEX
-    from demo.tiny.lm import build_tiny_lm, build_tokenizer
-    from demo.llm import encode_samples, keywords, pretraining_samples, sample_batches, with_summary
-    from demo.world import parse_caption, vocabulary
 
     build_world(tmp_path / "w", sizes="mini")
     samples = pretraining_samples(tmp_path / "w", seed=0)

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from demo import pipeline
+from demo.transfer import transfer
 from revision.data import EmbeddingTable
 from revision.model import RevisionModel
 from revision.store import EmbeddingStore
-from demo import pipeline
-from demo.transfer import transfer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,8 @@ def test_table_and_artifacts(demo):
         assert model.revision_config.template == ("plain" if stage == "stage1" else "chat")
         assert model.alignment.method == "realign"
     # stage 2 ran in the short form: projector and alignment came from the stage-1 folder
-    launched = [line for line in (run / "logs" / "realign.stage2.log").read_text().splitlines() if line.startswith("+ ") and " train.py " in line]
+    launched = [line for line in (run / "logs" / "realign.stage2.log").read_text().splitlines()
+                if line.startswith("+ ") and " train.py " in line]
     assert launched and "--pretrain_mm_mlp_adapter" in launched[0] and "--align_stats" not in launched[0]
     answers = [json.loads(line) for line in (run / "runs" / "realign" / "qa_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 24 and all("text" in a for a in answers)

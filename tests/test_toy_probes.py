@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from revision.store_writer import write_store
 from demo.probes import PROBED, logistic_probe, probe_embeddings, probe_store
 from demo.world import COLOURS, POSITIONS, SHAPES, SIZES, WorldSizes, make_world
+from revision.store_writer import write_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,8 +10,8 @@ merges spell out the words of a small corpus, in the model's own tokenizer class
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tokenizers import pre_tokenizers, processors
