@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# the linter first (ruff, configured in pyproject.toml): seconds, and a finding stops the run before the suite
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 demo: $(STAMP)

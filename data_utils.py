@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 
 from revision.arguments import DataArguments, ModelArguments, TrainingArguments, add_flags
 from revision.data import EmbeddingTable, SupervisedDataset, check_lengths
-from revision.errors import InputError, StoreError, exit_with
 from revision.defaults import NUM_VISUAL_TOKENS
+from revision.errors import InputError, StoreError, exit_with
 
 
 def build_parser() -> argparse.ArgumentParser:

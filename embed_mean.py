@@ -27,9 +27,9 @@ os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 from revision.align import DEFAULT_MEMORY_BUDGET, align_stores, method_names  # noqa: E402
 from revision.align.run import merge_aligned  # noqa: E402
 from revision.distributed import detect_rank  # noqa: E402
+from revision.errors import StoreError, exit_with  # noqa: E402
 from revision.locks import LockedError  # noqa: E402
 from revision.nofollow import LinkError  # noqa: E402
-from revision.errors import StoreError, exit_with  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

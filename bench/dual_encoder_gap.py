@@ -1,4 +1,4 @@
-"""What shapes the world's modality gap: the dual encoder (revision.toy.dual_encoder) trained under several settings
+"""What shapes the world's modality gap: the dual encoder (demo.dual_encoder) trained under several settings
 (temperature, its learning, training length, initialisation), each measured with revision.gap on the unpaired
 captions and images, before any alignment. Prints one line per setting and writes OUT/gap_sweep.json.
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: demo/ is not installed
+from demo.clip import open_images
+from demo.dual_encoder import DualEncoderConfig, build_dual_encoder, fit, minilm_folder, text_tower_features
 from revision.gap import centroid_and_traces, modality_gap
 from revision.records import read_records
-from revision.toy.clip import open_images
-from revision.toy.dual_encoder import DualEncoderConfig, build_dual_encoder, fit, minilm_folder, text_tower_features
 
 VARIANTS = {  # name -> overrides of DualEncoderConfig
     "base": {"temperature": 0.07, "learn_temperature": True},      # CLIP's init 0.07, learnt (capped at 0.01)
@@ -39,8 +41,13 @@ def features(world: Path, rows: int, cfg: DualEncoderConfig) -> dict[str, torch.
     pairs = read_records(world / "paired.jsonl")
     texts = read_records(world / "unpaired_texts.jsonl")[:rows]
     images = read_records(world / "unpaired_images.jsonl")[:rows]
-    pixels = lambda recs: processor.image_processor(images=open_images(world, recs), return_tensors="pt")["pixel_values"]
-    tower = lambda strings: text_tower_features(model, processor.tokenizer, strings)
+
+    def pixels(recs):
+        return processor.image_processor(images=open_images(world, recs), return_tensors="pt")["pixel_values"]
+
+    def tower(strings):
+        return text_tower_features(model, processor.tokenizer, strings)
+
     return {"pair_pixels": pixels(pairs), "pair_text": tower([p["caption"] for p in pairs]),
             "text": tower([t["text"] for t in texts]), "image_pixels": pixels(images)}
 

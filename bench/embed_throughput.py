@@ -31,13 +31,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from revision.decode import load_image  # noqa: E402
 from revision.encode import embed_images  # noqa: E402
-from revision.lists import read_images  # noqa: E402
 from revision.encoders import load_encoder, resolve_device  # noqa: E402
 from revision.inputs import open_inputs  # noqa: E402
+from revision.lists import read_images  # noqa: E402
 from revision.store_writer import StoreWriter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-from revision.tiny.clip import SIZES, build_tiny_clip  # noqa: E402
+from demo.tiny.clip import SIZES, build_tiny_clip  # noqa: E402
 
 
 def write_images(folder: Path, count: int, size: int, fmt: str, seed: int = 0) -> None:

@@ -22,18 +22,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: demo/ is not installed
+from demo.tiny.lm import build_tokenizer, tiny_config
+from demo.world import WorldSizes, make_world, vocabulary
 from revision.conversation import normalise_turns, render
 from revision.data import DataCollator, estimate_length, tokenize
 from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel
 from revision.packing import EpochLengthGroupedSampler, PackingCollator, padding_share, uses_flash_attention
-from revision.tiny.lm import build_tokenizer, tiny_config
-from revision.toy.world import WorldSizes, make_world, vocabulary
-from transformers import AutoModelForCausalLM
 
 CPU_CONFIG = dict(family="llama", vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4)
 GPU_CONFIG = dict(family="qwen2", vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
@@ -215,7 +218,7 @@ def throughput_report(model: RevisionModel, args, device: str, label: str, stage
         seconds = {name: [] for name in steps}
         for j in range(args.steps + args.warmup):  # interleaved, so load drifts hit every layout alike
             for name, batches in steps.items():
-                seconds[name].append(step_seconds(lambda: model(**batches[j][0]), optimizer, device))
+                seconds[name].append(step_seconds(lambda inputs=batches[j][0]: model(**inputs), optimizer, device))
         rate = {}
         for name, batches in steps.items():
             timed, measured = seconds[name][args.warmup:], batches[args.warmup:]

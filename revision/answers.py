@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+
 def plain_words(text: str) -> str:
     """Lowercase words joined by single spaces (punctuation dropped): the form option texts are compared in."""
     return " ".join(re.findall(r"[^\W_]+", text.lower()))
@@ -21,7 +22,7 @@ _PHRASE_LETTER = re.compile(
 
 
 def extract_option(text: str, options: dict[str, str] | None = None) -> str | None:
-    """The option letter an answer names (rules in the module docstring), or None when it names none."""
+    """The option letter an answer names (rules in revision/evaluate.py's docstring), or None when it names none."""
     options = {str(k).upper(): str(v) for k, v in (options or {}).items()}
     valid = set(options) or set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     text = text.strip()
@@ -72,7 +73,7 @@ _CONTRACTIONS = {c.replace("'", ""): c for c in (
 
 
 def normalize_answer(text: str) -> str:
-    """A short answer in the VQA evaluation's normal form (rules in the module docstring)."""
+    """A short answer in the VQA evaluation's normal form (rules in revision/evaluate.py's docstring)."""
     text = text.lower().replace("\n", " ").replace("\t", " ").strip()
     text = re.sub(r"(?<=\d),(?=\d)", "", text)
     text = re.sub(r"(?<!\d)\.|\.(?!\d)", "", text)  # a period survives only between two digits

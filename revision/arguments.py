@@ -50,7 +50,8 @@ class DataArguments:
         "help": "Gaussian noise on embeddings, then renormalise (C3); default: the --align_stats file's (C3: 0.126) in stage 1, else 0"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
-    skip_bad_embeddings: bool = field(default=False, metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})
+    skip_bad_embeddings: bool = field(default=False,
+                                      metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})
     no_verify: bool = field(default=False, metadata={"help": "skip the sha256 checks of the store's shards (table cache) "
                                                             "and of the checkpoint this run starts from"})
 

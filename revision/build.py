@@ -7,7 +7,7 @@ LLM's width. They raise ValueError; train.py prints them as one line.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -16,17 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from revision.conversation import (
-    count_images,
-    normalise_turns,
-    render,
-    resolve_template,
-)
+from revision.conversation import count_images, normalise_turns, render, resolve_template
+from revision.embedding_rows import normalize_rows
 from revision.embedding_table import EmbeddingTable
+from revision.errors import InputError, exit_with  # noqa: F401  (exit_with: callers import it from here too)
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from revision.records import RecordsError, read_dicts
-from revision.embedding_rows import normalize_rows
-from revision.errors import InputError, exit_with  # noqa: F401  (exit_with: callers import it from here too)
 
 MIN_TEXT_TOKENS = 8  # model_max_length must leave at least this much room next to the visual block
 logger = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import warnings
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 

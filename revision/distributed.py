@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from revision.locks import LockedError, StoreLock, part_tag
 from revision.errors import StoreError
+from revision.locks import LockedError, StoreLock, part_tag
 from revision.manifest import PART_GLOB, SKIPPED, read_manifest, write_manifest
 from revision.shards import FORMAT, atomic_write_bytes
 

@@ -9,7 +9,8 @@ Inputs (ids are stable across reruns: the given id, else the image's relative pa
   --data_json FILE.json   the official layout {"images": [{"id", "image"}], "texts": [{"id", "text"}]}
   --images/--texts 'data/{00000..00099}.tar'   webdataset shards (img2dataset): KEY.jpg + KEY.txt/.json, id = KEY
   --images/--texts DATA.parquet (or a folder)   image bytes or paths / a caption column (--image_column, ...)
-(the readers: revision/inputs.py, READERS; the encode loops: revision/encode.py). Tars and parquet files are streamed, never listed up front.
+(the readers: revision/inputs.py, READERS; the encode loops: revision/encode.py). Tars and parquet files are
+streamed, never listed up front.
 
 Images are decoded and preprocessed in worker processes while this one encodes; images over --max_pixels are
 refused from their header. Unreadable items are skipped, counted and listed in OUT/KIND/skipped.jsonl; an empty

@@ -3,10 +3,10 @@
 An embedding store (pkl shards) is converted once into a contiguous cache next to it: `embeds.npy` [N, D] in
 store order, plus the ids (and, for image stores, the image paths) as one byte blob with row offsets and an index
 sorted by a 128-bit digest of each key (32 bytes a row plus the keys' own bytes, however long the longest key is;
-a lookup matches the whole digest), and the rows that are unusable (NaN / Inf / all zero). Every rank opens these with np.load(mmap_mode="r"), so a
-process holds only the pages it touches, whatever the corpus size. The cache is keyed by the shards' sha256 (or
-names, sizes and mtimes for bare reference folders): a changed store gets a new cache; ranks building the same
-cache at once race harmlessly (temp folder + rename).
+a lookup matches the whole digest), and the rows that are unusable (NaN / Inf / all zero). Every rank opens these
+with np.load(mmap_mode="r"), so a process holds only the pages it touches, whatever the corpus size. The cache
+is keyed by the shards' sha256 (or names, sizes and mtimes for bare reference folders): a changed store gets a
+new cache; ranks building the same cache at once race harmlessly (temp folder + rename).
 """
 from __future__ import annotations
 

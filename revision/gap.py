@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from revision.nofollow import open_nofollow, write_bytes
 from revision.embedding_rows import normalize_rows
+from revision.nofollow import open_nofollow, write_bytes
 
 KNN_MIXING_K = 20
 KNN_OVERLAP_K = 10

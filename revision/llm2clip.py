@@ -54,7 +54,7 @@ class TextAdapter(nn.Module):
         return self.adaptor(F.normalize(x, dim=-1))
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], source: str) -> "TextAdapter":
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], source: str) -> TextAdapter:
         """Sizes read off the tensors (`adaptor.*` keys); every key must be used."""
         blocks = sum(1 for k in tensors if k.startswith("adaptor.") and k.endswith(".fn.0.weight"))
         head = tensors.get(f"adaptor.{blocks + 1}.weight")

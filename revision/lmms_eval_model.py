@@ -16,7 +16,8 @@ ReVision reads one global embedding per sample: the first visual is used, furthe
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from revision.infer import Predictor, Visual
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -42,7 +41,8 @@ class RevisionConfig:
     embed_dim: int  # D: the encoder's embedding size
     hidden_size: int  # d: the LLM's width
     projector_type: str = PROJECTOR_TYPE
-    projector_tokens: int = PROJECTOR_TOKENS  # distinct vectors the projector makes of one embedding; they fill the visual positions in turn
+    # distinct vectors the projector makes of one embedding; they fill the visual positions in turn
+    projector_tokens: int = PROJECTOR_TOKENS
     num_visual_tokens: int = NUM_VISUAL_TOKENS
     template: str = TEMPLATE
     encoder: str | None = None
@@ -54,7 +54,7 @@ class RevisionConfig:
         Path(folder, CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "RevisionConfig":
+    def load(cls, folder: str | os.PathLike) -> RevisionConfig:
         path = Path(folder, CONFIG_FILE)
         if not path.exists():
             raise FileNotFoundError(f"{path}: not a ReVision checkpoint (no {CONFIG_FILE})")
@@ -95,7 +95,7 @@ class RevisionModel(nn.Module):
     @classmethod
     def from_llm(cls, llm_path: str, embed_dim: int, projector_type: str = PROJECTOR_TYPE, num_visual_tokens: int = NUM_VISUAL_TOKENS,
                  template: str = TEMPLATE, encoder: str | None = None, dtype: torch.dtype | None = None,
-                 attn_implementation: str | None = None, projector_tokens: int = PROJECTOR_TOKENS) -> "RevisionModel":
+                 attn_implementation: str | None = None, projector_tokens: int = PROJECTOR_TOKENS) -> RevisionModel:
         """A fresh projector on a pretrained LLM (a folder, hub id, or .gguf file: revision.gguf converts it once)."""
         from revision.gguf import resolve_llm
 
@@ -110,7 +110,7 @@ class RevisionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                        attn_implementation: str | None = None, base_model: str | None = None) -> "RevisionModel":
+                        attn_implementation: str | None = None, base_model: str | None = None) -> RevisionModel:
         """Load a checkpoint folder written by save_pretrained (the LLM, a LoRA adapter on it, or only the projector)."""
         folder = Path(folder)
         config = RevisionConfig.load(folder)

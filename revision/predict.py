@@ -21,8 +21,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,8 @@ def add_loading_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--encoder", help="override the encoder the checkpoint names (e.g. its folder moved)")
     group.add_argument("--base_model", help="override the base LLM of a LoRA / projector-only checkpoint")
     group.add_argument("--trust_remote_code", action="store_true",
-                       help="allow an encoder that runs code from its repository (llm2clip:); off: refused")
+                       help="let a Hugging Face encoder folder run the Python it ships (its config's auto_map); off: such an "
+                            "encoder is refused (LLM2CLIP and open_clip run none, and never need it)")
     group.add_argument("--no_verify", action="store_true",
                        help="load the checkpoint without checking its files' sha256 against its manifest")
 
@@ -176,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = EmbeddingTable(args.embed_folder) if args.embed_folder else None
         image_root = Path(args.image_root) if args.image_root else Path(args.questions).parent
         if table is None and any(q.get("image") is not None and q.get("embedding") is None for q in questions):
-            predictor.encoder  # load it now: an encoder that does not fit the checkpoint fails before any answer
+            predictor.encoder  # noqa: B018 (a property: loads it now, so an encoder that does not fit fails before any answer)
         summary = answer_questions(predictor, questions, Path(args.answers), image_root, table, args.batch_size, **options)
         print(json.dumps(summary), file=sys.stderr)
         if args.references:

@@ -11,7 +11,6 @@ from typing import Any
 from revision.errors import StoreError, UnsafePickleError
 from revision.hashing import file_sha256
 
-
 # Globals a pickle of plain data + numpy arrays needs (numpy 1.x and 2.x spellings). Nothing here
 # can run a command, open a file or import a module.
 _ALLOWED_GLOBALS = {

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from revision.errors import report
 from revision.predict import add_loading_arguments, build_parser as predict_parser, load_predictor, read_questions
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(f"the web demo needs Gradio ({e}): pip install 'revision[web]'")
     try:
         predictor = load_predictor(args)
-        predictor.encoder  # load it now: a checkpoint that cannot answer about images never starts a server
+        predictor.encoder  # noqa: B018 (a property: loads it now: a checkpoint that cannot answer about images never serves)
         examples = find_examples(Path(args.model), args.examples, args.num_examples)
     except (ValueError, LookupError, OSError) as e:  # CheckpointError, a missing encoder, a bad example file: one line
         return report(e)

@@ -23,8 +23,8 @@ import torch
 from revision import checkpoint
 from revision.arguments import DataArguments, ModelArguments, TrainingArguments
 from revision.data import check_lengths, embed_noise
-from revision.errors import InputError
 from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE
+from revision.errors import InputError
 from revision.gguf import resolve_llm
 from revision.model import CONFIG_FILE, RevisionConfig, checkpoint_config
 from revision.store import EmbeddingStore

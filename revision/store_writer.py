@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from revision import shards
-from revision.locks import StoreLock, part_tag
-from revision.nofollow import open_nofollow, refuse_links
 from revision.embedding_rows import bad_rows, describe_bad_row, squared_norms
 from revision.errors import StoreError
+from revision.locks import StoreLock, part_tag
 from revision.manifest import MANIFEST, PART_GLOB, SKIPPED, read_manifest, write_manifest
+from revision.nofollow import open_nofollow, refuse_links
 from revision.shards import FORMAT, KINDS, Shard, load_shard
 from revision.store import check_unique_ids
 
@@ -334,7 +334,8 @@ def _layout_of(part: tuple[int, int] | None) -> str:
 
 
 def _layout(manifest: dict | None, parts: dict[str, dict]) -> str:
-    counts = sorted({b.get("part", [0, 0])[1] for b in parts.values()} | ({manifest["parts"]} if manifest and manifest.get("parts") else set()))
+    counts = sorted({b.get("part", [0, 0])[1] for b in parts.values()}
+                    | ({manifest["parts"]} if manifest and manifest.get("parts") else set()))
     if counts:
         return f"was written by {' and '.join(map(str, counts))} ranks"
     return "was written by a single process"

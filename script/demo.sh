@@ -10,9 +10,9 @@
 #   bash script/demo.sh --preset toyllm --rows ...   the same world and encoder with the toy LLM (~10 min a seed)
 #   bash script/demo.sh --preset toy --rows ...      the all-toy parts (toy CLIP, toy LLM: docs/results.md's history)
 #   bash script/demo.sh --preset mini                a miniature run (seconds; numbers meaningless)
-# Any revision.toy.pipeline flag passes through (--rows, --ablation_visual_tokens, --stage1_epochs, ...).
+# Any demo.pipeline flag passes through (--rows, --ablation_visual_tokens, --stage1_epochs, ...).
 # OUT (default outputs/demo) holds everything; rerunning resumes after the last finished stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-exec "$PY" -m revision.toy.pipeline --out "${OUT:-outputs/demo}" --rows realign "$@"
+exec "$PY" -m demo.pipeline --out "${OUT:-outputs/demo}" --rows realign "$@"

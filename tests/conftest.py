@@ -43,7 +43,7 @@ def free_port() -> str:
 def tiny_world(tmp_path_factory):
     """make_tiny_training_world's defaults (a one-layer llama of hidden size 32; 64 text and 64 image samples of
     dim 16), built once per test module: {"model": folder, "text" | "image": (store folder, data file)}."""
-    from revision.tiny.lm import make_tiny_training_world
+    from demo.tiny.lm import make_tiny_training_world
 
     return make_tiny_training_world(tmp_path_factory.mktemp("tiny-world"))
 
@@ -51,7 +51,7 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mini_world(tmp_path_factory):
     """The toy world's mini preset (seed 0), built once per test module."""
-    from revision.toy.world import PRESETS, build_world
+    from demo.world import PRESETS, build_world
 
     out = tmp_path_factory.mktemp("world")
     build_world(out, seed=0, sizes=PRESETS["mini"], workers=1)
@@ -62,10 +62,11 @@ def mini_world(tmp_path_factory):
 def mini_demo(tmp_path_factory):
     """The toy pipeline's miniature run (mini preset, rows realign and no_stage1, seed 0), once per test module:
     trained checkpoints of the mini world in OUT/seed-0/runs/ROW/stage1|stage2, the world in OUT/seed-0/world."""
-    from revision.toy import pipeline
+    from demo import pipeline
 
     out = tmp_path_factory.mktemp("toy-demo")
-    pipeline.main(["--out", str(out), "--preset", "mini", "--rows", "realign,no_stage1"])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout whose scripts the stages run
+    pipeline.main(["--out", str(out), "--preset", "mini", "--rows", "realign,no_stage1", "--repo", repo])
     return out
 
 

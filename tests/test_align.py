@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from revision.align import (
-    STATS_FILE, BadRows, PassCache, SpilledRows, align_stores, load_alignment, make_alignment, method_names, sample_rows,
+    STATS_FILE,
+    BadRows,
+    PassCache,
+    SpilledRows,
+    align_stores,
+    load_alignment,
+    make_alignment,
+    method_names,
+    sample_rows,
 )
 from revision.errors import StoreError
 from revision.shards import Shard, write_reference_shard

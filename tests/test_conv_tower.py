@@ -55,10 +55,10 @@ def test_a_dual_encoder_holding_the_tower_saves_and_loads_without_remote_code(tm
 
 def test_redrawn_captions_and_their_labels(mini_world):
     """Redraw turns each paired caption back into its scene and draws it anew; the heads' labels are the caption's."""
+    from demo.clip import image_processor
+    from demo.dual_encoder import AttributeHeads, Redraw
+    from demo.scenes import SHAPES
     from revision.records import read_records
-    from revision.toy.clip import image_processor
-    from revision.toy.dual_encoder import AttributeHeads, Redraw
-    from revision.toy.scenes import SHAPES
 
     pairs = read_records(mini_world / "paired.jsonl")
     scenes = {r["id"]: r["attributes"] for r in read_records(mini_world / "scenes.jsonl")}
@@ -80,7 +80,7 @@ def test_redrawn_captions_and_their_labels(mini_world):
 
 
 def test_label_pretraining_without_redrawn_pictures_is_refused(mini_world, tmp_path):
-    from revision.toy.dual_encoder import DualEncoderConfig, train_dual_encoder
+    from demo.dual_encoder import DualEncoderConfig, train_dual_encoder
 
     with pytest.raises(ValueError, match="--redraw true"):
         train_dual_encoder(mini_world, tmp_path, DualEncoderConfig(redraw=False, pretrain_steps=2, steps=1))

@@ -1,8 +1,8 @@
 """Templates: which text is a target, the tokenizer's own chat template, the built-in fallback."""
 import pytest
 
+from demo.tiny.lm import build_tokenizer
 from revision.conversation import render, render_prompt, resolve_template
-from revision.tiny.lm import build_tokenizer
 
 TWO_TURNS = [
     {"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red"},

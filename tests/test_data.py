@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from revision.data import DataCollator, EmbeddingTable, InputError, SupervisedDataset, check_lengths, image_map_from, tokenize
+from demo.tiny.lm import build_tokenizer, make_tiny_corpus
 from revision.conversation import Segment
-from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from revision.data import DataCollator, EmbeddingTable, InputError, SupervisedDataset, check_lengths, image_map_from, tokenize
 from revision.errors import StoreError
+from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from revision.shards import Shard, write_reference_shard
 from revision.store import EmbeddingStore
 from revision.store_writer import write_store
-from revision.tiny.lm import build_tokenizer, make_tiny_corpus
 
 VISUAL = 4
 
@@ -141,7 +141,8 @@ def test_instruction_data_image_map_noise_and_image_free_samples(image_corpus, t
     item = ds[0]
     assert calls == [(1, 8)]
     assert torch.allclose(item["image_embeds"], -torch.from_numpy(EmbeddingTable(store)[0]), atol=1e-6)
-    colour, shape = json.loads(data.read_text())[0]["conversations"][1]["value"], json.loads(data.read_text())[0]["conversations"][3]["value"]
+    colour, shape = (json.loads(data.read_text())[0]["conversations"][1]["value"],
+                     json.loads(data.read_text())[0]["conversations"][3]["value"])
     assert tokenizer.decode(item["labels"][item["labels"] >= 0]) == f"{colour} <|end|> {shape} <|end|>"
     assert ds[len(ds) - 1]["image_embeds"] is None
     noisy = dataset(data, tokenizer, store, "chat", embed_noise_std=0.1)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from demo.tiny.clip import build_tiny_clip
 from revision.distributed import detect_rank
 from revision.embed import main
 from revision.encode import BATCH_DELAY_ENV
 from revision.store import EmbeddingStore
-from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("webdataset", reason="tar/parquet inputs need the data extra: pip install -e '.[data]'")
@@ -96,11 +96,13 @@ def test_webdataset_round_trip_with_corrupt_and_truncated_tars(clip_dir, tmp_pat
     assert images.ids == keys + ["latin"] + readable
     assert images.image_paths[0] == "00000.tar/000000000.jpg"
     assert texts.ids == keys + ["bad", "nojpg"] + readable and texts.captions[0] == "caption 000000000"
-    skipped = {(r["id"], r["reason"].split(" (")[0].split(":")[0]) for r in map(json.loads, (out / "image/skipped.jsonl").read_text().splitlines())}
+    skipped = {(r["id"], r["reason"].split(" (")[0].split(":")[0])
+               for r in map(json.loads, (out / "image/skipped.jsonl").read_text().splitlines())}
     assert skipped == {("bad", "UnidentifiedImageError"), ("nojpg", "no image member"),
                        ("00003.tar#rest", "truncated or corrupt tar")}
     text_skips = [json.loads(r) for r in (out / "text/skipped.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["reason"][:19]) for r in text_skips] == [("latin", "unreadable caption "), ("00003.tar#rest", "truncated or corrup")]
+    assert [(r["id"], r["reason"][:19]) for r in text_skips] == [("latin", "unreadable caption "),
+                                                                 ("00003.tar#rest", "truncated or corrup")]
     np.testing.assert_allclose(np.linalg.norm(images.embeds, axis=1), 1, atol=1e-5)
 
 

@@ -14,16 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from demo.tiny.clip import build_tiny_clip
 from revision.decode import image_batches, load_image, worker_chunk
 from revision.embed import main
 from revision.encode import BATCH_DELAY_ENV
-from revision.errors import InputError
-from revision.lists import read_data_json, read_images, read_texts
 from revision.encoders import load_encoder
+from revision.errors import InputError, StoreError, UnsafePickleError
 from revision.inputs import Sample
-from revision.errors import StoreError, UnsafePickleError
+from revision.lists import read_data_json, read_images, read_texts
 from revision.store import EmbeddingStore
-from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = ["good/gray.png", "good/gray16.png", "good/palette.png", "good/rgb.jpg", "good/rgba.png", "good/sub/cmyk.jpg"]
@@ -59,7 +58,7 @@ def image_dir(tmp_path_factory):
     (root / "bad").mkdir()
     base = _random_rgb(0)
     base.convert("L").save(root / "good/gray.png")
-    Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).save(root / "good/gray16.png")
+    Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257).save(root / "good/gray16.png")
     base.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "good/palette.png")
     base.save(root / "good/rgb.jpg")
     rgba = base.convert("RGBA")
@@ -147,7 +146,7 @@ def test_worker_chunks_make_whole_batches_in_order(image_dir):
     seen = [s for kept, _, failed in batches for s in sorted(kept + [f for f, _ in failed], key=lambda s: s.position)]
     assert seen == samples  # every item once, in input order
     assert [len(kept) + len(failed) for kept, _, failed in batches] == [4, 4, 3]  # 11 items, batches of 4
-    for kept, chunks, failed in batches:
+    for kept, chunks, _failed in batches:
         assert sum(len(c) for c in chunks) == len(kept) and all(len(c) <= 2 for c in chunks)
 
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from demo.tiny.clip import build_tiny_clip
 from revision.encoders import load_encoder, resolve_dtype, to_rgb
 from revision.store import EmbeddingStore
-from revision.tiny.clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,7 @@ import pytest
 
 from revision import errors
 from revision.align import load_alignment
-from revision.check_embeddings import check_store
-from revision.check_embeddings import main as check_embeddings
+from revision.check_embeddings import check_store, main as check_embeddings
 from revision.embedding_rows import bad_rows
 from revision.errors import AlignmentError, InputError, StoreError, exit_with, report
 from revision.evaluate import main as evaluate

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from demo.tiny.clip import build_tiny_clip
+from demo.tiny.lm import make_tiny_training_world
 from revision.encoders import load_encoder
 from revision.infer import Predictor
 from revision.model import RevisionModel, default_attn_implementation
 from revision.store import EmbeddingStore
-from revision.tiny.clip import build_tiny_clip
-from revision.tiny.lm import make_tiny_training_world
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 REPO = Path(__file__).resolve().parents[1]

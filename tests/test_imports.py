@@ -1,4 +1,6 @@
-"""Imports in revision/ run one way: no module imports one that imports it back, directly or through a chain.
+"""Imports in revision/ run one way: no module imports one that imports it back, directly or through a chain; and the
+library stands alone: nothing in revision/ imports the demo (demo/, beside it in the repository, not in the wheel),
+and neither reaches into the repository root from its own file's location.
 
 The graph is read from the source (ast), so nothing is imported. Every import statement counts: module-level ones
 and the ones inside functions (a function-level import that closes a loop is a cycle that only a late call reveals).
@@ -9,11 +11,13 @@ re-exports its submodules would otherwise always be a loop).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "revision"
+DEMO = PACKAGE.parent / "demo"
 
 
 def _modules() -> dict[str, Path]:
@@ -79,6 +83,34 @@ def test_revision_has_no_import_cycle():
 def test_store_reader_does_not_import_its_writer():
     graph = import_graph()
     assert "revision.store_writer" not in graph["revision.store"]
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module name an import statement in `path` names (absolute imports; relative ones stay in their package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_library_never_imports_the_demo():
+    assert (DEMO / "pipeline.py").is_file() and (DEMO / "tiny" / "lm.py").is_file()
+    offenders = {str(path.relative_to(PACKAGE.parent)): sorted(n for n in imported_names(path) if n.split(".")[0] == "demo")
+                 for path in sorted(PACKAGE.rglob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}
+    assert not (PACKAGE / "toy").exists() and not (PACKAGE / "tiny").exists()
+
+
+def test_neither_library_nor_demo_finds_the_repository_from_its_own_location():
+    """The pipeline runs a checkout's scripts from an explicit root (the current directory or --repo), never from
+    Path(__file__).parents[...], which points elsewhere once the code is installed."""
+    upward = re.compile(r"__file__.*\.(parents\b|parent\.parent)")
+    hits = [f"{path}:{i}" for root in (PACKAGE, DEMO) for path in sorted(root.rglob("*.py"))
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if upward.search(line)]
+    assert not hits
 
 
 @pytest.mark.parametrize("source, expected", [

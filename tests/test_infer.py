@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from demo.tiny.clip import build_tiny_clip
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
 from revision.align import MeanShift, load_alignment
 from revision.conversation import render
 from revision.data import tokenize
@@ -16,8 +18,6 @@ from revision.infer import Predictor, StopOnStrings, cut_at_stop, left_pad
 from revision.model import CONFIG_FILE, RevisionConfig, RevisionModel
 from revision.predict import main
 from revision.store_writer import write_store
-from revision.tiny.clip import build_tiny_clip
-from revision.tiny.lm import build_tiny_lm, build_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 QUESTION = "what colour is it ?"
@@ -211,7 +211,7 @@ def test_an_encoder_with_remote_code_needs_trust_remote_code(world, tmp_path):
     revision_config = json.loads((folder / CONFIG_FILE).read_text())
     (folder / CONFIG_FILE).write_text(json.dumps({**revision_config, "encoder": str(clip)}))
     with pytest.raises(ValueError, match="trust_remote_code"):
-        Predictor(folder, device="cpu").encoder
+        Predictor(folder, device="cpu").encoder  # noqa: B018 (a property: loading the encoder is what is refused)
     assert cli(["--model", folder, "--image", world["images"]["red"], "--prompt", QUESTION]) == 2
     assert not marker.exists()
     trusted = Predictor(folder, device="cpu", trust_remote_code=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from revision.toy import pipeline, prepare
+from demo import pipeline, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"stage 1": "pretrain.sh", "stage 2": "finetune_full.sh", "stage 2 LoRA": "finetune_lora.sh"}
@@ -147,7 +147,7 @@ def default_world(tmp_path_factory):
 
     pipeline.subprocess.run = recording_run
     try:
-        prepare.main(["--out", str(out), "--preset", "mini"])
+        prepare.main(["--out", str(out), "--preset", "mini", "--repo", str(REPO)])
     finally:
         pipeline.subprocess.run = real_run
     return out, commands
@@ -160,6 +160,17 @@ def test_prepare_builds_the_default_world_without_a_launcher(default_world):
     for path in ("world/pretrain.json", "world/instruct.json", "llm/config.json", "embeds/unpaired/image/manifest.json",
                  "align/realign/align_stats.json"):
         assert (out / path).is_file(), path
+
+
+@pytest.mark.parametrize("main", [pipeline.main, prepare.main], ids=["pipeline", "prepare"])
+def test_a_folder_that_is_not_a_checkout_is_refused_before_any_stage(main, tmp_path, capsys):
+    """The demo runs a checkout's scripts: outside one (no script/train/pretrain.sh, ...) it says so up front."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "out"), "--preset", "mini", "--repo", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a ReVision checkout" in err and "script/train/pretrain.sh" in err and "--repo" in err
+    assert not (tmp_path / "out").exists()  # nothing was built
 
 
 def test_launcher_trains_on_the_prepared_world_with_a_quoted_extra(default_world):

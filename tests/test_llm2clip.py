@@ -137,7 +137,8 @@ def reference_image_features(w: dict, pixels: torch.Tensor) -> torch.Tensor:
         q, k, v = (F.linear(y, w[f"{layer}self_attn.{n}.weight"], w[f"{layer}self_attn.{n}.bias"])
                    .view(b, -1, heads, h // heads).transpose(1, 2) for n in ("q_proj", "k_proj", "v_proj"))
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(h // heads), -1) @ v
-        x = x + F.linear(att.transpose(1, 2).reshape(b, -1, h), w[layer + "self_attn.out_proj.weight"], w[layer + "self_attn.out_proj.bias"])
+        x = x + F.linear(att.transpose(1, 2).reshape(b, -1, h), w[layer + "self_attn.out_proj.weight"],
+                         w[layer + "self_attn.out_proj.bias"])
         y = F.linear(_ln(x, w, layer + "layer_norm2"), w[layer + "mlp.fc1.weight"], w[layer + "mlp.fc1.bias"])
         x = x + F.linear(y * torch.sigmoid(1.702 * y), w[layer + "mlp.fc2.weight"], w[layer + "mlp.fc2.bias"])  # quick_gelu
     return _ln(x[:, 0], w, p + "post_layernorm") @ w["visual_projection.weight"].T
@@ -240,7 +241,8 @@ def test_through_image_embed_and_no_remote_code_runs(checkpoints, tmp_path):
 def test_a_checkpoint_in_another_layout_is_refused(checkpoints, tmp_path):
     vision, text, vision_weights, *_ = checkpoints
     for name, change in (("no projection", lambda w: w.pop("visual_projection.weight")),
-                         ("renamed adapter", lambda w: w.update({"text_adapter.adaptor.0.fn.9.weight": w.pop("text_adapter.adaptor.0.fn.3.weight")}))):
+                         ("renamed adapter", lambda w: w.update(
+                             {"text_adapter.adaptor.0.fn.9.weight": w.pop("text_adapter.adaptor.0.fn.3.weight")}))):
         broken = tmp_path / name.replace(" ", "_")
         broken.mkdir()
         weights = dict(vision_weights)

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 from revision.infer import Predictor
-from revision.lmms_eval_model import (first_visual, generate_from_requests, generation_options,
-                                      loglikelihood_from_requests)
+from revision.lmms_eval_model import first_visual, generate_from_requests, generation_options, loglikelihood_from_requests
 from test_infer import COLOURS, QUESTION, build_checkpoint  # the same tiny trained checkpoint (tests/ is on sys.path)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

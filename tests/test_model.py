@@ -5,9 +5,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
 from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel, default_attn_implementation
 from revision.projector import build_projector, load_projector_weights
-from revision.tiny.lm import build_tiny_lm, build_tokenizer
 
 EMBED_DIM, HIDDEN, VISUAL = 16, 32, 3
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,8 +184,9 @@ def test_projector_tokens_fill_the_visual_positions_in_turn_and_packing_agrees(t
 
 
 def test_projector_input_statistics_standardise_and_travel_with_the_weights(tokenizer, tmp_path):
-    from revision.projector import load_projector_state, set_input_statistics
     from safetensors.torch import save_file
+
+    from revision.projector import load_projector_state, set_input_statistics
 
     projector = build_projector("mlp2x_gelu", EMBED_DIM, HIDDEN)
     data = torch.randn(500, EMBED_DIM).numpy() * 0.05 + 3.0  # a large common offset, a small spread

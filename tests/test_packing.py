@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import REPO, flags, losses, run
 from transformers import AutoTokenizer
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
+from demo.tiny.lm import build_tiny_lm
 from revision.data import DataCollator, EmbeddingTable, SupervisedDataset
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel
 from revision.packing import EpochLengthGroupedSampler, PackingCollator, pack_rows, padding_share, row_layout
-from revision.tiny.lm import build_tiny_lm
+from test_train import REPO, flags, losses, run
 
 VISUAL, DIM = 3, 8
 pytestmark = pytest.mark.usefixtures("one_thread")

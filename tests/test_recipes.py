@@ -6,6 +6,7 @@ rate or schedule moves some step's loss by far more than the tolerance. If a cha
 re-measure (print `losses(trainer)`) and say why the numbers moved in the commit.
 """
 import pytest
+
 from test_train import losses, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
 from revision import projector as projector_module
 from revision.align import make_alignment, method_names
 from revision.encoders import ENCODERS, Encoder, encoder_families, load_encoder, register_encoder
@@ -15,7 +16,6 @@ from revision.evaluate import load_references
 from revision.model import RevisionConfig, RevisionModel
 from revision.projector import PROJECTORS, build_projector, projector_types, register_projector
 from revision.registry import Registry
-from revision.tiny.lm import build_tiny_lm, build_tokenizer
 
 
 class MeanColour(Encoder):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.tiny.lm import make_tiny_training_world
 from revision import defaults
 from revision.align import make_alignment
 from revision.arguments import ModelArguments, TrainingArguments, parse_args
@@ -20,7 +21,6 @@ from revision.data import InputError
 from revision.model import RevisionConfig
 from revision.settings import Settings, resolve
 from revision.store import EmbeddingStore
-from revision.tiny.lm import make_tiny_training_world
 from revision.train import main
 
 REPO = Path(__file__).resolve().parents[1]

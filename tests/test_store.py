@@ -7,9 +7,9 @@ import socket
 import numpy as np
 import pytest
 
+from revision.errors import StoreError, UnsafePickleError
 from revision.locks import LockedError
 from revision.nofollow import LinkError
-from revision.errors import StoreError, UnsafePickleError
 from revision.safe_pickle import safe_load
 from revision.shards import Shard, load_shard, write_reference_shard, write_shard
 from revision.store import EmbeddingStore, check_unique_ids

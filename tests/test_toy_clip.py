@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from demo.clip import REPORT, ToyClipConfig, main, retrieval, train_toy_clip
+from demo.world import PRESETS
 from revision.encoders import load_encoder
-from revision.toy.clip import REPORT, ToyClipConfig, main, retrieval, train_toy_clip
-from revision.toy.world import PRESETS
 
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--projection_dim", "16", "--batch_size", "16",
         "--lr", "3e-3", "--warmup", "2", "--steps", "40"]

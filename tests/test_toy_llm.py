@@ -1,11 +1,12 @@
 """The toy LLM: trains on the world's text, saves an HF Llama + word-level tokenizer that load back."""
 import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from revision.toy.llm import ToyLlmConfig, train_toy_llm
-from revision.toy.world import build_world
+from demo.llm import ToyLlmConfig, train_toy_llm
+from demo.world import build_world
 
 
 def test_toy_llm_trains_and_loads(tmp_path):
@@ -30,12 +31,12 @@ def test_toy_llm_refuses_a_world_without_captions(tmp_path):
 def test_pretraining_samples_are_rendered_like_the_two_stages(tmp_path):
     """Each caption twice: after the image slot (stage 1's plain template) and as QA about its scene (stage 2's
     chat template), the slot holding the mean embedding of the caption's keywords."""
+    from demo.llm import encode_samples, keywords, pretraining_samples, sample_batches, with_summary
+    from demo.tiny.lm import build_tiny_lm, build_tokenizer
+    from demo.world import parse_caption, vocabulary
     from revision.conversation import render, resolve_template
     from revision.data import tokenize
     from revision.model import IMAGE_TOKEN_INDEX
-    from revision.tiny.lm import build_tiny_lm, build_tokenizer
-    from revision.toy.llm import encode_samples, keywords, pretraining_samples, sample_batches, with_summary
-    from revision.toy.world import parse_caption, vocabulary
 
     build_world(tmp_path / "w", sizes="mini")
     samples = pretraining_samples(tmp_path / "w", seed=0)
@@ -64,7 +65,7 @@ def test_pretraining_samples_are_rendered_like_the_two_stages(tmp_path):
 
 
 def test_keywords_are_canonical_attribute_words():
-    from revision.toy.llm import keywords
+    from demo.llm import keywords
 
     assert keywords("a big red disk in the upper left and a tiny blue box on the right.") == [
         "two", "red", "circle", "large", "top", "left", "blue", "square", "small", "right"]

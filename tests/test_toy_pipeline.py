@@ -1,14 +1,17 @@
 """The whole toy pipeline in miniature (mini world, a few training steps): every stage runs through the real
 scripts, and the table and every artifact it promises exist and load."""
 import json
+from pathlib import Path
 
 import pytest
 
+from demo import pipeline
+from demo.transfer import transfer
 from revision.data import EmbeddingTable
 from revision.model import RevisionModel
 from revision.store import EmbeddingStore
-from revision.toy import pipeline
-from revision.toy.transfer import transfer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,8 @@ def test_table_and_artifacts(demo):
         assert model.revision_config.template == ("plain" if stage == "stage1" else "chat")
         assert model.alignment.method == "realign"
     # stage 2 ran in the short form: projector and alignment came from the stage-1 folder
-    launched = [line for line in (run / "logs" / "realign.stage2.log").read_text().splitlines() if line.startswith("+ ") and " train.py " in line]
+    launched = [line for line in (run / "logs" / "realign.stage2.log").read_text().splitlines()
+                if line.startswith("+ ") and " train.py " in line]
     assert launched and "--pretrain_mm_mlp_adapter" in launched[0] and "--align_stats" not in launched[0]
     answers = [json.loads(line) for line in (run / "runs" / "realign" / "qa_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 24 and all("text" in a for a in answers)
@@ -102,7 +106,7 @@ def test_transfer_readout_on_the_run(demo):
 
 
 def test_rerun_resumes_from_finished_stages(demo, capsys):
-    pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1"])
+    pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--repo", str(REPO)])
     printed = capsys.readouterr().out
     assert "no_stage1.stage2" in printed and "cached" in printed and " s\n" in printed
     assert f"python -m revision.serve --model {demo / 'seed-0/runs/no_stage1/stage2'}\n" in printed  # the web demo
@@ -117,4 +121,4 @@ def test_stage1_only_needs_captions_and_stage1_rows(demo):
 
 def test_rerun_with_other_settings_is_refused(demo):
     with pytest.raises(ValueError, match="holds a run with other settings"):
-        pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--stage2_lr", "0.5"])
+        pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--stage2_lr", "0.5", "--repo", str(REPO)])

@@ -1,10 +1,10 @@
-"""revision.toy.probes: what embeddings carry, measured by linear probes; at chance when they carry nothing."""
+"""demo.probes: what embeddings carry, measured by linear probes; at chance when they carry nothing."""
 import numpy as np
 import pytest
 
+from demo.probes import PROBED, logistic_probe, probe_embeddings, probe_store
+from demo.world import COLOURS, POSITIONS, SHAPES, SIZES, WorldSizes, make_world
 from revision.store_writer import write_store
-from revision.toy.probes import PROBED, logistic_probe, probe_embeddings, probe_store
-from revision.toy.world import COLOURS, POSITIONS, SHAPES, SIZES, WorldSizes, make_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from revision.toy.report import caption_scores, difference_table, table
+from demo.report import caption_scores, difference_table, table
 
 
 def _summaries():

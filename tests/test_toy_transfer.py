@@ -2,7 +2,7 @@
 a gap along them does (the run on a pipeline folder is in test_toy_pipeline.py)."""
 import numpy as np
 
-from revision.toy.transfer import readout_accuracy
+from demo.transfer import readout_accuracy
 
 
 def test_readout_ignores_an_orthogonal_gap_but_not_one_along_the_classes():

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from demo.tiny.lm import make_tiny_corpus, tiny_embeddings
 from revision.align import make_alignment
 from revision.checkpoint import check_resumable, weights_only_loads, write_manifest
 from revision.data import InputError, SupervisedDataset
@@ -22,7 +23,6 @@ from revision.shards import Shard, write_reference_shard
 from revision.store import EmbeddingStore
 from revision.store_writer import write_store
 from revision.train import TrainingDivergedError, parse_args, train
-from revision.tiny.lm import make_tiny_corpus, tiny_embeddings
 
 VISUAL = 2
 REPO = Path(__file__).resolve().parents[1]

@@ -8,12 +8,31 @@
 The math of each method, as implemented: docs/design.md "Alignment".
 """
 from revision.align.base import (  # noqa: F401
-    REGISTRY, STATS_FILE, STATS_FORMAT, Alignment, alignment_from_dict, load_alignment, make_alignment, method_names,
-    non_negative, positive, register, vector,
+    REGISTRY,
+    STATS_FILE,
+    STATS_FORMAT,
+    Alignment,
+    alignment_from_dict,
+    load_alignment,
+    make_alignment,
+    method_names,
+    non_negative,
+    positive,
+    register,
+    vector,
 )
 from revision.align.methods import C3, C3_NOISE_STD, Anchor, AnchorTrace, MeanShift, ReAlign  # noqa: F401
 from revision.align.run import align_stores  # noqa: F401
 from revision.align.streams import (  # noqa: F401
-    CHUNK_ROWS, DEFAULT_MEMORY_BUDGET, WORKERS, BadRows, PassCache, RowSampler, SpilledRows, chunks, map_chunks, sample_rows,
+    CHUNK_ROWS,
+    DEFAULT_MEMORY_BUDGET,
+    WORKERS,
+    BadRows,
+    PassCache,
+    RowSampler,
+    SpilledRows,
+    chunks,
+    map_chunks,
+    sample_rows,
     unit_mean,
 )

@@ -26,10 +26,10 @@ import numpy as np
 from revision.align.base import REGISTRY, STATS_FILE, Alignment, load_alignment, make_alignment, method_names
 from revision.align.streams import DEFAULT_MEMORY_BUDGET, BadRows, PassCache
 from revision.distributed import merge_if_last, merge_parts
-from revision.locks import StoreLock
-from revision.nofollow import refuse_links
 from revision.errors import StoreError
+from revision.locks import StoreLock
 from revision.manifest import PART_GLOB, read_manifest, write_manifest
+from revision.nofollow import refuse_links
 from revision.store import EmbeddingStore
 from revision.store_writer import StoreWriter
 

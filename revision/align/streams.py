@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm

@@ -25,11 +25,25 @@ from pathlib import Path
 import torch
 
 from revision.encoders.base import (  # noqa: F401  (the package's API)
-    DTYPES, ENCODERS, Encoder, HFImageTransform, RGBTransform, encoder_families, register_encoder, resolve_device,
-    resolve_dtype, to_rgb,
+    DTYPES,
+    ENCODERS,
+    Encoder,
+    HFImageTransform,
+    RGBTransform,
+    encoder_families,
+    register_encoder,
+    resolve_device,
+    resolve_dtype,
+    to_rgb,
 )
 from revision.encoders.families import (  # noqa: F401  (importing them registers the families)
-    LLM2CLIP_IMAGE_PROCESSOR, LLM2CLIP_TEXT_MODEL, TEXT_POOLING, HFEncoder, LLM2CLIPEncoder, OpenCLIPEncoder, mean_pool,
+    LLM2CLIP_IMAGE_PROCESSOR,
+    LLM2CLIP_TEXT_MODEL,
+    TEXT_POOLING,
+    HFEncoder,
+    LLM2CLIPEncoder,
+    OpenCLIPEncoder,
+    mean_pool,
     mean_pooled_text_features,
 )
 

@@ -4,7 +4,8 @@ as PREFIX. The families themselves: revision/encoders/families.py.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

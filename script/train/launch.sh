@@ -1,6 +1,6 @@
 # Shared by pretrain.sh, finetune_full.sh and finetune_lora.sh (sourced, not run).
 # Picks the launcher: `deepspeed` over GPUS x NODES (HOSTFILE for several nodes) when GPUs are there,
-# else one process on CPU. With MODEL unset, builds the embedded default (the toy world, revision/toy).
+# else one process on CPU. With MODEL unset, builds the embedded default (the toy world, demo/).
 # Defaults are the official ReVision scripts' (README "Training" lists each one and its source).
 # PRESET=paper: the paper's whole configuration (Llama-3-8B-Instruct, 576 visual tokens, tf32).
 # DRY_RUN=1: print the command as a JSON list of its arguments instead of running it (nothing is built).
@@ -26,18 +26,18 @@ MAX_LENGTH=${MAX_LENGTH:-$DEFAULT_MAX_LENGTH}
 EPOCHS=${EPOCHS:-1}
 EXTRA=${EXTRA:-}               # any further train.py flags, quoted as in a shell: EXTRA='--run_name "my run"'
 
-# default_world KIND RUN: the embedded toy world (revision/toy: world, toy CLIP, toy LLM, embeddings, ReAlign),
+# default_world KIND RUN: the embedded toy world (demo/: world, toy CLIP, toy LLM, embeddings, ReAlign),
 # built once under DEFAULT_DIR (TOY_PRESET=mini: a miniature one in seconds). KIND text: pretraining on the
 # ReAligned caption store; image: instruction data on the real image store. The run's output: DEFAULT_DIR/RUN
 default_world() {
   DEFAULT_DIR=${DEFAULT_DIR:-outputs/toy-world}
   echo "MODEL not set: training on the embedded toy world (${TOY_PRESET:-default} preset, built once in $DEFAULT_DIR)" >&2
-  # revision.toy.prepare builds the world and its stores and never calls a launcher (the full pipeline does)
-  [ -n "$DRY_RUN" ] || "$PY" -m revision.toy.prepare --out "$DEFAULT_DIR" --preset "${TOY_PRESET:-default}" >&2
+  # demo.prepare builds the world and its stores and never calls a launcher (the full pipeline does)
+  [ -n "$DRY_RUN" ] || "$PY" -m demo.prepare --out "$DEFAULT_DIR" --preset "${TOY_PRESET:-default}" >&2
   MODEL=$DEFAULT_DIR/llm
-  # the toy's sizes (1 visual token, short captions), from its own budget (revision/toy/prepare.py --print_sizes)
+  # the toy's sizes (1 visual token, short captions), from its own budget (demo/prepare.py --print_sizes)
   local sizes toy_tokens toy_length
-  sizes=$("$PY" -m revision.toy.prepare --print_sizes) || exit 2
+  sizes=$("$PY" -m demo.prepare --print_sizes) || exit 2
   read -r toy_tokens toy_length <<< "$sizes"
   if [ "$1" = text ]; then
     DATA=${DATA:-$DEFAULT_DIR/world/pretrain.json}

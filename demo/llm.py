@@ -9,9 +9,9 @@ The image slot holds a summary vector: the mean of the LM's own input embeddings
 (`keywords`, `with_summary`). So, like a real LLM, it can be steered by a vector in its input (the projector's
 output) and it knows its chat format. It never sees a CLIP embedding.
 
-    python -m revision.toy.llm --world WORLD_DIR --out OUT_DIR [--steps 300] [--hidden 192] [--layers 1]
+    python -m demo.llm --world WORLD_DIR --out OUT_DIR [--steps 300] [--hidden 192] [--layers 1]
 
-The tokenizer is revision.tiny.lm's word-level tokenizer (with its chat template) over the world's
+The tokenizer is demo.tiny.lm's word-level tokenizer (with its chat template) over the world's
 vocabulary, so every word is one token and nothing maps to [UNK].
 """
 from __future__ import annotations
@@ -19,21 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from demo import add_config_arguments, config_from_arguments
+from demo.tiny.lm import build_tiny_lm, build_tokenizer
+from demo.world import COUNT_WORDS, Scene, parse_caption, qa_conversation, vocabulary
 from revision.conversation import render, resolve_template
 from revision.data import tokenize
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from revision.records import read_records
-from revision.tiny.lm import build_tiny_lm, build_tokenizer
-from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.world import COUNT_WORDS, Scene, parse_caption, qa_conversation, vocabulary
 
 REPORT = "toy_llm_report.json"
 
@@ -167,7 +167,7 @@ def train_toy_llm(world_dir: str | Path, out_dir: str | Path, cfg: ToyLlmConfig 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
+    parser.add_argument("--world", required=True, help="a folder written by demo.world")
     parser.add_argument("--out", required=True, help="where the LLM checkpoint and toy_llm_report.json go")
     add_config_arguments(parser, ToyLlmConfig())
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -11,9 +11,9 @@ are dropped before saving.
 
 It stands in for a web-scale CLIP: trained here, saved with `save_pretrained` (model, tokenizer, image
 processor), then loaded by `revision.encoders.load_encoder(folder)` exactly like a downloaded checkpoint.
-The tokenizer is revision.tiny.clip's hand-built CLIP BPE over the world's vocabulary.
+The tokenizer is demo.tiny.clip's hand-built CLIP BPE over the world's vocabulary.
 
-    python -m revision.toy.clip --world WORLD_DIR --out OUT_DIR [--steps 600] [--seed 0]
+    python -m demo.clip --world WORLD_DIR --out OUT_DIR [--steps 600] [--seed 0]
 
 After training, the saved folder is loaded back through load_encoder and measured (toy_clip_report.json):
 the modality gap between unpaired captions and unpaired images (centroid distance, linear-probe accuracy,
@@ -25,21 +25,22 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
 
+from demo import add_config_arguments, config_from_arguments
+from demo.tiny.clip import word_bpe_clip_tokenizer
+from demo.world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, vocabulary
 from revision.encoders import load_encoder
 from revision.gap import centroid_and_traces, modality_gap
 from revision.records import read_records
-from revision.tiny.clip import word_bpe_clip_tokenizer
-from revision.toy import add_config_arguments, config_from_arguments
-from revision.toy.world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, vocabulary
 
 REPORT = "toy_clip_report.json"
 
@@ -257,7 +258,7 @@ def write_report(out: str | Path, world: str | Path, log: dict, gap_rows: int, s
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", required=True, help="a folder written by revision.toy.world")
+    parser.add_argument("--world", required=True, help="a folder written by demo.world")
     parser.add_argument("--out", required=True, help="where the CLIP checkpoint and toy_clip_report.json go")
     add_config_arguments(parser, ToyClipConfig())
     parser.add_argument("--threads", type=int, default=0,

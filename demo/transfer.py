@@ -1,7 +1,7 @@
 """What text-only training can transfer, per alignment: a linear readout of each attribute trained on caption
 embeddings (after the method's text map) and read off real image embeddings (after its image map).
 
-    python -m revision.toy.transfer outputs/toy-demo/seed-0 [--methods none,mean_shift,realign]
+    python -m demo.transfer outputs/toy-demo/seed-0 [--methods none,mean_shift,realign]
 
 Single-object scenes of the unpaired captions and unpaired images of one pipeline run. `image->image` is the
 ceiling: the same readout trained on half of the images and tested on the other half. If a method's
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from demo.clip import ATTRIBUTES, attribute_labels
 from revision.align import load_alignment
 from revision.records import read_records
 from revision.store import EmbeddingStore
-from revision.toy.clip import ATTRIBUTES, attribute_labels
 
 
 def ridge_readout(x: np.ndarray, labels: np.ndarray, classes: int, ridge: float = 1e-2) -> np.ndarray:

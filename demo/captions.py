@@ -3,11 +3,11 @@ determines the scene), their parser, QA about a scene, and the vocabulary any te
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from revision.toy.scenes import COLOURS, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES, Obj, Scene
+from demo.scenes import COLOURS, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES, Obj, Scene
 
 # Surface forms: captions pick one at random; the first is the canonical word used in answers.
 SHAPE_WORDS = {"circle": ("circle", "disk"), "square": ("square", "box"), "triangle": ("triangle",),

@@ -1,5 +1,5 @@
 """The toy world's scenes and how they look: one or two objects (shape x colour x size at one cell of a 3x3
-grid) over a textured background, drawn as 64x64 images. revision/toy/world.py builds the world's files from them."""
+grid) over a textured background, drawn as 64x64 images. demo/world.py builds the world's files from them."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges at 64 px

@@ -5,7 +5,7 @@ or noisy background. Captions name every attribute of every object (several temp
 the caption text alone determines the scene; `parse_caption` reads the attributes back (for tests and to
 score generated captions). QA answers are short canonical words ("red", "top left", "two", "yes").
 
-    python -m revision.toy.world OUT_DIR [--seed 0] [--preset default|mini]
+    python -m demo.world OUT_DIR [--seed 0] [--preset default|mini]
 
 Files written under OUT_DIR (ids are unique across the whole world; image paths are relative to OUT_DIR):
   images/{paired,unpaired,eval}/<id>.png
@@ -33,17 +33,15 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 # the world's parts, importable from here as before
-from revision.toy.captions import (COUNT_WORDS, caption, parse_caption, qa_conversation,  # noqa: F401
-                                   questions, text_only_turn, vocabulary)
-from revision.toy.scenes import (COLOURS, IMAGE_SIZE, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES,  # noqa: F401
-                                 Scene, render, sample_scene)
+from demo.captions import COUNT_WORDS, caption, parse_caption, qa_conversation, questions, text_only_turn, vocabulary  # noqa: F401
+from demo.scenes import COLOURS, IMAGE_SIZE, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES, Scene, render, sample_scene  # noqa: F401
 
 WORLD_VERSION = 1
 
