@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE, TEMPLATE
+from revision.loss import labelled_causal_lm_loss, labelled_head_supported
 from revision.projector import PROJECTOR_FILE, build_projector, load_projector_state, load_projector_weights, readable_weights
 
 IMAGE_TOKEN = "<image>"
@@ -198,6 +199,9 @@ class RevisionModel(nn.Module):
             kwargs["use_cache"] = False
         if labels is not None:
             labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+            # training: the head on labelled positions only (revision/loss.py); eval keeps HF's logits
+            if self.training and labelled_head_supported(self.llm):
+                return labelled_causal_lm_loss(self.llm, inputs_embeds, labels, attention_mask, **kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()

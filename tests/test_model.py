@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from demo.tiny.lm import build_tiny_lm, build_tokenizer
-from revision.model import IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel, default_attn_implementation
+from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionConfig, RevisionModel, default_attn_implementation
 from revision.projector import build_projector, load_projector_weights
 
 EMBED_DIM, HIDDEN, VISUAL = 16, 32, 3
@@ -84,7 +84,7 @@ def test_projector_gets_gradient_from_every_visual_position(tokenizer):
         kwargs["inputs_embeds"].retain_grad()
         seen["inputs_embeds"] = kwargs["inputs_embeds"]
 
-    model.llm.register_forward_pre_hook(keep_inputs_embeds, with_kwargs=True)
+    model.llm.get_decoder().register_forward_pre_hook(keep_inputs_embeds, with_kwargs=True)  # both loss paths run it
     model(input_ids=ids, labels=ids, image_embeds=embeds).loss.backward()
     per_position = seen["inputs_embeds"].grad[:, 1:1 + VISUAL]  # [n, VISUAL, HIDDEN]
     assert (per_position.abs().amax(-1) > 1e-6).all(), per_position.abs().amax(-1)
@@ -205,3 +205,28 @@ def test_projector_input_statistics_standardise_and_travel_with_the_weights(toke
     assert torch.equal(fresh.input_mean, torch.zeros(EMBED_DIM)) and fresh.input_scale.item() == 1.0
     with pytest.raises(RuntimeError, match="unexpected"):
         load_projector_state(fresh, {**old, "9.weight": torch.zeros(1)})
+
+
+def test_training_loss_runs_the_head_on_labelled_positions_only(tokenizer):
+    """revision/loss.py: in training the loss equals HF's (mean over labelled tokens, or sum / num_items_in_batch) and
+    so do the gradients, while the head sees only the labelled rows; eval mode keeps HF's logits."""
+    model = make_model(tokenizer, projector_type="linear")
+    ids, embeds = batch(tokenizer)
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - 3] = IGNORE_INDEX  # the last three tokens of each row are targets
+    rows = []
+    model.llm.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    results = []
+    for training in (False, True):
+        model.train(training).zero_grad()
+        for items in (None, torch.tensor(17)):
+            out = model(input_ids=ids, labels=labels, image_embeds=embeds, num_items_in_batch=items)
+            (out.loss if items is None else out.loss * 0).backward()
+            results.append(out.loss.detach())
+        results.append(model.projector[0].weight.grad.clone())
+        assert (out.logits is None) is training
+    hf_mean, hf_sum, hf_grad, mean, summed, grad = results
+    assert mean == pytest.approx(hf_mean.item(), rel=1e-6) and summed == pytest.approx(hf_sum.item(), rel=1e-6)
+    assert summed == pytest.approx(mean.item() * 3 * len(ids) / 17, rel=1e-6)  # 3 labelled next tokens a row
+    assert torch.allclose(grad, hf_grad, rtol=1e-5, atol=1e-8)
+    assert rows[-1] == 3 * len(ids) and rows[0] == len(ids) * ids.shape[1]  # eval: every position; training: 3 a row
