@@ -96,11 +96,12 @@ class Budget:
 
 BUDGETS = {
     # the real parts on CPU (docs/results.md, "A recipe whose model reads"): the conv dual encoder (800 steps on the
-    # captions' words, 100 contrastive), 4 distinct visual tokens from a standardised projector input, stage 1 50 steps
-    # of 8 captions, stage 2 two epochs of 8 (80 steps) with the projector at 10x the LLM's learning rate
-    "default": Budget(clip_steps=100, clip_pretrain_steps=800, stage1_epochs=0.4, stage1_lr=3e-3, stage2_epochs=2.0,
+    # captions' words, 100 contrastive), 4 distinct visual tokens from a standardised projector input, stage 1 two
+    # epochs of the 1000 captions in batches of 8 (250 steps: 50 taught nothing about real images), stage 2 one epoch
+    # of the 1020 QA conversations (128 steps of 8) with the projector at 10x the LLM's learning rate
+    "default": Budget(clip_steps=100, clip_pretrain_steps=800, stage1_epochs=2.0, stage1_lr=3e-3, stage2_epochs=1.0,
                       stage2_lr=1e-4, stage2_projector_lr=1e-3, batch=8, visual_tokens=4, projector_tokens=4,
-                      max_length=112, answer_tokens=8, captions=False, threads=min(os.cpu_count() or 1, 8)),
+                      max_length=136, answer_tokens=8, captions=False, threads=min(os.cpu_count() or 1, 8)),
     "toy": Budget(world="default", encoder="toy", llm="toy"),
     # the real-parts world and dual encoder with the toy LLM and its training budget: the full comparison table
     # (every row, 3 seeds) in CPU minutes, beside the real LLM's rows
@@ -200,13 +201,14 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
         run("embed_eval_blind", partial(write_blind_store, emb / "unpaired" / "image", emb / "eval" / "image",
                                         emb / "eval_blind" / "image"))
     run("probes", partial(write_probes, paths["world"], emb / "unpaired", d / "probes.json"))
-    if budget.captions:  # the held-out source of the text rows: the eval images' reference captions
+    held_out_source = eval_store and budget.captions  # the text rows' held-out source: the eval images' reference captions
+    if held_out_source:
         run("embed_eval_captions", [*embed, "--texts", f"{world}/eval_captions.jsonl", "--out", str(emb / "eval_captions")])
     for method in methods:
         run(f"align_{method}", [py, "embed_mean.py", "--text", str(emb / "unpaired" / "text"), "--image",
                                 str(emb / "unpaired" / "image"), "--out", str(paths["align"] / method), "--method", method,
                                 "--overwrite", "--quiet", "--seed", str(seed)])
-        if budget.captions:  # the same captions through the method's fitted text map (c3: without its training noise)
+        if held_out_source:  # the same captions through the method's fitted text map (c3: without its training noise)
             run(f"align_eval_captions_{method}", [
                 py, "embed_mean.py", "--text", str(emb / "eval_captions" / "text"), "--out", str(d / "align_eval" / method),
                 "--apply_stats", str(paths["align"] / method), "--method", method, "--overwrite", "--quiet", "--no_report"])

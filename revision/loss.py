@@ -2,7 +2,7 @@
 
 A causal LM's head makes a vocabulary-wide row of logits for every position, and HF's loss then ignores every
 position without a label: the prompt, the visual block, the padding. In instruction data most positions are
-such (SmolLM2 on the toy QA: about 10 answer tokens in 85), and the head is a large layer (49k x 576 for
+such (SmolLM2 on the toy QA: about 10 answer tokens in 85), and the head is a large layer (a 49k vocabulary for
 SmolLM2, 128k x 4096 for Llama-3: its fp32 logits of one 16 x 2048 batch are 17 GB). So the decoder runs as
 usual and the head only on the hidden states whose next token is a label: the same loss as HF's
 (ForCausalLMLoss: mean over labelled tokens, or sum / num_items_in_batch when the Trainer passes it), less

@@ -29,7 +29,7 @@ def test_table_gives_mean_and_sample_std_over_seeds():
     assert numbers["rows"]["none"]["qa_acc"]["mean"] == pytest.approx(0.35)
     assert numbers["rows"]["none"]["qa_acc"]["std"] == pytest.approx(0.05)  # sample std (ddof 1)
     assert numbers["rows"]["none"]["qa_acc"]["values"] == [0.30, 0.40, 0.35]
-    assert "| realign | — | — | — | — | 0.220 ± 0.100 | — | 0.400 ± 0.000 |" in markdown
+    assert "| realign | — | — | — | — | 0.220 ± 0.100 | — | — | 0.400 ± 0.000 |" in markdown  # no held-out source caption
 
 
 def test_caption_scores_match_objects_by_attributes(tmp_path):
