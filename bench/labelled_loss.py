@@ -16,6 +16,7 @@ import time
 
 import torch
 
+import revision.model as model_module  # its forward picks the loss path with labelled_head_supported
 from revision import gguf, loss
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionModel
 
@@ -27,7 +28,6 @@ def timed_step(model: RevisionModel, batch: dict, labelled_head: bool, device: s
     """(seconds, loss, projector gradient) of one forward + backward with the chosen loss path."""
     model.zero_grad(set_to_none=True)
     original = loss.labelled_head_supported
-    import revision.model as model_module  # the path RevisionModel.forward takes is decided by this function
     model_module.labelled_head_supported = original if labelled_head else (lambda llm: False)
     try:
         if device == "cuda":

@@ -313,7 +313,8 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
                                                 "--batch_size", "64"], ["--mapped"])
         for prefix, (by, where, extra) in sources.items():
             questions = run.run_dir / f"eval_caption_questions_by_{by}.jsonl"
-            write_caption_questions(world, questions, by)
+            if not questions.is_file():  # one file per run folder, shared by its rows (the world never changes there)
+                write_caption_questions(world, questions, by)
             stage = f"{name}.predict_{prefix}captions"
             run(stage, partial(predict.main, [*where, *extra, "--model", str(out / "stage1"), "--questions", str(questions),
                                               "--answers", str(out / f"{prefix}caption_answers.jsonl"),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # labels HF's loss skips; revision.model and the data modules take it from here
 
 
 def labelled_head_supported(llm: nn.Module) -> bool:

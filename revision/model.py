@@ -25,12 +25,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE, TEMPLATE
-from revision.loss import labelled_causal_lm_loss, labelled_head_supported
+from revision.loss import IGNORE_INDEX, labelled_causal_lm_loss, labelled_head_supported  # IGNORE_INDEX: defined once, there
 from revision.projector import PROJECTOR_FILE, build_projector, load_projector_state, load_projector_weights, readable_weights
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200  # marks visual positions in input_ids; never a vocabulary id, so no embedding resize
-IGNORE_INDEX = -100
 CONFIG_FILE = "revision_config.json"
 logger = logging.getLogger(__name__)
 
