@@ -64,7 +64,7 @@ PRESETS = {"default": WorldSizes(), "mini": WorldSizes(32, 24, 32, 16, 4, 12, 2,
            # the demo on real parts: a 135M LLM and a 6-layer text tower cost far more CPU per sample than the toys
            # instruction QA on every unpaired image, up to one question of each category (a conversation asks 3.4 on
            # average): 300 conversations of 1-3 turns were memorised by stage 2 (loss 0.002) before it learned to read
-           "real": WorldSizes(2000, 1000, 1000, 1000, 20, 60, 2, 6)}
+           "real": WorldSizes(2000, 1000, 1000, 1000, 20, 150, 2, 6)}
 SPLITS = ("paired", "unpaired_images", "unpaired_texts", "instruct", "eval")
 ID_PREFIX = {"paired": "paired", "unpaired_images": "image", "unpaired_texts": "caption", "eval": "eval"}
 IMAGE_DIR = {"paired": "paired", "unpaired_images": "unpaired", "eval": "eval"}

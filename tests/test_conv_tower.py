@@ -57,7 +57,7 @@ def test_redrawn_captions_and_their_labels(mini_world):
     """Redraw turns each paired caption back into its scene and draws it anew; the heads' labels are the caption's."""
     from demo.clip import image_processor
     from demo.dual_encoder import AttributeHeads, Redraw
-    from demo.scenes import SHAPES
+    from demo.scenes import COLOURS, POSITIONS, SHAPES
     from revision.records import read_records
 
     pairs = read_records(mini_world / "paired.jsonl")
@@ -70,13 +70,37 @@ def test_redrawn_captions_and_their_labels(mini_world):
     for i, pair in enumerate(pairs):
         truth = scenes[pair["id"]]
         assert heads.count[i] == truth["count"] - 1
-        if truth["count"] == 1:
-            assert heads.single[i].tolist()[1] == SHAPES.index(truth["objects"][0]["shape"])  # colour, shape, size, position
-        else:
-            assert (heads.single[i] == -100).all()
+        # slots: the objects in reading order (colour, shape, size, position each); a missing second object: -100
+        objects = sorted(truth["objects"], key=lambda o: POSITIONS.index(o["position"]))
+        for slot, obj in enumerate(objects):
+            colour, shape, _, position = heads.slots[i, slot].tolist()
+            assert (colour, shape, position) == (list(COLOURS).index(obj["colour"]), SHAPES.index(obj["shape"]),
+                                                 POSITIONS.index(obj["position"]))
+        assert (heads.slots[i, len(objects):] == -100).all()
+    assert {len(scenes[p["id"]]["objects"]) for p in pairs} == {1, 2}  # both kinds were checked
     with pytest.raises(ValueError, match="names no complete object"):
         Redraw(["a picture of nothing at all."], image_processor(), seed=0)
     assert np.isfinite(heads.loss(torch.randn(4, 16), index).item())
+
+
+def test_pictures_drawn_in_the_worker_are_the_ones_drawn_in_line(mini_world):
+    """The drawing worker draws the same pictures in the same order as drawing in line (its own copy of the stream)."""
+    from demo.clip import image_processor, read_pairs
+    from demo.dual_encoder import Redraw, drawing_pool, prefetched
+
+    captions = [p["caption"] for p in read_pairs(mini_world)]
+    batches = [torch.tensor([0, 1, 2]), torch.tensor([3, 0]), torch.tensor([1, 1])]
+    in_line = [pictures for _, pictures in prefetched(iter(batches), Redraw(captions, image_processor(), seed=3))]
+    draw = Redraw(captions, image_processor(), seed=3)
+    pool = drawing_pool(draw)
+    assert pool is not None  # Linux: fork
+    try:
+        pooled = list(prefetched(iter(batches), draw, pool))
+    finally:
+        pool.shutdown()
+    assert [index.tolist() for index, _ in pooled] == [b.tolist() for b in batches]
+    assert all(torch.equal(a, b) for a, b in zip(in_line, (p for _, p in pooled), strict=True))
+    assert len(in_line) == 3 and not torch.equal(in_line[0][:2], in_line[1][:2])
 
 
 def test_label_pretraining_without_redrawn_pictures_is_refused(mini_world, tmp_path):

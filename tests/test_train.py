@@ -217,6 +217,26 @@ def test_projector_lr_and_length_grouping(tiny_world, tmp_path):
     assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU autocast: off a GPU")
+def test_bf16_off_a_gpu_trains_under_cpu_autocast_or_says_why_not(tiny_world, tmp_path, monkeypatch):
+    import revision.arguments as arguments
+
+    if arguments.cpu_bf16_supported():  # a process of its own: accelerate keeps the first precision a process asks for
+        child = ("import sys\nfrom revision.train import parse_args, train\nt = train(*parse_args(sys.argv[1:]))\n"
+                 "print('RESULT', t.accelerator.mixed_precision, t.args.use_cpu, next(t.model.llm.parameters()).dtype, "
+                 "next(t.model.projector.parameters()).dtype)")
+        args = flags(tiny_world, tmp_path / "bf16", "pretrain", "--max_steps", "2", "--bf16", "true")
+        done = subprocess.run([sys.executable, "-c", child, *args], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        # stage 1 under CPU autocast: the frozen LLM held in bf16 once, the trained projector in fp32
+        assert "RESULT bf16 True torch.bfloat16 torch.float32" in done.stdout, done.stdout[-2000:]
+        assert (tmp_path / "bf16" / "projector.safetensors").is_file()
+    monkeypatch.setattr(arguments, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="no bf16 units"):
+        parse_args(flags(tiny_world, tmp_path / "none", "finetune", "--bf16", "true"))
+
+
 def test_start_up_errors(tiny_world, tmp_path):
     with pytest.raises(ValueError, match="model_max_length 6 leaves no room for text"):
         run(tiny_world, tmp_path / "a", "pretrain", "--model_max_length", "6")

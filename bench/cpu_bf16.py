@@ -1,0 +1,143 @@
+"""The demo's three training steps in fp32 and under CPU bf16 autocast (what `--bf16 true` gives train.py off a GPU,
+and the dual encoder's `bf16` field): seconds a step, medians of interleaved runs, and the ratio to fp32.
+
+encoder: one step of the dual encoder's vision tower on label pretraining (batch 64 of 64x64 pictures drawn anew):
+  fp32 drawing in line (before), bf16 drawing in line, bf16 with the pictures drawn in the worker process (now).
+stage1: RevisionModel on SmolLM2 with the LLM frozen (projector only), batch 8 x 40 tokens, the caption labelled.
+stage2: the same with every weight trained, batch 8 x 100 tokens, 10 labelled a row (the QA turns).
+bf16 autocast is fast only where the CPU computes bf16 natively (avx512_bf16 or AMX); elsewhere it emulates.
+
+    python bench/cpu_bf16.py [--sections encoder stage1 stage2] [--steps 5] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's demo package (run from anywhere)
+
+from revision import gguf  # noqa: E402
+from revision.arguments import cpu_bf16_supported  # noqa: E402
+from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionModel  # noqa: E402
+
+SECTIONS = ("encoder", "stage1", "stage2")
+EMBED_DIM, VISUAL = 128, 4
+
+
+def medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each step function, run interleaved (every variant sees the same machine load)."""
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(section: str, shape: str, seconds: dict[str, float]) -> None:
+    base = next(iter(seconds.values()))
+    print(f"{section} ({shape}):")
+    for name, value in seconds.items():
+        print(f"  {name:32s} {value:.3f} s a step  {value / base:.2f}x")
+
+
+def encoder_steps(repeats: int) -> None:
+    from demo.captions import caption
+    from demo.clip import image_processor
+    from demo.dual_encoder import (
+        AttributeHeads,
+        DualEncoderConfig,
+        Redraw,
+        build_dual_encoder,
+        drawing_pool,
+        minilm_folder,
+        prefetched,
+        vision_features,
+    )
+    from demo.scenes import sample_scene
+
+    rng = np.random.default_rng(0)
+    captions = [caption(sample_scene(rng), rng) for _ in range(512)]  # the world's scenes, as its paired captions
+    model, _ = build_dual_encoder(DualEncoderConfig(), minilm_folder())
+    draw = Redraw(captions, image_processor(), seed=0)
+    heads = AttributeHeads(model.config.vision_config.hidden_size, draw)
+    optimizer = torch.optim.AdamW([*model.vision_model.parameters(), *heads.parameters()], lr=1e-3)
+    model.vision_model.train()
+    batches = lambda: (torch.randperm(len(draw), generator=torch.Generator().manual_seed(k))[:64] for k in range(10**9))  # noqa: E731
+
+    def trainer(bf16: bool, source):
+        def step() -> None:
+            index, pixels = next(source)
+            loss = heads.loss(vision_features(model, pixels, bf16), index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    pool = drawing_pool(draw)
+    with contextlib.ExitStack() as stack:
+        if pool is not None:
+            stack.callback(pool.shutdown, cancel_futures=True)
+        steps = {"fp32, drawn in line": trainer(False, prefetched(batches(), draw)),
+                 "bf16, drawn in line": trainer(True, prefetched(batches(), draw))}
+        if pool is not None:
+            steps["bf16, drawn in the worker"] = trainer(True, prefetched(batches(), draw, pool))
+        report("encoder", "label pretraining, batch 64 of 64x64", medians(steps, repeats))
+
+
+def llm_steps(section: str, repeats: int) -> None:
+    batch, length, labelled = (8, 40, 14) if section == "stage1" else (8, 100, 10)
+    model = RevisionModel.from_llm(str(gguf.convert_gguf(gguf.SMOLLM2)), embed_dim=EMBED_DIM, num_visual_tokens=VISUAL,
+                                   dtype=torch.float32).train()
+    if section == "stage1":
+        model.llm.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (batch, length), generator=generator)
+    ids[:, 1:1 + VISUAL] = IMAGE_TOKEN_INDEX
+    labels = ids.clone()
+    labels[:, : length - labelled] = IGNORE_INDEX
+    inputs = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+              "image_embeds": torch.randn(batch, EMBED_DIM, generator=generator)}
+    losses: dict[bool, float] = {}
+
+    def trainer(bf16: bool):
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(**inputs)
+            out.loss.backward()
+            losses[bf16] = out.loss.item()
+        return step
+
+    seconds = medians({"fp32": trainer(False), "bf16 autocast": trainer(True)}, repeats)
+    trained = "projector only" if section == "stage1" else "every weight"
+    report(section, f"SmolLM2-135M, {trained}, batch {batch} x {length} tokens, {labelled} labelled", seconds)
+    print(f"  loss fp32 {losses[False]:.4f}, bf16 {losses[True]:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    parser.add_argument("--steps", type=int, default=5, help="interleaved repeats per variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"CPU bf16 units: {cpu_bf16_supported()}; torch threads {torch.get_num_threads()}")
+    for section in args.sections:
+        encoder_steps(args.steps) if section == "encoder" else llm_steps(section, args.steps)
+
+
+if __name__ == "__main__":
+    main()
