@@ -4,8 +4,11 @@
 
 Per store (image or caption embeddings keyed by the world's ids): multinomial logistic regression fitted on half of
 the single-object scenes and scored on the other half, for colour, shape, size and position; count (one or two
-objects) over every scene. `chance` is the score of always answering the fitting half's most common class. A probe
-near chance means the encoder does not carry that attribute, and no model reading its embeddings can answer it.
+objects) over every scene; and binding ("two-object colour", ...): on the two-object scenes, each attribute of the
+first and of the second object in reading order (the position grid's order), the mean of the two probes. A question
+about one of two objects needs that attribute bound to its object in the one embedding. `chance` is the score of
+always answering the fitting half's most common class. A probe near chance means the encoder does not carry that
+attribute, and no model reading its embeddings can answer it.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from demo.clip import ATTRIBUTES, attribute_labels
 from revision.records import read_records
 from revision.store import EmbeddingStore
 
-PROBED = (*ATTRIBUTES, "count")
+PROBED = (*ATTRIBUTES, "count", *(f"two-object {k}" for k in ATTRIBUTES))
 
 
 def logistic_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
@@ -56,18 +59,29 @@ def probe_embeddings(embeds: np.ndarray, scenes: Sequence[dict], seed: int = 0) 
     """{attribute: {"acc", "chance", "rows"}} for embeddings [N, D] of the N scenes (their attributes dicts)."""
     labels = attribute_labels(scenes)
     labels["count"] = np.array([s["count"] - 1 for s in scenes])
-    results = {}
-    for name in PROBED:
-        rows = np.flatnonzero(labels[name] >= 0)
-        fit, score = _halves(rows, seed)
-        fit, score = rows[fit], rows[score]
-        if len(fit) < 2 or len(score) < 1 or len(np.unique(labels[name][fit])) < 2:
-            raise ValueError(f"too few scenes to probe {name}: {len(rows)} (need two classes in each half)")
-        y = labels[name]
-        majority = np.bincount(y[fit]).argmax()
-        results[name] = {"acc": logistic_probe(embeds[fit].astype(np.float64), y[fit], embeds[score].astype(np.float64), y[score]),
-                         "chance": float(np.mean(y[score] == majority)), "rows": int(len(rows))}
+    results = {name: _probe(embeds, labels[name], name, seed) for name in PROBED[:len(ATTRIBUTES) + 1]}
+    for k, values in ATTRIBUTES.items():
+        slots = [_probe(embeds, np.array([values.index(_reading_order(s)[slot][k]) if s["count"] == 2 else -100 for s in scenes]),
+                        f"two-object {k}", seed) for slot in (0, 1)]
+        results[f"two-object {k}"] = {key: float(np.mean([r[key] for r in slots])) for key in ("acc", "chance")} | {
+            "rows": slots[0]["rows"]}
     return results
+
+
+def _reading_order(scene: dict) -> list[dict]:
+    return sorted(scene["objects"], key=lambda o: ATTRIBUTES["position"].index(o["position"]))
+
+
+def _probe(embeds: np.ndarray, y: np.ndarray, name: str, seed: int) -> dict[str, float]:
+    """One probe on the rows labelled (>= 0): fitted on one half, scored on the other."""
+    rows = np.flatnonzero(y >= 0)
+    fit, score = _halves(rows, seed)
+    fit, score = rows[fit], rows[score]
+    if len(fit) < 2 or len(score) < 1 or len(np.unique(y[fit])) < 2:
+        raise ValueError(f"too few scenes to probe {name}: {len(rows)} (need two classes in each half)")
+    majority = np.bincount(y[fit]).argmax()
+    return {"acc": logistic_probe(embeds[fit].astype(np.float64), y[fit], embeds[score].astype(np.float64), y[score]),
+            "chance": float(np.mean(y[score] == majority)), "rows": int(len(rows))}
 
 
 def probe_store(store_dir: str | Path, world_dir: str | Path, seed: int = 0) -> dict[str, dict[str, float]]:

@@ -112,7 +112,8 @@ def probe_table(probes: list[dict]) -> str:
     if not probes:
         return "Attribute probes: skipped (world too small)."
     names = list(probes[0]["image"])
-    lines = ["Linear probes of the CLIP's embeddings (held-out half of the unpaired set; one-object scenes, count over all):", "",
+    lines = ["Linear probes of the CLIP's embeddings (held-out half of the unpaired set; one-object scenes, count over all, "
+             "two-object: each object's attribute, objects in reading order):", "",
              "| embeddings | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for kind in ("image", "text"):
         lines.append(f"| {kind} | " + " | ".join(_cell([p[kind][n]["acc"] for p in probes], 3) for n in names) + " |")

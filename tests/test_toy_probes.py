@@ -36,6 +36,25 @@ def test_probes_read_what_is_carried_and_nothing_else(scenes):
         assert results[name]["acc"] < 1 / {"shape": 6, "position": 9}[name] + 0.12, (name, results[name])
 
 
+def test_two_object_probes_read_attributes_bound_to_their_object(scenes):
+    """Embeddings of each object's colour in reading order bind it: two-object colour near 1; the colour of the
+    first object listed only (not bound to a place) leaves the second object's colour at chance."""
+    rng = np.random.default_rng(4)
+    colours, positions = list(COLOURS), list(POSITIONS)
+
+    def colour_blocks(scene, slots):
+        ordered = sorted(scene["objects"], key=lambda o: positions.index(o["position"]))
+        return np.concatenate([np.eye(len(colours))[colours.index(ordered[k]["colour"])] if k < len(ordered) else
+                               np.zeros(len(colours)) for k in slots] + [np.eye(2)[scene["count"] - 1]])
+
+    bound = np.array([colour_blocks(s, (0, 1)) for s in scenes]) + 0.05 * rng.standard_normal((len(scenes), 2 * len(colours) + 2))
+    first = np.array([colour_blocks(s, (0,)) for s in scenes]) + 0.05 * rng.standard_normal((len(scenes), len(colours) + 2))
+    assert probe_embeddings(bound, scenes)["two-object colour"]["acc"] > 0.95
+    half = probe_embeddings(first, scenes)["two-object colour"]  # the mean of slot 0 (read) and slot 1 (chance)
+    assert 0.45 < half["acc"] < 0.5 + 1 / len(colours) + 0.1, half
+    assert probe_embeddings(bound, scenes)["two-object shape"]["acc"] < 1 / 6 + 0.12
+
+
 def test_random_embeddings_probe_at_chance(scenes):
     results = probe_embeddings(np.random.default_rng(1).standard_normal((len(scenes), 32)), scenes)
     for name, r in results.items():
