@@ -6,8 +6,9 @@ tower with a small trainable head, and a vision tower trained contrastively agai
   projection_dim), LLM2CLIP's adapter in miniature.
 - Vision tower (`--vision conv`, the default): a small CNN (revision/conv_tower.py) from random initialisation, as
   LLM2CLIP starts from a pretrained vision tower: first pretrained on the paired captions' words as labels
-  (`pretrain_steps`: shape, colour, size and position of one-object captions, the object count of all; read with
-  parse_caption, as tag-supervised backbones are), then trained contrastively with its projection. `--vision vit`:
+  (`pretrain_steps`, cosine schedule: shape, colour, size and position of each object, the objects in reading order,
+  and the object count; read with parse_caption, as tag-supervised backbones are), then trained contrastively with
+  its projection. Under bf16 autocast where the CPU has bf16 units (`bf16`), the pictures drawn in a worker process. `--vision vit`:
   the earlier small HF CLIP vision transformer, contrastive only.
 - Every step draws the batch's captions anew (`redraw`): the same caption, another picture (another background,
   jitter, rotation, tint), as web-scale CLIP sees a concept in many photos. With only the 2000 stored pictures a
@@ -80,7 +81,7 @@ class DualEncoderConfig:
     heads: int = 4               # vit
     patch: int = 8               # vit
     projection_dim: int = 128    # the shared space: what image_embed.py stores
-    pretrain_steps: int = 800    # conv: steps of caption-word labels before the contrastive steps
+    pretrain_steps: int = 1200   # conv: steps of caption-word labels before the contrastive steps (shape needs them)
     pretrain_lr: float = 2e-3
     redraw: bool = True          # draw each step's captions anew (False: the stored paired pictures)
     steps: int = 300

@@ -98,10 +98,11 @@ class Budget:
 
 
 BUDGETS = {
-    # the real parts on CPU (docs/results.md, "A recipe whose model reads"): the conv dual encoder (800 steps on the
-    # captions' words, 100 contrastive), 4 distinct visual tokens from a standardised projector input, stage 1 two
-    # epochs of the 1000 captions in batches of 8 (250 steps: 50 taught nothing about real images), stage 2 one epoch
-    # of the 1020 QA conversations (128 steps of 8) with the projector at 10x the LLM's learning rate
+    # the real parts on CPU (docs/results.md, "A recipe whose model reads" and "Binding both objects"): the conv dual
+    # encoder (1200 steps on the captions' words, both objects of a scene; 100 contrastive), 4 distinct visual tokens
+    # from a standardised projector input, stage 1 two epochs of the 1000 captions in batches of 8 (250 steps: 50
+    # taught nothing about real images), stage 2 one epoch of the 1020 QA conversations (128 steps of 8) with the
+    # projector at 10x the LLM's learning rate; bf16 autocast where the CPU has bf16 units, length-grouped batches
     "default": Budget(clip_steps=100, clip_pretrain_steps=1200, stage1_epochs=2.0, stage1_lr=3e-3, stage2_epochs=1.0,
                       stage2_lr=1e-4, stage2_projector_lr=1e-3, batch=8, visual_tokens=4, projector_tokens=4,
                       max_length=136, answer_tokens=8, captions=False, threads=min(os.cpu_count() or 1, 8),
