@@ -57,8 +57,8 @@ class DataArguments:
 
 
 def cpu_bf16_supported() -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX), where bf16 autocast is fast (0.67x an LLM's
-    training step here, 0.4x a small CNN's) rather than an emulation slower than fp32."""
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX), where bf16 autocast is fast (0.49x a SmolLM2
+    training step on the 2-core machine, bench/cpu_bf16.py) rather than an emulation slower than fp32."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -222,16 +222,21 @@ def test_bf16_off_a_gpu_trains_under_cpu_autocast_or_says_why_not(tiny_world, tm
     import revision.arguments as arguments
 
     if arguments.cpu_bf16_supported():  # a process of its own: accelerate keeps the first precision a process asks for
-        child = ("import sys\nfrom revision.train import parse_args, train\nt = train(*parse_args(sys.argv[1:]))\n"
-                 "print('RESULT', t.accelerator.mixed_precision, t.args.use_cpu, next(t.model.llm.parameters()).dtype, "
-                 "next(t.model.projector.parameters()).dtype)")
-        args = flags(tiny_world, tmp_path / "bf16", "pretrain", "--max_steps", "2", "--bf16", "true")
-        done = subprocess.run([sys.executable, "-c", child, *args], cwd=REPO, capture_output=True, text=True,
+        child = ("import json, sys\nfrom revision.train import parse_args, train\n"
+                 "for argv in json.loads(sys.argv[1]):\n    t = train(*parse_args(argv))\n"
+                 "    trained = [p.dtype for n, p in t.model.llm.named_parameters() if p.requires_grad]\n"
+                 "    print('RESULT', t.accelerator.mixed_precision, t.args.use_cpu, next(t.model.llm.parameters()).dtype,"
+                 " next(t.model.projector.parameters()).dtype, sorted({str(d) for d in trained}))")
+        runs = [flags(tiny_world, tmp_path / "stage1", "pretrain", "--max_steps", "2", "--bf16", "true"),
+                flags(tiny_world, tmp_path / "lora", "finetune", "--max_steps", "2", "--bf16", "true", "--lora_enable", "true")]
+        done = subprocess.run([sys.executable, "-c", child, json.dumps(runs)], cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
-        # stage 1 under CPU autocast: the frozen LLM held in bf16 once, the trained projector in fp32
-        assert "RESULT bf16 True torch.bfloat16 torch.float32" in done.stdout, done.stdout[-2000:]
-        assert (tmp_path / "bf16" / "projector.safetensors").is_file()
+        results = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+        # CPU autocast; the frozen LLM (stage 1) and LoRA's frozen base held in bf16 once; what trains stays fp32
+        assert results[0] == "RESULT bf16 True torch.bfloat16 torch.float32 []", done.stdout[-2000:]
+        assert results[1] == "RESULT bf16 True torch.bfloat16 torch.float32 ['torch.float32']", done.stdout[-2000:]
+        assert (tmp_path / "stage1" / "projector.safetensors").is_file()
     monkeypatch.setattr(arguments, "cpu_bf16_supported", lambda: False)
     with pytest.raises(ValueError, match="no bf16 units"):
         parse_args(flags(tiny_world, tmp_path / "none", "finetune", "--bf16", "true"))
