@@ -63,7 +63,7 @@ from demo.clip import (
     shuffled_batches,
     write_report,
 )
-from demo.scenes import BACKGROUNDS, POSITIONS, Obj, Scene, render
+from demo.scenes import BACKGROUNDS, Obj, Scene, reading_order, render
 from demo.world import IMAGE_SIZE, parse_caption
 from revision.arguments import cpu_bf16_supported
 from revision.conv_tower import ConvTowerConfig
@@ -210,7 +210,7 @@ class AttributeHeads(torch.nn.Module):
         self.sizes = [len(v) for v in ATTRIBUTES.values()] * SLOTS + [2]
         self.linear = torch.nn.Linear(width, sum(self.sizes))
         self.slots = torch.tensor([[[ATTRIBUTES[k].index(getattr(o, k)) for k in ATTRIBUTES] if o else [-100] * len(ATTRIBUTES)
-                                    for o in reading_order(s.objects)] for s in draw.scenes])  # [N, SLOTS, attributes]
+                                    for o in slotted(s.objects)] for s in draw.scenes])  # [N, SLOTS, attributes]
         self.count = torch.tensor([len(s.objects) - 1 for s in draw.scenes])
 
     def loss(self, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -220,15 +220,15 @@ class AttributeHeads(torch.nn.Module):
         return loss + F.cross_entropy(logits[-1], self.count[index])
 
 
-def reading_order(objects: Sequence[Obj]) -> list[Obj | None]:
-    """SLOTS entries: the objects sorted by their place in the position grid (top left first), None past the last."""
-    ordered = sorted(objects, key=lambda o: POSITIONS.index(o.position))
+def slotted(objects: Sequence[Obj]) -> list[Obj | None]:
+    """SLOTS entries: the objects in reading order, None past the last."""
+    ordered = reading_order(objects)
     return ordered + [None] * (SLOTS - len(ordered))
 
 
 def vision_features(model: VisionTextDualEncoderModel, pixels: torch.Tensor, bf16: bool) -> torch.Tensor:
     """The vision tower's pooled features [B, hidden] in fp32; with bf16, its convolutions run under CPU autocast in
-    channels-last layout (oneDNN's bf16 kernels: 2.5x faster a step than fp32 where the CPU has AMX)."""
+    channels-last layout (oneDNN's bf16 kernels: 2x faster a step than fp32 where the CPU has AMX; bench/cpu_bf16.py)."""
     if not bf16:
         return model.vision_model(pixel_values=pixels).pooler_output
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from demo.clip import ATTRIBUTES, attribute_labels
+from demo.scenes import Obj, reading_order
 from revision.records import read_records
 from revision.store import EmbeddingStore
 
@@ -61,15 +62,12 @@ def probe_embeddings(embeds: np.ndarray, scenes: Sequence[dict], seed: int = 0) 
     labels["count"] = np.array([s["count"] - 1 for s in scenes])
     results = {name: _probe(embeds, labels[name], name, seed) for name in PROBED[:len(ATTRIBUTES) + 1]}
     for k, values in ATTRIBUTES.items():
-        slots = [_probe(embeds, np.array([values.index(_reading_order(s)[slot][k]) if s["count"] == 2 else -100 for s in scenes]),
+        slots = [_probe(embeds, np.array([values.index(getattr(reading_order([Obj(**o) for o in s["objects"]])[slot], k))
+                                          if s["count"] == 2 else -100 for s in scenes]),
                         f"two-object {k}", seed) for slot in (0, 1)]
         results[f"two-object {k}"] = {key: float(np.mean([r[key] for r in slots])) for key in ("acc", "chance")} | {
             "rows": slots[0]["rows"]}
     return results
-
-
-def _reading_order(scene: dict) -> list[dict]:
-    return sorted(scene["objects"], key=lambda o: ATTRIBUTES["position"].index(o["position"]))
 
 
 def _probe(embeds: np.ndarray, y: np.ndarray, name: str, seed: int) -> dict[str, float]:

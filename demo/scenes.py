@@ -3,6 +3,7 @@ grid) over a textured background, drawn as 64x64 images. demo/world.py builds th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +45,11 @@ class Scene:
     @classmethod
     def from_attributes(cls, attributes: dict[str, Any]) -> Scene:
         return cls(tuple(Obj(**o) for o in attributes["objects"]), attributes["background"])
+
+
+def reading_order(objects: Sequence[Obj]) -> list[Obj]:
+    """The objects sorted by their place in the position grid, top left first: a two-object scene's first and second."""
+    return sorted(objects, key=lambda o: POSITIONS.index(o.position))
 
 
 def sample_scene(rng: np.random.Generator, two_object_share: float = 0.5) -> Scene:

@@ -70,17 +70,15 @@ def load_stage1_projector(model: RevisionModel, adapter: str, table: EmbeddingTa
 def set_trainable(model: RevisionModel, settings: Settings) -> None:
     """Stage 1: the projector only; stage 2: projector + LoRA adapters (--lora_enable), else everything."""
     training = settings.training
-    # A frozen LLM under bf16 autocast is held in bf16 once, not cast every step (DeepSpeed loads it in bf16 already)
-    frozen_dtype = torch.bfloat16 if training.bf16 and not training.deepspeed else None
+    if (settings.projector_only or training.lora_enable) and training.bf16 and not training.deepspeed:
+        # a frozen LLM (LoRA: its base; peft keeps the adapters in fp32) under bf16 autocast is held in bf16 once, not
+        # cast every step; DeepSpeed loads it in bf16 already
+        model.llm.to(torch.bfloat16)
     if settings.projector_only:
         model.freeze_llm()
-        if frozen_dtype:
-            model.llm.to(frozen_dtype)
     elif training.lora_enable:
         from peft import LoraConfig, get_peft_model
 
-        if frozen_dtype:  # the base weights; peft keeps its adapters in fp32 (autocast_adapter_dtype)
-            model.llm.to(frozen_dtype)
         lora = LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         model.llm = get_peft_model(model.llm, lora)
