@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -82,6 +83,7 @@ class Budget:
     stage2_epochs: float = 2.0
     stage2_lr: float = 1e-3
     batch: int = 32
+    stage2_batch: int = 0       # > 0: stage 2's own batch (else batch)
     visual_tokens: int = 1
     projector_tokens: int = 1   # distinct vectors the projector makes of the embedding (they fill the visual tokens)
     stage2_projector_lr: float = 0.0  # > 0: the projector's own learning rate in stage 2 (--mm_projector_lr)
@@ -92,21 +94,25 @@ class Budget:
     threads: int = 1            # torch threads per process: tiny models run fastest on one (threads mostly wait)
     bf16: bool = False          # the dual encoder and both training stages under bf16 autocast (CPUs with bf16 units)
     group_by_length: bool = False  # batches of samples of similar length (less padding)
+    empty_system_prompt: bool = False  # stage 2: an empty system message, not the chat template's default (SmolLM2's: 21 tokens a sample)
     captions: bool = True       # caption the eval images with each stage-1 checkpoint (the table's caption columns)
     stage2: bool = True         # false: stop each row after stage 1 and its captions (the stage-1 transfer table)
     show: int = 6               # held-out questions printed at the end with the model's answers and the truth
 
 
 BUDGETS = {
-    # the real parts on CPU (docs/results.md, "A recipe whose model reads" and "Binding both objects"): the conv dual
-    # encoder (1200 steps on the captions' words, both objects of a scene; 100 contrastive), 4 distinct visual tokens
-    # from a standardised projector input, stage 1 two epochs of the 1000 captions in batches of 8 (250 steps: 50
-    # taught nothing about real images), stage 2 one epoch of the 1020 QA conversations (128 steps of 8) with the
-    # projector at 10x the LLM's learning rate; bf16 autocast where the CPU has bf16 units, length-grouped batches
-    "default": Budget(clip_steps=100, clip_pretrain_steps=1200, stage1_epochs=2.0, stage1_lr=3e-3, stage2_epochs=1.0,
-                      stage2_lr=1e-4, stage2_projector_lr=1e-3, batch=8, visual_tokens=4, projector_tokens=4,
-                      max_length=136, answer_tokens=8, captions=False, threads=min(os.cpu_count() or 1, 8),
-                      bf16=cpu_bf16_supported(), group_by_length=True),
+    # the real parts on CPU (docs/results.md, "A recipe whose model reads", "Binding both objects", "Shape: more
+    # pairs, more images"): the conv dual encoder (1000 steps on the captions' words, both objects of a scene; 100
+    # contrastive), 4 distinct visual tokens from a standardised projector input, stage 1 two epochs of the 1000
+    # captions in batches of 8 (one left its loss at 1.9, not 0.94: QA 0.63, not 0.71), stage 2 one epoch of the
+    # 2020 QA conversations in batches of 16 (a step of 16 costs 1.65x one of 8) with the projector at 10x the LLM's
+    # learning rate and an empty system message (SmolLM2's default is a fifth of a sample); bf16 autocast where the
+    # CPU has bf16 units, length-grouped batches
+    "default": Budget(clip_steps=100, clip_pretrain_steps=1000, stage1_epochs=2.0, stage1_lr=3e-3, stage2_epochs=1.0,
+                      stage2_lr=2e-4, stage2_projector_lr=2e-3, batch=8, stage2_batch=16, visual_tokens=4,
+                      projector_tokens=4, max_length=136, answer_tokens=8, captions=False,
+                      threads=min(os.cpu_count() or 1, 8), bf16=cpu_bf16_supported(), group_by_length=True,
+                      empty_system_prompt=True),
     "toy": Budget(world="default", encoder="toy", llm="toy"),
     # the real-parts world and dual encoder with the toy LLM and its training budget: the full comparison table
     # (every row, 3 seeds) in CPU minutes, beside the real LLM's rows
@@ -253,14 +259,15 @@ def link_smollm2(link: Path) -> None:
     print(f"{link} -> {folder}")
 
 
-def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float, extra: str = "") -> dict[str, str]:
+def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float, extra: str = "",
+              batch: int = 0) -> dict[str, str]:
     extra = (f"--disable_tqdm true --save_strategy no --logging_steps 25 --dataloader_num_workers 0 --seed {seed} "
              f"--optim adamw_torch_fused {extra}").strip()  # fused AdamW: 0.87x a SmolLM2 stage-2 step on CPU
     extra += " --bf16 true" * budget.bf16 + " --group_by_length true" * budget.group_by_length
     if budget.max_steps > 0:
         extra += f" --max_steps {budget.max_steps}"
     return {"VISUAL_TOKENS": str(visual_tokens), "MAX_LENGTH": str(budget.max_length + visual_tokens),
-            "BATCH": str(budget.batch), "GLOBAL_BATCH": str(budget.batch), "EPOCHS": str(epochs), "LR": str(lr),
+            "BATCH": str(batch or budget.batch), "GLOBAL_BATCH": str(batch or budget.batch), "EPOCHS": str(epochs), "LR": str(lr),
             "EXTRA": extra}
 
 
@@ -349,9 +356,10 @@ def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, s
     the names of the stages run."""
     method, world = ROWS[name.split("@")[0]][0], paths["world"]
     stage2_extra = (f"--mm_projector_lr {budget.stage2_projector_lr}" if budget.stage2_projector_lr > 0 else "") + (
-        "" if stage1_data else f" --mm_projector_tokens {budget.projector_tokens}")  # else inherited from stage 1
+        "" if stage1_data else f" --mm_projector_tokens {budget.projector_tokens}") + (  # else inherited from stage 1
+        " --system_prompt ''" if budget.empty_system_prompt else "")
     stage2_env = {"MODEL": str(paths["llm"]), **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr,
-                                                            stage2_extra),
+                                                            stage2_extra, budget.stage2_batch),
                   "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),
                   "OUTPUT": str(out / "stage2")}
     if stage1_data:  # the short form: projector and alignment come from the stage-1 folder
@@ -432,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                   "per_seed": summaries}, indent=1) + "\n")
     print(text)
     if budget.stage2:
-        print(f"Ask it about an image in the browser: {serve_command(out / f'seed-{seeds[0]}' / 'runs' / row / 'stage2')}")
+        web = "" if importlib.util.find_spec("gradio") else " (after `make install`: `make demo` installs no Gradio)"
+        print(f"Ask it about an image in the browser{web}: {serve_command(out / f'seed-{seeds[0]}' / 'runs' / row / 'stage2')}")
 
 
 def serve_command(checkpoint: Path) -> str:

@@ -24,6 +24,9 @@ from revision.defaults import MODEL_MAX_LENGTH, NUM_VISUAL_TOKENS, PROJECTOR_TOK
 class ModelArguments:
     model_name_or_path: str = field(default="", metadata={"help": "HF causal LM folder/id, or a ReVision checkpoint"})
     version: str = field(default=TEMPLATE, metadata={"help": "template: plain (pretraining), chat, vicuna"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "system message of conversations that have none, saved with the checkpoint for inference (default: "
+                "inherited, else the chat template's own; '' keeps only its empty frame)"})
     # None: the stage-1 folder's (--pretrain_mm_mlp_adapter) or ReVision checkpoint's, else the default
     mm_projector_type: str | None = field(default=None, metadata={
         "help": f"linear or mlpNx_gelu (default: inherited, else {PROJECTOR_TYPE})"})

@@ -36,6 +36,7 @@ def build_model(settings: Settings, table: EmbeddingTable,
                                        settings.projector_tokens)
         if settings.standardize_projector_input and not settings.adapter:
             standardize_input(model, table, image_map)
+    model.revision_config.system_prompt = settings.system_prompt
     if settings.adapter:
         load_stage1_projector(model, settings.adapter, table, settings.projector_type)
     set_trainable(model, settings)

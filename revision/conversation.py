@@ -5,6 +5,10 @@
   Assistant turns are the targets; everything the template adds around them is context.
 - `vicuna`: a built-in "USER: ... ASSISTANT: ..." template for tokenizers without a chat template.
 
+`system_prompt` (chat, vicuna): the system message of a conversation that has none; None leaves the template's own
+default (SmolLM2's chat template adds a 21-token one to every sample, a fifth of a short QA conversation; "" keeps
+only its empty frame). Training and inference pass the checkpoint's, so both render the same text.
+
 The `<image>` placeholder stays in the text; the data module turns it into the visual block.
 """
 from __future__ import annotations
@@ -38,6 +42,13 @@ def normalise_turns(conversations: list[dict]) -> list[dict]:
     return turns
 
 
+def with_system(turns: list[dict], system_prompt: str | None) -> list[dict]:
+    """The turns with `system_prompt` as their system message when they have none (None: as they are)."""
+    if system_prompt is None or (turns and turns[0]["role"] == "system"):
+        return turns
+    return [{"role": "system", "content": system_prompt}, *turns]
+
+
 def count_images(turns: list[dict]) -> int:
     return sum(t["content"].count(IMAGE_TOKEN) for t in turns)
 
@@ -52,7 +63,7 @@ def resolve_template(template: str, tokenizer) -> str:
     return template
 
 
-def render(conversations: list[dict], template: str, tokenizer) -> list[Segment]:
+def render(conversations: list[dict], template: str, tokenizer, system_prompt: str | None = None) -> list[Segment]:
     """Segments of one training sample; concatenated they are the full text."""
     turns = normalise_turns(conversations)
     if count_images(turns) > 1:
@@ -64,6 +75,7 @@ def render(conversations: list[dict], template: str, tokenizer) -> list[Segment]
             raise ValueError(f"the plain template takes one caption (one gpt turn), got {len(answers)}")
         return [Segment((tokenizer.bos_token or "") + IMAGE_TOKEN, False),
                 Segment(answers[0].strip() + (tokenizer.eos_token or ""), True)]
+    turns = with_system(turns, system_prompt)
     if template == "vicuna":
         return _render_vicuna(turns, tokenizer)
     return _render_chat(turns, tokenizer)
@@ -101,12 +113,13 @@ def _render_chat(turns: list[dict], tokenizer) -> list[Segment]:
     return segments
 
 
-def render_prompt(conversations: list[dict], template: str, tokenizer) -> str:
+def render_prompt(conversations: list[dict], template: str, tokenizer, system_prompt: str | None = None) -> str:
     """The prompt text for generation: the conversation so far plus the cue for the assistant's answer."""
     turns = normalise_turns(conversations)
     template = resolve_template(template, tokenizer)
     if template == "plain":
         return (tokenizer.bos_token or "") + IMAGE_TOKEN
+    turns = with_system(turns, system_prompt)
     if template == "vicuna":
         return "".join(s.text for s in _render_vicuna(turns, tokenizer))
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)

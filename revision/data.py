@@ -114,10 +114,10 @@ class SupervisedDataset(Dataset):
     def __init__(self, data_path: str | os.PathLike, tokenizer, table: EmbeddingTable | None, template: str,
                  num_visual_tokens: int, model_max_length: int, image_map: Callable | None = None,
                  embed_noise_std: float = 0.0, skip_missing: bool = False, noise_seed: int = 0,
-                 skip_bad_embeddings: bool = False):
+                 skip_bad_embeddings: bool = False, system_prompt: str | None = None):
         # resolved once here, not per sample (it may log a fallback warning)
         self.data_path, self.tokenizer, self.table = Path(data_path), tokenizer, table
-        self.template = resolve_template(template, tokenizer)
+        self.template, self.system_prompt = resolve_template(template, tokenizer), system_prompt
         self.num_visual_tokens, self.model_max_length, self.embed_noise_std = num_visual_tokens, model_max_length, embed_noise_std
         # Real image embeddings go through the alignment's image_map; aligned text embeddings are ready as they are.
         self.image_map = (image_map or normalize_rows) if table is not None and table.kind == "image" else None
@@ -232,7 +232,7 @@ class SupervisedDataset(Dataset):
         return torch.from_numpy(vec.astype(np.float32))
 
     def __getitem__(self, i: int) -> dict:
-        segments = render(self.records[i], self.template, self.tokenizer)
+        segments = render(self.records[i], self.template, self.tokenizer, self.system_prompt)
         input_ids, labels, cut = tokenize(segments, self.tokenizer, self.num_visual_tokens, self.model_max_length)
         if cut:
             self._cut[i] = 1

@@ -148,7 +148,7 @@ class Predictor:
             turns[first] = {**turns[first], "content": f"{IMAGE_TOKEN}\n{turns[first]['content']}"}
         if self.template == "plain" and not has_image:
             raise ValueError(f"{self.folder} is a captioning (plain template) checkpoint: it needs an image")
-        return render_prompt(turns, self.template, self.tokenizer)
+        return render_prompt(turns, self.template, self.tokenizer, self.config.system_prompt)
 
     def prompt_ids(self, question: Prompt, has_image: bool) -> torch.Tensor:
         """Token ids of the formatted prompt; the image is num_visual_tokens IMAGE_TOKEN_INDEX positions."""

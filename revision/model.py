@@ -45,6 +45,7 @@ class RevisionConfig:
     projector_tokens: int = PROJECTOR_TOKENS
     num_visual_tokens: int = NUM_VISUAL_TOKENS
     template: str = TEMPLATE
+    system_prompt: str | None = None  # for conversations without one (None: the chat template's own default)
     encoder: str | None = None
     base_model: str | None = None  # the LLM the folder's weights start from (needed when they are not all here)
     llm_weights: str = "full"  # full: HF weights in the folder; lora: an adapter; base: only base_model

@@ -55,6 +55,7 @@ class Settings:
     projector_tokens: int
     num_visual_tokens: int
     template: str
+    system_prompt: str | None  # for conversations without one; None: the chat template's own default
     standardize_projector_input: bool
     attn_implementation: str | None
     dtype: torch.dtype
@@ -105,6 +106,8 @@ def resolve(model_args: ModelArguments, data_args: DataArguments, training_args:
         llm=llm, continues_model=continued_model is not None, adapter=adapter,
         projector_type=projector_type or PROJECTOR_TYPE, projector_tokens=projector_tokens or PROJECTOR_TOKENS,
         num_visual_tokens=visual, template=model_args.version,
+        system_prompt=(model_args.system_prompt if model_args.system_prompt is not None
+                       else continued_model.system_prompt if continued_model else None),
         standardize_projector_input=model_args.standardize_projector_input,
         attn_implementation=model_args.attn_implementation, dtype=model_dtype(training_args),
         projector_only=model_args.tune_mm_mlp_adapter,

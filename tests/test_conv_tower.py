@@ -108,3 +108,27 @@ def test_label_pretraining_without_redrawn_pictures_is_refused(mini_world, tmp_p
 
     with pytest.raises(ValueError, match="--redraw true"):
         train_dual_encoder(mini_world, tmp_path, DualEncoderConfig(redraw=False, pretrain_steps=2, steps=1))
+
+
+def test_text_features_come_back_in_the_captions_order():
+    """Batched by length (less padding): each caption's feature is the one it gets alone, in its own row."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, PreTrainedTokenizerFast
+
+    from demo.dual_encoder import text_tower_features
+
+    words = "a red blue circle square small large at the top left and".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    text = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    model = VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(
+        ConvTowerConfig(widths=[4], hidden_size=8, image_size=8), text, projection_dim=8)).eval()
+    captions = ["a red circle and a blue square at the top left", "a small circle", "a large blue square at the top",
+                "a red circle", "a blue square and a small red circle"]
+    batched = text_tower_features(model, tokenizer, captions, batch=2)
+    alone = torch.cat([text_tower_features(model, tokenizer, [c]) for c in captions])
+    assert batched.shape == (5, 16) and torch.allclose(batched, alone, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)

@@ -63,3 +63,22 @@ def test_bad_conversations_are_refused(chat_tokenizer):
         render(TWO_TURNS, "plain", chat_tokenizer)
     with pytest.raises(ValueError, match="unknown template"):
         render(TWO_TURNS, "llama9", chat_tokenizer)
+
+
+def test_system_prompt_replaces_the_templates_default_in_training_and_prompts(chat_tokenizer, bare_tokenizer):
+    """A template with a default system message (SmolLM2's: 21 tokens a sample): system_prompt replaces it, in the
+    training text and the generation prompt alike; a conversation's own system turn is kept."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|system|> you are a model <|end|> "
+                               "{% endif %}" + chat_tokenizer.chat_template.removeprefix("{{ bos_token }}"))
+    default, short = render(TWO_TURNS, "chat", tokenizer), render(TWO_TURNS, "chat", tokenizer, system_prompt="")
+    assert "you are a model" in default[0].text and "you are a model" not in short[0].text
+    assert short[0].text.startswith("<s><|system|>  <|end|> <|user|>")
+    assert trained(short) == trained(default) == ["red <|end|> ", "circle <|end|> "]
+    question = TWO_TURNS[:1]
+    assert short[0].text == render_prompt(question, "chat", tokenizer, system_prompt="")
+    assert render_prompt(question, "chat", tokenizer).startswith("<s><|system|> you are a model")
+    own = [{"from": "system", "value": "look"}, *TWO_TURNS]
+    assert render(own, "chat", tokenizer, system_prompt="")[0].text.startswith("<s><|system|> look <|end|>")
+    assert render(TWO_TURNS, "vicuna", bare_tokenizer, system_prompt="Be brief.")[0].text == "<s>Be brief."
+    assert render_prompt(question, "plain", tokenizer, system_prompt="") == "<s><image>"

@@ -145,6 +145,13 @@ def test_prompt_is_formatted_as_in_training(world, predictor, tmp_path):
     assert torch.equal(predictor.prompt_ids(asked, has_image=True), trained_prefix)
     with pytest.raises(ValueError, match="must end with a user turn"):
         predictor.format_prompt(turns, has_image=True)
+    # A checkpoint trained with --system_prompt: its prompts carry that system message, as its training samples did.
+    briefed = shutil.copytree(world["ckpt"], tmp_path / "briefed")
+    config = json.loads((briefed / CONFIG_FILE).read_text())
+    (briefed / CONFIG_FILE).write_text(json.dumps({**config, "system_prompt": "red or blue"}))
+    trained_prefix = tokenize(render(turns, "chat", tokenizer, "red or blue")[:-1], tokenizer, VISUAL, 64)[0]
+    assert torch.equal(Predictor(briefed, device="cpu").prompt_ids(QUESTION, has_image=True), trained_prefix)
+    assert len(trained_prefix) > len(predictor.prompt_ids(QUESTION, has_image=True))
     # A stage-1 checkpoint captions: the prompt is the image alone, whatever was asked.
     plain = shutil.copytree(world["ckpt"], tmp_path / "plain")
     config = json.loads((plain / CONFIG_FILE).read_text())

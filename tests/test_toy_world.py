@@ -243,3 +243,13 @@ def test_bad_sizes_are_refused(tmp_path):
         make_world(0, WorldSizes(paired=-1))
     with pytest.raises(ValueError, match="unknown world preset 'huge'"):
         build_world(tmp_path, sizes="huge")
+
+
+def test_paired_pretraining_holds_as_many_samples_as_the_text_rows(tmp_path):
+    # more pairs than unpaired captions (the real preset trains its encoder on 8000 pairs, pretrains on 1000
+    # captions): the paired upper bound pretrains on as many samples as the text rows, the first pairs
+    build_world(tmp_path, 0, WorldSizes(paired=12, unpaired_images=2, unpaired_texts=5, instruct=1, text_only=0, eval=1))
+    paired = [r["id"] for r in _jsonl(tmp_path / "paired.jsonl")]
+    samples = json.loads((tmp_path / "pretrain_paired.json").read_text())
+    assert len(paired) == 12 and [s["id"] for s in samples] == paired[:5]
+    assert len(json.loads((tmp_path / "pretrain.json").read_text())) == 5

@@ -107,6 +107,22 @@ def test_loss_decreases_on_a_learnable_task(tiny_world, tmp_path):
     assert torch.allclose(trainer.train_dataset[0]["image_embeds"], torch.from_numpy(stats.image_map(row)[0]), atol=1e-6)
 
 
+def test_system_prompt_is_trained_saved_and_inherited(tiny_world, tmp_path):
+    """--system_prompt goes into every training sample, into the checkpoint (inference renders the same), and into
+    a run that continues that checkpoint without the flag."""
+    trainer = run(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "1", "--system_prompt", "")
+    tokenizer = trainer.train_dataset.tokenizer
+    system = tokenizer.convert_tokens_to_ids("<|system|>")
+    assert int((trainer.train_dataset[0]["input_ids"] == system).sum()) == 1
+    assert RevisionModel.from_pretrained(tmp_path / "s2").revision_config.system_prompt == ""
+    flags_again = flags(tiny_world, tmp_path / "s2b", "finetune", "--max_steps", "1")
+    flags_again[flags_again.index("--model_name_or_path") + 1] = str(tmp_path / "s2")
+    continued = train(*parse_args(flags_again))
+    assert continued.model.revision_config.system_prompt == "" and continued.train_dataset.system_prompt == ""
+    plain = run(tiny_world, tmp_path / "s2c", "finetune", "--max_steps", "1")  # unset: the template's own (none here)
+    assert int((plain.train_dataset[0]["input_ids"] == system).sum()) == 0 and plain.model.revision_config.system_prompt is None
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_resume_gives_the_same_losses(tiny_world, tmp_path, stage):
     common = ["--max_steps", "12", "--learning_rate", "1e-2", "--embed_noise_std", "0.05"]
