@@ -133,7 +133,8 @@ def test_the_default_visual_tokens_are_written_once():
 
 
 def test_the_schema_model_config_and_data_utils_take_their_defaults_from_one_place():
-    assert ModelArguments().version == defaults.TEMPLATE and "else 576)" in dataclasses.fields(ModelArguments)[3].metadata["help"]
+    visual = next(f for f in dataclasses.fields(ModelArguments) if f.name == "num_visual_tokens")
+    assert ModelArguments().version == defaults.TEMPLATE and "else 576)" in visual.metadata["help"]
     assert next(f for f in dataclasses.fields(TrainingArguments) if f.name == "model_max_length").default == defaults.MODEL_MAX_LENGTH
     config = RevisionConfig(embed_dim=1, hidden_size=1)
     assert (config.num_visual_tokens, config.projector_type, config.projector_tokens, config.template) == (
