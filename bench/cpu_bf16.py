@@ -5,9 +5,12 @@ encoder: one step of the dual encoder's vision tower on label pretraining (batch
   fp32 drawing in line (before), bf16 drawing in line, bf16 with the pictures drawn in the worker process (now).
 stage1: RevisionModel on SmolLM2 with the LLM frozen (projector only), batch 8 x 40 tokens, the caption labelled.
 stage2: the same with every weight trained, batch 8 x 100 tokens, 10 labelled a row (the QA turns).
+stage2_parts: a stage-2 step under bf16 by part: forward + backward at batch 8 x 100 tokens (the first), 8 x 79 (the
+  same QA without SmolLM2's 21-token default system message), 16 x 100 (twice the batch), the fused AdamW step and
+  gradient clipping of all 135M weights.
 bf16 autocast is fast only where the CPU computes bf16 natively (avx512_bf16 or AMX); elsewhere it emulates.
 
-    python bench/cpu_bf16.py [--sections encoder stage1 stage2] [--steps 5] [--threads N]
+    python bench/cpu_bf16.py [--sections encoder stage1 stage2 stage2_parts] [--steps 5] [--threads N]
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +32,7 @@ from revision import gguf  # noqa: E402
 from revision.arguments import cpu_bf16_supported  # noqa: E402
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionModel  # noqa: E402
 
-SECTIONS = ("encoder", "stage1", "stage2")
+SECTIONS = ("encoder", "stage1", "stage2", "stage2_parts")
 EMBED_DIM, VISUAL = 128, 4
 
 
@@ -96,28 +100,52 @@ def encoder_steps(repeats: int) -> None:
         report("encoder", "label pretraining, batch 64 of 64x64", medians(steps, repeats))
 
 
-def llm_steps(section: str, repeats: int) -> None:
-    batch, length, labelled = (8, 40, 14) if section == "stage1" else (8, 100, 10)
-    model = RevisionModel.from_llm(str(gguf.convert_gguf(gguf.SMOLLM2)), embed_dim=EMBED_DIM, num_visual_tokens=VISUAL,
-                                   dtype=torch.float32).train()
-    if section == "stage1":
-        model.llm.requires_grad_(False)
+def smollm2() -> RevisionModel:
+    return RevisionModel.from_llm(str(gguf.convert_gguf(gguf.SMOLLM2)), embed_dim=EMBED_DIM, num_visual_tokens=VISUAL,
+                                  dtype=torch.float32).train()
+
+
+def batch_of(batch: int, length: int, labelled: int) -> dict[str, torch.Tensor]:
+    """Random token rows with the visual block after the first token and the last `labelled` tokens as targets."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (batch, length), generator=generator)
     ids[:, 1:1 + VISUAL] = IMAGE_TOKEN_INDEX
     labels = ids.clone()
     labels[:, : length - labelled] = IGNORE_INDEX
-    inputs = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-              "image_embeds": torch.randn(batch, EMBED_DIM, generator=generator)}
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+            "image_embeds": torch.randn(batch, EMBED_DIM, generator=generator)}
+
+
+def forward_backward(model: RevisionModel, inputs: dict[str, torch.Tensor], bf16: bool) -> float:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(**inputs)
+    out.loss.backward()
+    return out.loss.item()
+
+
+def stage2_parts(repeats: int) -> None:
+    model = smollm2()
+    weights = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=1e-5, fused=True)
+    steps = {f"forward + backward {b} x {n}": partial(forward_backward, model, batch_of(b, n, 10), True)
+             for b, n in ((8, 100), (8, 79), (16, 100))}
+    steps |= {"fused AdamW step": optimizer.step, "gradient clipping": partial(torch.nn.utils.clip_grad_norm_, weights, 1.0)}
+    report("stage2_parts", f"SmolLM2-135M, every weight ({sum(p.numel() for p in weights) / 1e6:.0f}M), bf16 autocast",
+           medians(steps, repeats))
+
+
+def llm_steps(section: str, repeats: int) -> None:
+    batch, length, labelled = (8, 40, 14) if section == "stage1" else (8, 100, 10)
+    model = smollm2()
+    if section == "stage1":
+        model.llm.requires_grad_(False)
+    inputs = batch_of(batch, length, labelled)
     losses: dict[bool, float] = {}
 
     def trainer(bf16: bool):
         def step() -> None:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = model(**inputs)
-            out.loss.backward()
-            losses[bf16] = out.loss.item()
+            losses[bf16] = forward_backward(model, inputs, bf16)
         return step
 
     seconds = medians({"fp32": trainer(False), "bf16 autocast": trainer(True)}, repeats)
@@ -136,7 +164,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"CPU bf16 units: {cpu_bf16_supported()}; torch threads {torch.get_num_threads()}")
     for section in args.sections:
-        encoder_steps(args.steps) if section == "encoder" else llm_steps(section, args.steps)
+        {"encoder": encoder_steps, "stage2_parts": stage2_parts}.get(section, partial(llm_steps, section))(args.steps)
 
 
 if __name__ == "__main__":
