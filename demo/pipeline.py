@@ -105,7 +105,7 @@ BUDGETS = {
     # pairs, more images"): the conv dual encoder (1000 steps on the captions' words, both objects of a scene: 1200
     # took the demo to 10.4 minutes; 100 contrastive), 4 distinct visual tokens from a standardised projector input,
     # stage 1 two epochs of the 1000 captions in batches of 8 (one left its loss at 1.9, not 0.94: QA 0.63, not 0.71),
-    # stage 2 one epoch of the 1020 QA conversations in batches of 16 (a step of 16 costs 1.65x one of 8) with the
+    # stage 2 one epoch of the 1020 QA conversations in batches of 16 (a step of 16 costs 1.65-1.87x one of 8) with the
     # projector at 10x the LLM's learning rate and an empty system message (SmolLM2's default is a fifth of a
     # sample); bf16 autocast where the CPU has bf16 units, length-grouped batches
     "default": Budget(clip_steps=100, clip_pretrain_steps=1000, stage1_epochs=2.0, stage1_lr=3e-3, stage2_epochs=1.0,
