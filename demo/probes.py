@@ -61,9 +61,9 @@ def probe_embeddings(embeds: np.ndarray, scenes: Sequence[dict], seed: int = 0) 
     labels = attribute_labels(scenes)
     labels["count"] = np.array([s["count"] - 1 for s in scenes])
     results = {name: _probe(embeds, labels[name], name, seed) for name in PROBED[:len(ATTRIBUTES) + 1]}
+    ordered = [reading_order([Obj(**o) for o in s["objects"]]) if s["count"] == 2 else None for s in scenes]
     for k, values in ATTRIBUTES.items():
-        slots = [_probe(embeds, np.array([values.index(getattr(reading_order([Obj(**o) for o in s["objects"]])[slot], k))
-                                          if s["count"] == 2 else -100 for s in scenes]),
+        slots = [_probe(embeds, np.array([values.index(getattr(objs[slot], k)) if objs else -100 for objs in ordered]),
                         f"two-object {k}", seed) for slot in (0, 1)]
         results[f"two-object {k}"] = {key: float(np.mean([r[key] for r in slots])) for key in ("acc", "chance")} | {
             "rows": slots[0]["rows"]}
