@@ -120,18 +120,20 @@ def report(model: RevisionModel, args, device: str, label: str) -> dict[int, dic
 LLAVA_WORDS_MEAN, LLAVA_WORDS_SIGMA, LLAVA_TOKENS_PER_WORD = 10.0, 0.35, 1.3
 
 
-def llava_pretrain_lengths(visual: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(token lengths, the dataset's length estimates) of n LLaVA-Pretrain-like stage-1 samples."""
+def llava_pretrain_lengths(visual: int, n: int, seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """(token lengths, the dataset's length estimates, visual tokens of each sample) of n LLaVA-Pretrain-like
+    stage-1 samples (every one with an image)."""
     rng = np.random.default_rng(seed)
     mu = np.log(LLAVA_WORDS_MEAN) - LLAVA_WORDS_SIGMA ** 2 / 2  # so the mean is LLAVA_WORDS_MEAN
     words = np.clip(np.round(rng.lognormal(mu, LLAVA_WORDS_SIGMA, n)), 3, 40).astype(int)
     tokens = np.ceil(words * LLAVA_TOKENS_PER_WORD).astype(int) + visual + 2
-    return tokens.tolist(), (words + visual).tolist()
+    return tokens.tolist(), (words + visual).tolist(), [visual] * n
 
 
-def toy_lengths(stage: int, visual: int, n: int, max_length: int) -> tuple[list[int], list[int]]:
-    """(token lengths, the dataset's length estimates) of n toy-world samples of stage 1 (captions, plain template)
-    or stage 2 (QA conversations and image-free chats, the tokenizer's chat template), tokenized as training does."""
+def toy_lengths(stage: int, visual: int, n: int, max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """(token lengths, the dataset's length estimates, visual tokens of each sample: 0 for an image-free one) of n
+    toy-world samples of stage 1 (captions, plain template) or stage 2 (QA conversations and image-free chats, the
+    tokenizer's chat template), tokenized as training does."""
     world = make_world(0, WorldSizes(paired=0, unpaired_images=n, unpaired_texts=n, instruct=n, text_only=n // 40, eval=0))
     tokenizer = build_tokenizer(vocabulary())
     if stage == 1:
@@ -140,13 +142,14 @@ def toy_lengths(stage: int, visual: int, n: int, max_length: int) -> tuple[list[
     else:
         samples = [rec["conversations"] for rec in world.instruct]
     template = "plain" if stage == 1 else "chat"
-    tokens, estimates = [], []
+    tokens, estimates, visuals = [], [], []
     for conversation in samples:
         has_image = any("<image>" in turn["value"] for turn in conversation)
         ids, _, _ = tokenize(render(conversation, template, tokenizer), tokenizer, visual, max_length)
         tokens.append(len(ids))
-        estimates.append(estimate_length(normalise_turns(conversation), visual if has_image else 0))
-    return tokens, estimates
+        visuals.append(visual if has_image else 0)
+        estimates.append(estimate_length(normalise_turns(conversation), visuals[-1]))
+    return tokens, estimates, visuals
 
 
 def padding_report(args) -> None:
@@ -157,7 +160,7 @@ def padding_report(args) -> None:
         sources = [("toy stage 1 (captions)", toy_lengths(1, visual, args.samples, args.max_length)),
                    ("toy stage 2 (QA)", toy_lengths(2, visual, args.samples, args.max_length)),
                    ("LLaVA-Pretrain-like", llava_pretrain_lengths(visual, args.samples))]
-        for name, (tokens, estimates) in sources:
+        for name, (tokens, estimates, _) in sources:
             tokens = np.asarray(tokens)
             shuffled = tokens[np.random.default_rng(0).permutation(len(tokens))].tolist()
             grouped = tokens[list(EpochLengthGroupedSampler(args.batch, estimates))].tolist()
@@ -169,15 +172,17 @@ def padding_report(args) -> None:
 # ---- real tokens/s ---------------------------------------------------------------------------------------
 
 
-def caption_samples(lengths: list[int], visual: int, vocab_size: int, seed: int = 0) -> list[dict]:
-    """Stage-1-shaped samples of the given lengths (bos, visual block, caption, eos), as the dataset returns them."""
+def caption_samples(lengths: list[int], visuals: list[int], vocab_size: int, seed: int = 0) -> list[dict]:
+    """Samples of the given lengths as the dataset returns them: bos, the visual block (`visuals[i]` tokens; none,
+    and no image embedding, for an image-free sample), text; labels on the text after the block."""
     g = torch.Generator().manual_seed(seed)
     samples = []
-    for n in lengths:
+    for n, visual in zip(lengths, visuals, strict=True):
         text = torch.randint(10, vocab_size, (n - visual,), generator=g)
         ids = torch.cat([text[:1], torch.full((visual,), IMAGE_TOKEN_INDEX), text[1:]])
         labels = torch.where(torch.arange(n) > visual, ids, -100)
-        samples.append({"input_ids": ids, "labels": labels, "image_embeds": torch.randn(EMBED_DIM, generator=g)})
+        samples.append({"input_ids": ids, "labels": labels,
+                        "image_embeds": torch.randn(EMBED_DIM, generator=g) if visual else None})
     return samples
 
 
@@ -209,8 +214,9 @@ def throughput_report(model: RevisionModel, args, device: str, label: str, stage
     rates = {}
     for visual in args.throughput_visual:
         n = (args.steps + args.warmup) * args.batch * args.fill
-        tokens, estimates = (llava_pretrain_lengths(visual, n) if stage == 1 else toy_lengths(2, visual, n, args.max_length))
-        samples = caption_samples(tokens, visual, model.config.vocab_size)
+        tokens, estimates, visuals = (llava_pretrain_lengths(visual, n) if stage == 1
+                                      else toy_lengths(2, visual, n, args.max_length))
+        samples = caption_samples(tokens, visuals, model.config.vocab_size)
         steps = {}  # name -> [(inputs on the device, real tokens)]
         for name, (collate, batches) in layouts(samples, estimates, args, uses_flash_attention(model)).items():
             steps[name] = [({k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([samples[i] for i in b]).items()},
