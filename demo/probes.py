@@ -82,14 +82,21 @@ def _probe(embeds: np.ndarray, y: np.ndarray, name: str, seed: int) -> dict[str,
             "chance": float(np.mean(y[score] == majority)), "rows": int(len(rows))}
 
 
-def probe_store(store_dir: str | Path, world_dir: str | Path, seed: int = 0) -> dict[str, dict[str, float]]:
-    """probe_embeddings on every row of an embedding store whose ids are scenes of the world."""
+def store_scenes(store_dir: str | Path, world_dir: str | Path, images: int | None = None) -> tuple[np.ndarray, list[dict]]:
+    """The first `images` (default: all) embeddings of a store of the world's images, with their scenes' attributes;
+    a ValueError naming the store when an id is not a scene of the world."""
     scenes = {r["id"]: r["attributes"] for r in read_records(Path(world_dir) / "scenes.jsonl")}
     shard = EmbeddingStore(store_dir).load_all()
-    missing = [i for i in shard.ids if i not in scenes]
+    ids = list(shard.ids)[:images]
+    missing = [i for i in ids if i not in scenes]
     if missing:
         raise ValueError(f"{store_dir}: {len(missing)} ids are not scenes of {world_dir} (first: {missing[0]!r})")
-    return probe_embeddings(shard.embeds, [scenes[i] for i in shard.ids], seed)
+    return np.asarray(shard.embeds[:len(ids)], dtype=np.float32), [scenes[i] for i in ids]
+
+
+def probe_store(store_dir: str | Path, world_dir: str | Path, seed: int = 0) -> dict[str, dict[str, float]]:
+    """probe_embeddings on every row of an embedding store whose ids are scenes of the world."""
+    return probe_embeddings(*store_scenes(store_dir, world_dir), seed)
 
 
 def probe_line(results: dict[str, dict[str, float]]) -> str:

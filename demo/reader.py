@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from demo.clip import ATTRIBUTES
-from revision.records import read_records
-from revision.store import EmbeddingStore
+from demo.probes import store_scenes
+from revision.projector import input_statistics
 
 ASKED = ("colour", "shape")  # the categories the demo's bar names
 QUERY_WIDTH = sum(len(v) for v in ATTRIBUTES.values()) + len(ASKED)
@@ -72,8 +72,7 @@ def reader_accuracy(train_embeds: np.ndarray, train_scenes: Sequence[dict], eval
     trained on train_embeds' conditional questions (AdamW 1e-3, batch 64)."""
     x, q, y, _ = binding_questions(train_embeds, train_scenes, per_image, seed)
     xe, qe, ye, asked = binding_questions(eval_embeds, eval_scenes)
-    mean = train_embeds.mean(0)  # one mean and one scalar std, as the projector standardises its input
-    scale = float(np.sqrt(((train_embeds - mean) ** 2).sum(1).mean() / train_embeds.shape[1])) or 1.0
+    mean, scale = input_statistics(train_embeds)  # as the projector standardises its input
 
     def inputs(e: np.ndarray, query: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([(e - mean) / scale, query], 1).astype(np.float32))
@@ -93,17 +92,6 @@ def reader_accuracy(train_embeds: np.ndarray, train_scenes: Sequence[dict], eval
         right = reader(eval_x).argmax(1).numpy() == ye
         train = float((reader(train_x).argmax(1) == train_y).float().mean())
     return {**{k: float(right[asked == k].mean()) for k in ASKED}, "train": train, "train_rows": len(y), "eval_rows": len(ye)}
-
-
-def store_scenes(store_dir: str | Path, world_dir: str | Path, images: int | None = None) -> tuple[np.ndarray, list[dict]]:
-    """The first `images` embeddings of a store of the world's images, with their scenes' attributes."""
-    scenes = {r["id"]: r["attributes"] for r in read_records(Path(world_dir) / "scenes.jsonl")}
-    shard = EmbeddingStore(store_dir).load_all()
-    ids = list(shard.ids)[:images]
-    missing = [i for i in ids if i not in scenes]
-    if missing:
-        raise ValueError(f"{store_dir}: {len(missing)} ids are not scenes of {world_dir} (first: {missing[0]!r})")
-    return np.asarray(shard.embeds[:len(ids)], dtype=np.float32), [scenes[i] for i in ids]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -85,14 +85,19 @@ def build_projector(projector_type: str, in_dim: int, out_dim: int, tokens: int 
     return projector
 
 
+def input_statistics(embeds: np.ndarray) -> tuple[np.ndarray, float]:
+    """(mean [D], one scalar std) of `embeds` [N, D]: what the projector standardises its input with."""
+    x = np.asarray(embeds, dtype=np.float64)
+    mean = x.mean(0)
+    return mean, float(np.sqrt(((x - mean) ** 2).sum(1).mean() / x.shape[1])) or 1.0
+
+
 def set_input_statistics(projector: nn.Module, embeds: np.ndarray) -> tuple[float, float]:
     """Standardise the projector's input with the mean and one scalar std of `embeds` [N, D] (the inputs it will
     train on): raw text, aligned text and image embeddings sit at different offsets and spreads on the sphere,
     and a projector fed their small deviations from a large common mean learns slowly (docs/recipe.md).
     Returns (norm of the mean, scalar std)."""
-    x = np.asarray(embeds, dtype=np.float64)
-    mean = x.mean(0)
-    scale = float(np.sqrt(((x - mean) ** 2).sum(1).mean() / x.shape[1])) or 1.0
+    mean, scale = input_statistics(embeds)
     projector.input_mean.copy_(torch.from_numpy(mean).to(projector.input_mean))
     projector.input_scale.fill_(scale)
     return float(np.linalg.norm(mean)), scale
