@@ -9,8 +9,9 @@ stage 1 (script/train/pretrain.sh), stage 2 (script/train/finetune_full.sh on in
 image store; projector and align_stats come from the stage-1 folder), then `python -m revision.predict` on
 the held-out eval images: questions (scored by revision.evaluate's short-answer scorer) and captions from the
 stage-1 checkpoint (scored by attribute: demo.world.parse_caption against the scene; the table's
-caption columns are strict: a caption naming the wrong number of objects scores nothing). The real scripts run as
-subprocesses, exactly as a user runs them; their logs go to OUT/seed-N/logs/.
+caption columns are strict: a caption naming the wrong number of objects scores nothing). The launchers and
+embed_mean.py run as subprocesses, exactly as a user runs them; image_embed.py's main, prediction and the world's own
+steps run in this process (no second import of torch and transformers); every stage's log goes to OUT/seed-N/logs/.
 
 Rows: none, mean_shift, c3 (mean_shift's centring; stage 1 adds the noise its align_stats.json carries, 0.126),
 anchor and anchor_trace (the paper's ablations: ReAlign's step 1, steps 1-2), realign, paired (stage 1 on the
@@ -47,6 +48,7 @@ from demo.probes import probe_line, probe_store
 from demo.report import GAP_KEYS, caption_scores, difference_table, gap_table, held_out_examples, probe_table, stage_table, table
 from revision import gguf, predict
 from revision.arguments import cpu_bf16_supported
+from revision.embed import main as image_embed
 from revision.errors import InputError, exit_with
 from revision.records import read_records
 from revision.store import EmbeddingStore
@@ -204,19 +206,23 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
     else:
         run("toy_llm", partial(llm.main, ["--world", world, "--out", str(paths["llm"]), "--seed", str(seed),
                                           "--steps", str(budget.llm_steps)]))
-    embed = [py, "image_embed.py", "--encoder", str(paths["clip"]), "--store_dtype", "float32", "--num_workers", "0"]
-    run("embed_unpaired", [*embed, "--images", f"{world}/unpaired_images.jsonl", "--texts", f"{world}/unpaired_texts.jsonl",
-                           "--out", str(emb / "unpaired")])
+    # image_embed.py's main (revision.embed.main) in this process, as prediction is: a subprocess would import torch
+    # and transformers again (about 8 s a store on 2 cores) before embedding a world's few thousand pictures
+    def embed(name: str, *args: str) -> None:
+        run(name, partial(image_embed, ["--encoder", str(paths["clip"]), "--store_dtype", "float32", "--num_workers", "0", *args]))
+
+    embed("embed_unpaired", "--images", f"{world}/unpaired_images.jsonl", "--texts", f"{world}/unpaired_texts.jsonl",
+          "--out", str(emb / "unpaired"))
     if paired_store:
-        run("embed_paired", [*embed, "--images", f"{world}/paired.jsonl", "--out", str(emb / "paired")])
+        embed("embed_paired", "--images", f"{world}/paired.jsonl", "--out", str(emb / "paired"))
     if eval_store:
-        run("embed_eval", [*embed, "--images", f"{world}/eval_images.jsonl", "--out", str(emb / "eval")])
+        embed("embed_eval", "--images", f"{world}/eval_images.jsonl", "--out", str(emb / "eval"))
         run("embed_eval_blind", partial(write_blind_store, emb / "unpaired" / "image", emb / "eval" / "image",
                                         emb / "eval_blind" / "image"))
     run("probes", partial(write_probes, paths["world"], emb / "unpaired", d / "probes.json"))
     held_out_source = eval_store and budget.captions  # the text rows' held-out source: the eval images' reference captions
     if held_out_source:
-        run("embed_eval_captions", [*embed, "--texts", f"{world}/eval_captions.jsonl", "--out", str(emb / "eval_captions")])
+        embed("embed_eval_captions", "--texts", f"{world}/eval_captions.jsonl", "--out", str(emb / "eval_captions"))
     for method in methods:
         run(f"align_{method}", [py, "embed_mean.py", "--text", str(emb / "unpaired" / "text"), "--image",
                                 str(emb / "unpaired" / "image"), "--out", str(paths["align"] / method), "--method", method,
