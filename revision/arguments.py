@@ -7,6 +7,7 @@ command line (data_utils.py) some of these flags exactly as train.py spells them
 """
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -99,9 +100,29 @@ def parse_args(argv: list[str] | None = None,
     """The three argument dataclasses of a command line; `default_embed_folder` (data_utils.folder_path) stands in
     for an --embed_folder not given. Values are checked by revision.settings.resolve, not here."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = installed_spelling(sys.argv[1:] if argv is None else argv, {f.name for f in dataclasses.fields(TrainingArguments)})
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     data_args = dataclasses.replace(data_args, embed_folder=data_args.embed_folder or default_embed_folder or None)
     return model_args, data_args, training_args
+
+
+# transformers renamed --gradient_checkpointing to --activation_checkpointing within the 5.x releases this code
+# supports (5.17 knows only the old name, 5.24 both, the old one until v6): the launchers pass the new one
+RENAMED_FLAGS = {"activation_checkpointing": "gradient_checkpointing",
+                 "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
+def installed_spelling(argv: Sequence[str], known: set[str]) -> list[str]:
+    """`argv` with each renamed flag (RENAMED_FLAGS) spelled as the installed TrainingArguments (`known`: its field
+    names) knows it: the new names on a release before the rename become the old ones; anything else is kept."""
+    spelled = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        name = flag[2:] if flag.startswith("--") else None
+        if name in RENAMED_FLAGS and name not in known and RENAMED_FLAGS[name] in known:
+            arg = f"--{RENAMED_FLAGS[name]}{eq}{value}"
+        spelled.append(arg)
+    return spelled
 
 
 def _plain_type(annotation: Any) -> Any:

@@ -213,9 +213,11 @@ class RevisionModel(nn.Module):
 
     # ---- what HF Trainer expects of a model ---------------------------------------------------------
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        # Non-reentrant checkpointing lets gradients reach the projector through a frozen LLM (stage 1).
-        kwargs_ = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        # Non-reentrant checkpointing lets gradients reach the projector through a frozen LLM (stage 1). A Trainer
+        # from before the rename calls gradient_checkpointing_enable(gradient_checkpointing_kwargs=...).
+        kwargs_ = {"use_reentrant": False, **(activation_checkpointing_kwargs or gradient_checkpointing_kwargs or {})}
         if hasattr(self.llm, "activation_checkpointing_enable"):
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs_, **kwargs)
         else:  # transformers before the rename (5.4 has only the gradient_checkpointing_* spelling)

@@ -16,7 +16,7 @@ import pytest
 from demo.tiny.lm import make_tiny_training_world
 from revision import defaults
 from revision.align import make_alignment
-from revision.arguments import ModelArguments, TrainingArguments, parse_args
+from revision.arguments import ModelArguments, TrainingArguments, installed_spelling, parse_args
 from revision.data import InputError
 from revision.model import RevisionConfig
 from revision.settings import Settings, resolve
@@ -185,3 +185,17 @@ def test_shell_assignments_are_the_values():
     assert lines["DEFAULT_VISUAL_TOKENS"] == str(defaults.NUM_VISUAL_TOKENS)
     assert lines["DEFAULT_MAX_LENGTH"] == str(defaults.MODEL_MAX_LENGTH) and lines["DEFAULT_PROJECTOR"] == defaults.PROJECTOR_TYPE
     assert Settings.__dataclass_params__.frozen
+
+
+def test_the_launchers_checkpointing_flag_is_spelled_as_the_installed_transformers_knows_it(tmp_path):
+    """The GPU launchers pass --activation_checkpointing; transformers 5.17 (an H200 image's) knows only
+    --gradient_checkpointing and stopped there ("arguments are not used by the HfArgumentParser")."""
+    before = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "bf16"}  # 5.17's fields (those that matter)
+    after = before | {"activation_checkpointing", "activation_checkpointing_kwargs"}
+    argv = ["--activation_checkpointing", "true", "--activation_checkpointing_kwargs={}", "--bf16", "true", "--x=1"]
+    assert installed_spelling(argv, before) == ["--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs={}",
+                                                "--bf16", "true", "--x=1"]
+    assert installed_spelling(argv, after) == argv
+    assert installed_spelling(["--gradient_checkpointing"], after) == ["--gradient_checkpointing"]  # the old name stays
+    _, _, training = parse_args(["--output_dir", str(tmp_path), "--activation_checkpointing", "true"])
+    assert training.gradient_checkpointing is True
