@@ -133,6 +133,7 @@ class Runner:
         self.repo = repository_root(repo)  # the checkout whose scripts run (default: the current directory)
         self.run_dir, self.threads = run_dir, budget.threads
         self.times: dict[str, float] = {}
+        self.overlapped: set[str] = set()  # stages run beside others (background): not added into the wall time
         for sub in ("logs", "done"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
         # the recipe; threads and printing may change on a rerun (1 and 2 threads gave identical demo numbers)
@@ -147,31 +148,47 @@ class Runner:
     def __call__(self, name: str, cmd: Sequence[str] | Callable[[], Any], env: dict[str, str] | None = None) -> float:
         """Run a stage: a command line (a subprocess in the repository, output to logs/NAME.log) or, for the
         toy world's own steps and prediction, a function called in this process (its CLI's main)."""
-        done = self.run_dir / "done" / f"{name}.json"
-        if done.is_file():
-            seconds = json.loads(done.read_text())["seconds"]
-            print(f"[{self.run_dir.name}] {name:<28} cached ({seconds:.1f} s earlier)", flush=True)
-            self.times[name] = seconds
+        if not callable(cmd):
+            return self.background(name, cmd, env)()
+        if (seconds := self.cached(name)) is not None:
             return seconds
+        log, start = self.run_dir / "logs" / f"{name}.log", time.perf_counter()
+        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = cmd() or 0
+        return self.finished(name, code, time.perf_counter() - start)
+
+    def background(self, name: str, cmd: Sequence[str], env: dict[str, str] | None = None) -> Callable[[], float]:
+        """Start a command-line stage and return what waits for it (returning its seconds, or raising as a
+        stage does); a stage that finished before is not started. Stages the caller waits for later run beside
+        what it does meanwhile; their time is not added into the seed's wall time (self.overlapped)."""
+        if (seconds := self.cached(name)) is not None:
+            return lambda: seconds
+        threads = str(self.threads)
+        full_env = {"PY": sys.executable, **os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "GPUS": "0",
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
+        log, start = self.run_dir / "logs" / f"{name}.log", time.perf_counter()
+        with open(log, "w") as out:
+            out.write("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()) + " " + shlex.join(cmd) + "\n")
+            out.flush()
+            process = subprocess.Popen(list(cmd), cwd=self.repo, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        return lambda: self.finished(name, process.wait(), time.perf_counter() - start)
+
+    def cached(self, name: str) -> float | None:
+        """The seconds of a stage that finished before (printed and recorded as this run's), else None."""
+        done = self.run_dir / "done" / f"{name}.json"
+        if not done.is_file():
+            return None
+        seconds = json.loads(done.read_text())["seconds"]
+        print(f"[{self.run_dir.name}] {name:<28} cached ({seconds:.1f} s earlier)", flush=True)
+        self.times[name] = seconds
+        return seconds
+
+    def finished(self, name: str, code: int, seconds: float) -> float:
         log = self.run_dir / "logs" / f"{name}.log"
-        start = time.perf_counter()
-        if callable(cmd):
-            with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                code = cmd() or 0
-        else:
-            threads = str(self.threads)
-            full_env = {"PY": sys.executable, **os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "GPUS": "0",
-                        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
-            with open(log, "w") as out:
-                out.write("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()) + " "
-                          + shlex.join(cmd) + "\n")
-                out.flush()
-                code = subprocess.run(list(cmd), cwd=self.repo, env=full_env, stdout=out, stderr=subprocess.STDOUT).returncode
-        seconds = time.perf_counter() - start
         if code != 0:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
             raise RuntimeError(f"stage {name} failed (exit {code}); log {log}:\n{tail}")
-        done.write_text(json.dumps({"seconds": seconds}))
+        (self.run_dir / "done" / f"{name}.json").write_text(json.dumps({"seconds": seconds}))
         print(f"[{self.run_dir.name}] {name:<28} {seconds:6.1f} s", flush=True)
         self.times[name] = seconds
         return seconds
@@ -194,6 +211,10 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
     py, d = sys.executable, run.run_dir
     paths = {"world": d / "world", "clip": d / "clip", "llm": d / "llm", "embeds": d / "embeds", "align": d / "align"}
     world, emb = str(paths["world"]), paths["embeds"]
+    if budget.llm == "smollm2":  # converted once per machine into the GGUF cache, shared by every run and seed: one
+        # core for about 15 s, beside the world and the encoder (which leave part of the second core free)
+        converted = run.background("smollm2_llm", [py, "-m", "revision.gguf", gguf.SMOLLM2])
+        run.overlapped.add("smollm2_llm")
     run("world", partial(toy_world.main, [world, "--seed", str(seed), "--preset", budget.world]))
     clip_main = {"toy": clip.main, "minilm": dual_encoder.main}[budget.encoder]
     run(f"{budget.encoder}_clip", partial(clip_main, ["--world", world, "--out", str(paths["clip"]), "--seed", str(seed),
@@ -201,8 +222,9 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
                                                       *(["--pretrain_steps", str(budget.clip_pretrain_steps),
                                                            "--bf16", str(budget.bf16)]
                                                         if budget.encoder == "minilm" else [])]))
-    if budget.llm == "smollm2":  # converted once per machine into the GGUF cache, shared by every run and seed
-        run("smollm2_llm", partial(link_smollm2, paths["llm"]))
+    if budget.llm == "smollm2":
+        converted()
+        link_smollm2(paths["llm"])
     else:
         run("toy_llm", partial(llm.main, ["--world", world, "--out", str(paths["llm"]), "--seed", str(seed),
                                           "--steps", str(budget.llm_steps)]))
@@ -259,7 +281,8 @@ def write_probes(world: Path, stores: Path, out: Path) -> None:
 
 
 def link_smollm2(link: Path) -> None:
-    """RUN/llm -> SmolLM2's converted folder (converting it first if this machine never did)."""
+    """RUN/llm -> SmolLM2's converted folder (converting it first if this machine never did: `python -m
+    revision.gguf smollm2` does it beside the first stages)."""
     folder = gguf.convert_gguf(gguf.SMOLLM2)
     if not link.is_symlink():
         link.symlink_to(folder.resolve(), target_is_directory=True)
@@ -398,7 +421,8 @@ def run_seed(out: Path, seed: int, budget: Budget, rows: Sequence[str], ablation
     # the CLIP's gap before alignment, as embed_mean.py measured it on the unpaired stores (revision.gap)
     before = json.loads((paths["align"] / methods[0] / "gap_report.json").read_text())["before"]
     summary = {"seed": seed, "budget": asdict(budget), "rows": results, "stage_seconds": run.times,
-               "wall_seconds": sum(run.times.values()),  # cached stages count with their recorded time
+               # cached stages count with their recorded time; those run beside others do not count
+               "wall_seconds": sum(t for name, t in run.times.items() if name not in run.overlapped),
                "clip": {k: before[k] for k in GAP_KEYS}, "probes": json.loads((run.run_dir / "probes.json").read_text())}
     (run.run_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -1,6 +1,7 @@
 """The whole toy pipeline in miniature (mini world, a few training steps): every stage runs through the real
 scripts, and the table and every artifact it promises exist and load."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,24 @@ def test_stage1_only_needs_captions_and_stage1_rows(demo):
 def test_rerun_with_other_settings_is_refused(demo):
     with pytest.raises(ValueError, match="holds a run with other settings"):
         pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--stage2_lr", "0.5", "--repo", str(REPO)])
+
+
+def test_background_stage_runs_beside_others_and_fails_like_any_stage(tmp_path, capsys):
+    run = pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
+    flag = tmp_path / "started"
+    waiting = run.background("slow", [sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(flag)!r}).touch(); "
+                                                            "time.sleep(1.5); print('slow done')"])
+    run.overlapped.add("slow")
+    run("quick", lambda: print("quick done"))  # in this process while the other one runs
+    assert "slow" not in run.times  # not waited for yet
+    assert waiting() >= 1.5 and flag.is_file()
+    assert "slow done" in (tmp_path / "seed-0/logs/slow.log").read_text()
+    assert json.loads((tmp_path / "seed-0/done/slow.json").read_text())["seconds"] >= 1.5
+    again = pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
+    flag.unlink()
+    assert again.background("slow", [sys.executable, "-c", "raise SystemExit(3)"])() >= 1.5  # finished before: not started
+    assert not flag.exists() and "slow                         cached" in capsys.readouterr().out
+    failing = again.background("broken", [sys.executable, "-c", "print('what went wrong'); raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match=r"stage broken failed \(exit 3\)(.|\n)*what went wrong"):
+        failing()
+    assert not (tmp_path / "seed-0/done/broken.json").exists()
