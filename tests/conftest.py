@@ -58,15 +58,26 @@ def mini_world(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def mini_demo(tmp_path_factory):
-    """The toy pipeline's miniature run (mini preset, rows realign and no_stage1, seed 0), once per test module:
-    trained checkpoints of the mini world in OUT/seed-0/runs/ROW/stage1|stage2, the world in OUT/seed-0/world."""
+@pytest.fixture(scope="session")
+def mini_demo(tmp_path_factory, worker_id):
+    """The toy pipeline's miniature run (mini preset, rows realign and no_stage1, seed 0), once per test session:
+    trained checkpoints of the mini world in OUT/seed-0/runs/ROW/stage1|stage2, the world in OUT/seed-0/world.
+    Under pytest-xdist the workers share one run (the first builds it under a file lock, the others wait for it):
+    each of its two modules used to build its own, about a minute of both cores each."""
+    from filelock import FileLock
+
     from demo import pipeline
 
-    out = tmp_path_factory.mktemp("toy-demo")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout whose scripts the stages run
-    pipeline.main(["--out", str(out), "--preset", "mini", "--rows", "realign,no_stage1", "--repo", repo])
+    args = ["--preset", "mini", "--rows", "realign,no_stage1", "--repo", repo]
+    if worker_id == "master":  # no xdist: this session's own folder
+        out = tmp_path_factory.mktemp("toy-demo")
+        pipeline.main(["--out", str(out), *args])
+        return out
+    out = tmp_path_factory.getbasetemp().parent / "toy-demo"  # the folder of this run, shared by its workers
+    with FileLock(f"{out}.lock"):
+        if not (out / "results.json").is_file():  # written last: a complete run
+            pipeline.main(["--out", str(out), *args])
     return out
 
 
