@@ -33,6 +33,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -171,7 +172,20 @@ class Runner:
             out.write("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()) + " " + shlex.join(cmd) + "\n")
             out.flush()
             process = subprocess.Popen(list(cmd), cwd=self.repo, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-        return lambda: self.finished(name, process.wait(), time.perf_counter() - start)
+        ended: list[float] = []  # when it exited, not when it was waited for: the stage's own time
+
+        def watch() -> None:
+            process.wait()
+            ended.append(time.perf_counter())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+
+        def wait() -> float:
+            watcher.join()
+            return self.finished(name, process.returncode, ended[0] - start)
+
+        return wait
 
     def cached(self, name: str) -> float | None:
         """The seconds of a stage that finished before (printed and recorded as this run's), else None."""
