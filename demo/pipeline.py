@@ -26,17 +26,14 @@ A finished stage is not run again (OUT/seed-N/done/<stage>.json holds its time):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
 import shlex
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,18 +42,17 @@ import numpy as np
 import torch
 
 from demo import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
+from demo.budget import BUDGETS, Budget
 from demo.probes import probe_line, probe_store
 from demo.report import GAP_KEYS, caption_scores, difference_table, gap_table, held_out_examples, probe_table, stage_table, table
+from demo.runner import Runner, repository_root
 from revision import gguf, predict
-from revision.arguments import cpu_bf16_supported
 from revision.embed import main as image_embed
 from revision.errors import InputError, exit_with
 from revision.records import read_records
 from revision.store import EmbeddingStore
 from revision.store_writer import write_store
 
-# what the stages run, relative to the repository root (the pipeline runs a checkout's scripts, as a user does)
-REPO_SCRIPTS = ("script/train/pretrain.sh", "script/train/finetune_full.sh", "image_embed.py", "embed_mean.py")
 ALIGN_METHODS = ("none", "mean_shift", "c3", "anchor", "anchor_trace", "realign")
 # row -> (alignment whose text store / align_stats it uses, stage-1 data: "text", "paired" or None)
 ROWS = {
@@ -70,153 +66,6 @@ ROWS = {
     "no_stage1": ("none", None),
 }
 
-
-@dataclass(frozen=True)
-class Budget:
-    """How big every stage is, and which parts run. `default` (real parts) fits the 10-minute demo on 2 CPU cores;
-    `toy` is the all-toy run of docs/results.md's history table; `mini` runs in a test."""
-    world: str = "real"
-    encoder: str = "minilm"     # minilm: the dual encoder on the real MiniLM (toy/dual_encoder.py); toy: toy/clip.py
-    llm: str = "smollm2"        # smollm2: the real SmolLM2-135M-Instruct (revision/gguf.py); toy: toy/llm.py
-    clip_steps: int = 600
-    clip_pretrain_steps: int = 800  # the minilm dual encoder's conv tower: steps on the captions' words first
-    llm_steps: int = 300
-    stage1_epochs: float = 3.0
-    stage1_lr: float = 1e-2
-    stage2_epochs: float = 2.0
-    stage2_lr: float = 1e-3
-    batch: int = 32
-    stage2_batch: int = 0       # > 0: stage 2's own batch (else batch)
-    visual_tokens: int = 1
-    projector_tokens: int = 1   # distinct vectors the projector makes of the embedding (they fill the visual tokens)
-    stage2_projector_lr: float = 0.0  # > 0: the projector's own learning rate in stage 2 (--mm_projector_lr)
-    max_length: int = 128
-    max_steps: int = -1         # > 0: cap every training stage (the mini preset)
-    caption_tokens: int = 40
-    answer_tokens: int = 8
-    threads: int = 1            # torch threads per process: tiny models run fastest on one (threads mostly wait)
-    bf16: bool = False          # the dual encoder and both training stages under bf16 autocast (CPUs with bf16 units)
-    group_by_length: bool = False  # batches of samples of similar length (less padding)
-    empty_system_prompt: bool = False  # stage 2: an empty system message, not the chat template's default (SmolLM2's: 21 tokens a sample)
-    captions: bool = True       # caption the eval images with each stage-1 checkpoint (the table's caption columns)
-    stage2: bool = True         # false: stop each row after stage 1 and its captions (the stage-1 transfer table)
-    show: int = 6               # held-out questions printed at the end with the model's answers and the truth
-
-
-BUDGETS = {
-    # the real parts on CPU (docs/results.md, "A recipe whose model reads", "Binding both objects", "Shape: more
-    # pairs, more images"): the conv dual encoder (1000 steps on the captions' words, both objects of a scene: 1200
-    # took the demo to 10.4 minutes; 100 contrastive), 8 distinct visual tokens from a standardised projector input (4:
-    # QA 0.042 lower and colour 0.72 against 0.81 over 3 seeds, "Binding: what the reader needs"),
-    # stage 1 two epochs of the 1000 captions in batches of 8 (one left its loss at 1.9, not 0.94: QA 0.63, not 0.71),
-    # stage 2 one epoch of the 1020 QA conversations in batches of 16 (a step of 16 costs 1.65-1.87x one of 8) with the
-    # projector at 10x the LLM's learning rate and an empty system message (SmolLM2's default is a fifth of a
-    # sample); bf16 autocast where the CPU has bf16 units, length-grouped batches
-    "default": Budget(clip_steps=100, clip_pretrain_steps=1000, stage1_epochs=2.0, stage1_lr=3e-3, stage2_epochs=1.0,
-                      stage2_lr=2e-4, stage2_projector_lr=2e-3, batch=8, stage2_batch=16, visual_tokens=8,
-                      projector_tokens=8, max_length=136, answer_tokens=8, captions=False,
-                      threads=min(os.cpu_count() or 1, 8), bf16=cpu_bf16_supported(), group_by_length=True,
-                      empty_system_prompt=True),
-    "toy": Budget(world="default", encoder="toy", llm="toy"),
-    # the real-parts world and dual encoder with the toy LLM and its training budget: the full comparison table
-    # (every row, 3 seeds) in CPU minutes, beside the real LLM's rows
-    "toyllm": Budget(encoder="minilm", llm="toy", clip_steps=300),
-    "mini": Budget(world="mini", encoder="toy", llm="toy", clip_steps=10, llm_steps=10, batch=8, max_length=96,
-                   max_steps=2, caption_tokens=12, answer_tokens=4),
-}
-
-
-class Runner:
-    """Runs stages as subprocesses in the repository, logs each, prints one progress line per stage with
-    its time, and skips a stage that finished before (in a folder made with the same seed and budget)."""
-
-    def __init__(self, run_dir: Path, seed: int, budget: Budget, repo: str | Path | None = None):
-        self.repo = repository_root(repo)  # the checkout whose scripts run (default: the current directory)
-        self.run_dir, self.threads = run_dir, budget.threads
-        self.times: dict[str, float] = {}
-        self.overlapped: set[str] = set()  # stages run beside others (background): not added into the wall time
-        for sub in ("logs", "done"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        # the recipe; threads and printing may change on a rerun (1 and 2 threads gave identical demo numbers)
-        def recipe(values: dict) -> dict:
-            return {k: v for k, v in values.items() if k not in ("threads", "show")}
-
-        settings, saved = recipe({"seed": seed, **asdict(budget)}), run_dir / "settings.json"
-        if saved.is_file() and recipe(json.loads(saved.read_text())) != settings:
-            raise ValueError(f"{run_dir} holds a run with other settings ({saved}); use another --out or delete it")
-        saved.write_text(json.dumps(settings, indent=1) + "\n")
-
-    def __call__(self, name: str, cmd: Sequence[str] | Callable[[], Any], env: dict[str, str] | None = None) -> float:
-        """Run a stage: a command line (a subprocess in the repository, output to logs/NAME.log) or, for the
-        toy world's own steps and prediction, a function called in this process (its CLI's main)."""
-        if not callable(cmd):
-            return self.background(name, cmd, env)()
-        if (seconds := self.cached(name)) is not None:
-            return seconds
-        log, start = self.run_dir / "logs" / f"{name}.log", time.perf_counter()
-        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = cmd() or 0
-        return self.finished(name, code, time.perf_counter() - start)
-
-    def background(self, name: str, cmd: Sequence[str], env: dict[str, str] | None = None) -> Callable[[], float]:
-        """Start a command-line stage and return what waits for it (returning its seconds, or raising as a
-        stage does); a stage that finished before is not started. Stages the caller waits for later run beside
-        what it does meanwhile; their time is not added into the seed's wall time (self.overlapped)."""
-        if (seconds := self.cached(name)) is not None:
-            return lambda: seconds
-        threads = str(self.threads)
-        full_env = {"PY": sys.executable, **os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "GPUS": "0",
-                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
-        log, start = self.run_dir / "logs" / f"{name}.log", time.perf_counter()
-        with open(log, "w") as out:
-            out.write("+ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()) + " " + shlex.join(cmd) + "\n")
-            out.flush()
-            process = subprocess.Popen(list(cmd), cwd=self.repo, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-        ended: list[float] = []  # when it exited, not when it was waited for: the stage's own time
-
-        def watch() -> None:
-            process.wait()
-            ended.append(time.perf_counter())
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-
-        def wait() -> float:
-            watcher.join()
-            return self.finished(name, process.returncode, ended[0] - start)
-
-        return wait
-
-    def cached(self, name: str) -> float | None:
-        """The seconds of a stage that finished before (printed and recorded as this run's), else None."""
-        done = self.run_dir / "done" / f"{name}.json"
-        if not done.is_file():
-            return None
-        seconds = json.loads(done.read_text())["seconds"]
-        print(f"[{self.run_dir.name}] {name:<28} cached ({seconds:.1f} s earlier)", flush=True)
-        self.times[name] = seconds
-        return seconds
-
-    def finished(self, name: str, code: int, seconds: float) -> float:
-        log = self.run_dir / "logs" / f"{name}.log"
-        if code != 0:
-            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-            raise RuntimeError(f"stage {name} failed (exit {code}); log {log}:\n{tail}")
-        (self.run_dir / "done" / f"{name}.json").write_text(json.dumps({"seconds": seconds}))
-        print(f"[{self.run_dir.name}] {name:<28} {seconds:6.1f} s", flush=True)
-        self.times[name] = seconds
-        return seconds
-
-
-def repository_root(path: str | Path | None = None) -> Path:
-    """The ReVision checkout whose scripts the stages run: `path`, else the current directory. An InputError
-    naming what is missing when it is not one (checked before any stage runs)."""
-    root = (Path.cwd() if path is None else Path(path)).resolve()
-    missing = [name for name in REPO_SCRIPTS if not (root / name).is_file()]
-    if missing:
-        raise InputError(f"{root} is not a ReVision checkout (no {', '.join(missing)}): run from the repository root "
-                         "or pass --repo ROOT")
-    return root
 
 
 def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALIGN_METHODS,

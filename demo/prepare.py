@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from demo import add_config_arguments, config_from_arguments
-from demo.pipeline import BUDGETS, Budget, Runner, prepare, repository_root
+from demo.budget import BUDGETS, Budget
+from demo.pipeline import prepare
+from demo.runner import Runner, repository_root
 from revision.errors import InputError, exit_with
 
 

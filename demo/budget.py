@@ -1,0 +1,62 @@
+"""How big each stage of the embedded-world pipeline is, and which parts run: `Budget` and its presets."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from revision.arguments import cpu_bf16_supported
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big every stage is, and which parts run. `default` (real parts) fits the 10-minute demo on 2 CPU cores;
+    `toy` is the all-toy run of docs/results.md's history table; `mini` runs in a test."""
+    world: str = "real"
+    encoder: str = "minilm"     # minilm: the dual encoder on the real MiniLM (demo/dual_encoder.py); toy: demo/clip.py
+    llm: str = "smollm2"        # smollm2: the real SmolLM2-135M-Instruct (revision/gguf.py); toy: demo/llm.py
+    clip_steps: int = 600
+    clip_pretrain_steps: int = 800  # the minilm dual encoder's conv tower: steps on the captions' words first
+    llm_steps: int = 300
+    stage1_epochs: float = 3.0
+    stage1_lr: float = 1e-2
+    stage2_epochs: float = 2.0
+    stage2_lr: float = 1e-3
+    batch: int = 32
+    stage2_batch: int = 0       # > 0: stage 2's own batch (else batch)
+    visual_tokens: int = 1
+    projector_tokens: int = 1   # distinct vectors the projector makes of the embedding (they fill the visual tokens)
+    stage2_projector_lr: float = 0.0  # > 0: the projector's own learning rate in stage 2 (--mm_projector_lr)
+    max_length: int = 128
+    max_steps: int = -1         # > 0: cap every training stage (the mini preset)
+    caption_tokens: int = 40
+    answer_tokens: int = 8
+    threads: int = 1            # torch threads per process: tiny models run fastest on one (threads mostly wait)
+    bf16: bool = False          # the dual encoder and both training stages under bf16 autocast (CPUs with bf16 units)
+    group_by_length: bool = False  # batches of samples of similar length (less padding)
+    empty_system_prompt: bool = False  # stage 2: an empty system message, not the chat template's default (SmolLM2's: 21 tokens a sample)
+    captions: bool = True       # caption the eval images with each stage-1 checkpoint (the table's caption columns)
+    stage2: bool = True         # false: stop each row after stage 1 and its captions (the stage-1 transfer table)
+    show: int = 6               # held-out questions printed at the end with the model's answers and the truth
+
+
+BUDGETS = {
+    # the real parts on CPU (docs/results.md, "A recipe whose model reads", "Binding both objects", "Shape: more
+    # pairs, more images"): the conv dual encoder (1000 steps on the captions' words, both objects of a scene: 1200
+    # took the demo to 10.4 minutes; 100 contrastive), 8 distinct visual tokens from a standardised projector input (4:
+    # QA 0.042 lower and colour 0.72 against 0.81 over 3 seeds, "Binding: what the reader needs"),
+    # stage 1 two epochs of the 1000 captions in batches of 8 (one left its loss at 1.9, not 0.94: QA 0.63, not 0.71),
+    # stage 2 one epoch of the 1020 QA conversations in batches of 16 (a step of 16 costs 1.65-1.87x one of 8) with the
+    # projector at 10x the LLM's learning rate and an empty system message (SmolLM2's default is a fifth of a
+    # sample); bf16 autocast where the CPU has bf16 units, length-grouped batches
+    "default": Budget(clip_steps=100, clip_pretrain_steps=1000, stage1_epochs=2.0, stage1_lr=3e-3, stage2_epochs=1.0,
+                      stage2_lr=2e-4, stage2_projector_lr=2e-3, batch=8, stage2_batch=16, visual_tokens=8,
+                      projector_tokens=8, max_length=136, answer_tokens=8, captions=False,
+                      threads=min(os.cpu_count() or 1, 8), bf16=cpu_bf16_supported(), group_by_length=True,
+                      empty_system_prompt=True),
+    "toy": Budget(world="default", encoder="toy", llm="toy"),
+    # the real-parts world and dual encoder with the toy LLM and its training budget: the full comparison table
+    # (every row, 3 seeds) in CPU minutes, beside the real LLM's rows
+    "toyllm": Budget(encoder="minilm", llm="toy", clip_steps=300),
+    "mini": Budget(world="mini", encoder="toy", llm="toy", clip_steps=10, llm_steps=10, batch=8, max_length=96,
+                   max_steps=2, caption_tokens=12, answer_tokens=4),
+}
