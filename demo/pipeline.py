@@ -44,7 +44,7 @@ import torch
 from demo import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
 from demo.budget import BUDGETS, Budget
 from demo.probes import probe_line, probe_store
-from demo.report import GAP_KEYS, caption_scores, difference_table, gap_table, held_out_examples, probe_table, stage_table, table
+from demo.report import GAP_KEYS, caption_scores, held_out_examples, results_document
 from demo.runner import Runner, repository_root
 from revision import gguf, predict
 from revision.embed import main as image_embed
@@ -319,14 +319,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--stage2 false measures stage 1 by its captions: it needs --captions true and no no_stage1 row")
     start = time.perf_counter()
     summaries = [run_seed(out, seed, budget, rows, args.ablation_visual_tokens, repo) for seed in seeds]
-    markdown, numbers = table(summaries)
-    if "none" in rows and len(rows) > 1:
-        markdown += "\n\n" + difference_table(summaries, "none")
     command = "python -m demo.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = (f"# Embedded-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})\n\n"
-            f"Regenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\nStage times (s):\n\n"
-            f"{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n\n"
-            f"Wall time of this invocation: {time.perf_counter() - start:.0f} s\n")
+    text, numbers = results_document(
+        summaries, f"Embedded-world results ({args.preset} preset: {budget.encoder} CLIP, {budget.llm} LLM; seeds {args.seeds})",
+        command)
+    text += f"\nWall time of this invocation: {time.perf_counter() - start:.0f} s\n"
     row = "realign" if "realign" in rows else rows[0]
     if budget.show and budget.stage2:
         text += "\n" + held_out_examples(out / f"seed-{seeds[0]}", row, budget.show) + "\n"

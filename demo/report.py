@@ -1,13 +1,24 @@
 """The toy pipeline's report: caption scoring, the comparison table (mean ± sample std over seeds), the per-seed
-differences against a baseline row, the CLIP's gap beside the paper's LLM2CLIP, stage times, held-out examples."""
+differences against a baseline row, the CLIP's gap beside the paper's LLM2CLIP, stage times, held-out examples;
+and one table from runs made apart (other rows of the same seeds):
+
+    python -m demo.report --out DIR RUN_A/results.json RUN_B/results.json
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from demo.runner import recipe
 from demo.world import parse_caption
+from revision.errors import InputError, exit_with
 from revision.records import read_records
 
 
@@ -165,3 +176,71 @@ def difference_table(summaries: list[dict], baseline: str = "none") -> str:
             cells = ["—" if d is None else f"{d:+.3f}" for d in diffs]
             lines.append(f"| {row} | {title} | " + " | ".join(cells) + f" | {_cell([d for d in diffs if d is not None], 3, signed=True)} |")
     return "\n".join(lines)
+
+
+def results_document(summaries: list[dict], title: str, command: str, baseline: str = "none") -> tuple[str, dict]:
+    """results.md's text (the table, the differences against `baseline`, the gap, stage times, probes) and the
+    numbers of results.json."""
+    markdown, numbers = table(summaries)
+    rows = list(summaries[0]["rows"])
+    if baseline in rows and len(rows) > 1:
+        markdown += "\n\n" + difference_table(summaries, baseline)
+    return (f"# {title}\n\nRegenerate: `{command}`\n\n{markdown}\n\n{gap_table([s['clip'] for s in summaries])}\n\n"
+            f"Stage times (s):\n\n{stage_table(summaries)}\n\n{probe_table([s['probes'] for s in summaries])}\n"), numbers
+
+
+def merge_results(files: Sequence[Path]) -> list[dict]:
+    """The per-seed summaries of several results.json files as one run's: rows of the same seeds run apart (other
+    streams, other machines). An InputError when the files' seeds differ, a row of a seed is in two files, or a
+    seed's recipe or CLIP gap differs (another world or encoder: their rows cannot share a table)."""
+    runs = [(Path(f), json.loads(Path(f).read_text())["per_seed"]) for f in files]
+    first, merged = runs[0][0], [dict(s, rows=dict(s["rows"]), stage_seconds=dict(s["stage_seconds"])) for s in runs[0][1]]
+    for path, summaries in runs[1:]:
+        seeds = [s["seed"] for s in summaries]
+        if seeds != [s["seed"] for s in merged]:
+            raise InputError(f"{path} holds seeds {seeds}, {first} seeds {[s['seed'] for s in merged]}: merge runs of the same seeds")
+        for into, summary in zip(merged, summaries):
+            seed = summary["seed"]
+            differs = sorted(k for k in recipe(into["budget"]).keys() | recipe(summary["budget"]).keys()
+                             if into["budget"].get(k) != summary["budget"].get(k))
+            if differs:
+                raise InputError(f"seed {seed}: {path} ran another recipe than {first} ({', '.join(differs)})")
+            if not np.allclose([into["clip"][k] for k in GAP_KEYS], [summary["clip"][k] for k in GAP_KEYS], rtol=1e-6):
+                raise InputError(f"seed {seed}: {path} measured another CLIP gap than {first} (another world or encoder): "
+                                 "their rows cannot share a table")
+            if twice := sorted(into["rows"].keys() & summary["rows"].keys()):
+                raise InputError(f"seed {seed}: rows {twice} are in {path} and in an earlier file: merge each row once")
+            into["rows"].update(summary["rows"])
+            new = {n: t for n, t in summary["stage_seconds"].items() if n not in into["stage_seconds"]}
+            into["stage_seconds"].update(new)
+            into["wall_seconds"] += sum(new.values())  # the stages this run did not share with the earlier ones
+    return merged
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One table from several runs' results.json (other rows of the same "
+                                                 "seeds, run apart): OUT/results.md and OUT/results.json")
+    parser.add_argument("--out", required=True, help="folder for results.md and results.json")
+    parser.add_argument("--baseline", default="none", help="the row the per-seed differences are taken against")
+    parser.add_argument("files", nargs="+", type=Path, help="results.json of each run (OUT/results.json of demo.pipeline)")
+    args = parser.parse_args(argv)
+    try:
+        summaries = merge_results(args.files)
+    except (InputError, OSError, KeyError, ValueError) as e:
+        exit_with(e if isinstance(e, InputError) else InputError(f"cannot merge {args.files}: {e}"), prog=parser.prog)
+    sources = [json.loads(f.read_text())["command"] for f in args.files]
+    seeds = ",".join(str(s["seed"]) for s in summaries)
+    command = "python -m demo.report " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text, numbers = results_document(summaries, f"Embedded-world results (merged from {len(args.files)} runs; seeds {seeds})",
+                                     command, args.baseline)
+    text += "\nThe runs merged:\n\n" + "\n".join(f"- `{c}`" for c in sources) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({**numbers, "seeds": [s["seed"] for s in summaries], "command": command,
+                                                  "merged": sources, "per_seed": summaries}, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,15 @@ from revision.errors import InputError
 
 # what the stages run, relative to the repository root (the pipeline runs a checkout's scripts, as a user does)
 REPO_SCRIPTS = ("script/train/pretrain.sh", "script/train/finetune_full.sh", "image_embed.py", "embed_mean.py")
+# Budget fields a finished stage's outcome does not depend on: threads and printing (1 and 2 threads gave identical
+# demo numbers), and which stages run (captions, stage2): one folder then gives the QA table and, from the same
+# stage-1 checkpoints, the transfer table
+NOT_RECIPE = ("threads", "show", "captions", "stage2")
+
+
+def recipe(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings (a Budget as a dict, with the seed) that a finished stage's outcome depends on."""
+    return {k: v for k, v in settings.items() if k not in NOT_RECIPE}
 
 
 class Runner:
@@ -32,10 +41,6 @@ class Runner:
         self.overlapped: set[str] = set()  # stages run beside others (background): not added into the wall time
         for sub in ("logs", "done"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        # the recipe; threads and printing may change on a rerun (1 and 2 threads gave identical demo numbers)
-        def recipe(values: dict) -> dict:
-            return {k: v for k, v in values.items() if k not in ("threads", "show")}
-
         settings, saved = recipe({"seed": seed, **asdict(budget)}), run_dir / "settings.json"
         if saved.is_file() and recipe(json.loads(saved.read_text())) != settings:
             raise ValueError(f"{run_dir} holds a run with other settings ({saved}); use another --out or delete it")

@@ -112,6 +112,14 @@ def test_rerun_resumes_from_finished_stages(demo, capsys):
     printed = capsys.readouterr().out
     assert "no_stage1.stage2" in printed and "cached" in printed and " s\n" in printed
     assert f"python -m revision.serve --model {demo / 'seed-0/runs/no_stage1/stage2'}\n" in printed  # the web demo
+    # which stages run is not the recipe: the same folder gives the stage-1 table from the same checkpoints
+    pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "realign", "--stage2", "false", "--repo", str(REPO)])
+    stage1_only = json.loads((demo / "results.json").read_text())["rows"]["realign"]
+    printed = capsys.readouterr().out
+    stages = [line for line in printed.splitlines() if line.startswith("[seed-0] ")]
+    assert "realign.stage2" not in printed and "realign.predict_captions" in printed
+    assert stages and all("cached" in line for line in stages)  # nothing trained or predicted again
+    assert "caption_acc" in stage1_only and "qa_acc" not in stage1_only and "stage2_loss" not in stage1_only
 
 
 def test_stage1_only_needs_captions_and_stage1_rows(demo):

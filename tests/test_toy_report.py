@@ -3,7 +3,10 @@ import json
 
 import pytest
 
-from demo.report import caption_scores, difference_table, table
+from demo import report
+from demo.budget import BUDGETS
+from demo.report import caption_scores, difference_table, merge_results, table
+from revision.errors import InputError
 
 
 def _summaries():
@@ -51,3 +54,51 @@ def test_caption_scores_match_objects_by_attributes(tmp_path):
                                                                  "in the top left corner and a big red box."}) + "\n")
     scores = caption_scores(answers, world)
     assert scores["attribute_acc"] == 1.0 and scores["strict_attribute_acc"] == 0.0 and scores["count_acc"] == 0.0
+
+
+def _run_file(path, rows, gap=0.7, **budget):
+    """A results.json as demo.pipeline writes it, for `rows` of seeds 0 and 1 (QA only)."""
+    from dataclasses import asdict, replace
+
+    settings = asdict(replace(BUDGETS["default"], **budget))
+    per_seed = [{"seed": seed, "budget": settings, "rows": {r: {"qa_acc": 0.5 + 0.1 * i + 0.01 * seed} for i, r in enumerate(rows)},
+                 "stage_seconds": {"world": 10.0, "minilm_clip": 100.0, **{f"{r}.stage2": 50.0 for r in rows}},
+                 "wall_seconds": 110.0 + 50 * len(rows),
+                 "clip": {k: gap + seed for k in report.GAP_KEYS}, "probes": {"skipped": "test"}} for seed in (0, 1)]
+    path.write_text(json.dumps({"command": f"python -m demo.pipeline --rows {','.join(rows)}", "per_seed": per_seed}))
+    return path
+
+
+def test_merge_puts_rows_run_apart_in_one_table(tmp_path, capsys):
+    first = _run_file(tmp_path / "a.json", ["none", "realign"])
+    second = _run_file(tmp_path / "b.json", ["c3"], threads=1, captions=True)  # which stages ran is not the recipe
+    merged = merge_results([first, second])
+    assert list(merged[1]["rows"]) == ["none", "realign", "c3"] and merged[1]["rows"]["c3"]["qa_acc"] == pytest.approx(0.51)
+    assert merged[0]["wall_seconds"] == 210 + 50  # the second run's own stage only: world and CLIP were shared
+    report.main(["--out", str(tmp_path / "out"), str(first), str(second)])
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| c3 | QA acc. | +0.000 | +0.000 | +0.000 ± 0.000 |" in text  # c3 − none, paired by seed (0 and 1)
+    assert "- `python -m demo.pipeline --rows c3`" in text and "python -m demo.report --out" in text
+    numbers = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert numbers["rows"]["realign"]["qa_acc"]["values"] == pytest.approx([0.6, 0.61])
+
+
+@pytest.mark.parametrize("second, message", [
+    (dict(rows=["realign"]), r"rows \['realign'\] are in .*b.json"),
+    (dict(rows=["c3"], gap=0.6), "another CLIP gap"),
+    (dict(rows=["c3"], stage1_lr=0.1), r"another recipe .*\(stage1_lr\)"),
+])
+def test_merge_refuses_runs_that_cannot_share_a_table(tmp_path, second, message):
+    first = _run_file(tmp_path / "a.json", ["none", "realign"])
+    with pytest.raises(InputError, match=message):
+        merge_results([first, _run_file(tmp_path / "b.json", **second)])
+
+
+def test_merge_refuses_other_seeds_with_a_clear_error(tmp_path, capsys):
+    first, second = _run_file(tmp_path / "a.json", ["none"]), _run_file(tmp_path / "b.json", ["c3"])
+    data = json.loads(second.read_text())
+    data["per_seed"] = data["per_seed"][:1]
+    second.write_text(json.dumps(data))
+    with pytest.raises(SystemExit):
+        report.main(["--out", str(tmp_path / "out"), str(first), str(second)])
+    assert "b.json holds seeds [0]" in capsys.readouterr().err and not (tmp_path / "out").exists()
