@@ -21,6 +21,8 @@ from demo.world import parse_caption
 from revision.errors import InputError, exit_with
 from revision.records import read_records
 
+OBJECT_COUNTS = {1: "one object", 2: "two objects"}
+
 
 def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
     """Attribute accuracy of generated captions: each scene object is matched to the parsed object that
@@ -32,9 +34,11 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
     hits: dict[str, list[bool]] = {k: [] for k in kinds}
     strict: dict[str, list[bool]] = {k: [] for k in kinds}
     all_right, count_right = [], []
+    by_objects: dict[str, list[bool]] = {}  # strict hits by the scene's number of objects
     for row in read_records(answers):
         said = parse_caption(row.get("text") or "")
         objects = refs[row["question_id"]]["objects"]
+        scene = by_objects.setdefault(OBJECT_COUNTS.get(len(objects), f"{len(objects)} objects"), [])
         free, right = list(said), True
         for obj in objects:
             best = max(free, key=lambda p: sum(p[k] == obj[k] for k in kinds), default=None)
@@ -44,6 +48,7 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
                 hit = best is not None and best[k] == obj[k]
                 hits[k].append(hit)
                 strict[k].append(hit and len(said) == len(objects))
+                scene.append(strict[k][-1])
                 right &= hit
         all_right.append(right and not free)
         count_right.append(len(said) == len(objects))
@@ -51,6 +56,7 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
             "per_attribute": {k: float(np.mean(v)) for k, v in hits.items()},
             "strict_attribute_acc": float(np.mean([h for v in strict.values() for h in v])),
             "strict_per_attribute": {k: float(np.mean(v)) for k, v in strict.items()},
+            "strict_by_objects": {n: float(np.mean(v)) for n, v in sorted(by_objects.items())},
             "count_acc": float(np.mean(count_right)), "all_correct": float(np.mean(all_right))}
 
 
@@ -84,6 +90,9 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
     for key, title in (("caption_per_attribute", "Stage-1 captions of held-out real images: accuracy per attribute (strict)"),
                        ("source_caption_per_attribute", "The same checkpoints on their own held-out source (the eval "
                         "images' reference captions through the row's text map): accuracy per attribute (strict)"),
+                       ("caption_by_objects", "Stage-1 captions of held-out real images by the scene's number of objects "
+                        "(strict attribute accuracy)"),
+                       ("source_caption_by_objects", "The same on their own held-out source, by the scene's number of objects"),
                        ("qa_per_category", "QA accuracy per question category"),
                        ("qa_per_category_blind", "QA accuracy per question category, blind (every image the mean image embedding)")):
         if any(key in r for s in summaries for r in s["rows"].values()):  # no captions asked (--captions false): none

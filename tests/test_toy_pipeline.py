@@ -43,7 +43,7 @@ def test_table_and_artifacts(demo):
     source = [json.loads(line) for line in (run / "runs" / "realign" / "source_caption_answers.jsonl").read_text().splitlines()]
     assert len(source) == 12 and all("text" in a for a in source)
     seed_row = json.loads((run / "results.json").read_text())["rows"]["realign"]
-    assert 0 <= realign["source_caption_acc"] <= 1 and set(seed_row) >= {"caption_colour", "source_caption_shape"}
+    assert 0 <= realign["source_caption_acc"] <= 1 and set(seed_row) >= {"caption_colour", "source_caption_shape", "caption_by_objects"}
     aligned = EmbeddingStore(run / "align_eval" / "realign")
     assert aligned.kind == "text" and len(aligned.load_all().ids) == 12
     table = (demo / "results.md").read_text()

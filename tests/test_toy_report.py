@@ -56,6 +56,25 @@ def test_caption_scores_match_objects_by_attributes(tmp_path):
     assert scores["attribute_acc"] == 1.0 and scores["strict_attribute_acc"] == 0.0 and scores["count_acc"] == 0.0
 
 
+def test_caption_scores_split_by_the_scenes_number_of_objects(tmp_path):
+    """A text row can learn one-object captions and not two-object ones (a sentence embedding binds poorly): the
+    split shows which scenes a row reads."""
+    world = tmp_path / "w"
+    world.mkdir()
+    one = [{"shape": "square", "colour": "green", "size": "small", "position": "middle"}]
+    two = [{"shape": "circle", "colour": "red", "size": "small", "position": "top left"},
+           {"shape": "star", "colour": "blue", "size": "large", "position": "middle"}]
+    (world / "eval_captions.jsonl").write_text("".join(json.dumps({"id": i, "attributes": {"objects": o}}) + "\n"
+                                                       for i, o in (("e1", one), ("e2", two))))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i, "text": text}) + "\n" for i, text in (
+        ("e1", "a small green square in the middle."),
+        ("e2", "a small blue circle at the top left and a large red star in the middle."))))  # colours swapped
+    scores = caption_scores(answers, world)
+    assert scores["strict_by_objects"] == {"one object": 1.0, "two objects": pytest.approx(6 / 8)}
+    assert scores["strict_attribute_acc"] == pytest.approx(10 / 12)
+
+
 def _run_file(path, rows, gap=0.7, **budget):
     """A results.json as demo.pipeline writes it, for `rows` of seeds 0 and 1 (QA only)."""
     from dataclasses import asdict, replace
