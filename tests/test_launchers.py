@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from demo import pipeline, prepare
+from demo import pipeline, prepare, runner
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"stage 1": "pretrain.sh", "stage 2": "finetune_full.sh", "stage 2 LoRA": "finetune_lora.sh"}
@@ -139,24 +139,24 @@ def test_extra_is_split_like_a_shell_and_never_run(tmp_path):
 def default_world(tmp_path_factory):
     """The launchers' default world in miniature, prepared in this process; the commands it ran."""
     out, commands = tmp_path_factory.mktemp("default"), []
-    real_run = pipeline.subprocess.run
+    real_popen = runner.subprocess.Popen  # every command-line stage starts through it
 
-    def recording_run(cmd, *args, **kwargs):
+    def recording_popen(cmd, *args, **kwargs):
         commands.append(list(cmd))
-        return real_run(cmd, *args, **kwargs)
+        return real_popen(cmd, *args, **kwargs)
 
-    pipeline.subprocess.run = recording_run
+    runner.subprocess.Popen = recording_popen
     try:
         prepare.main(["--out", str(out), "--preset", "mini", "--repo", str(REPO)])
     finally:
-        pipeline.subprocess.run = real_run
+        runner.subprocess.Popen = real_popen
     return out, commands
 
 
 def test_prepare_builds_the_default_world_without_a_launcher(default_world):
     out, commands = default_world
     scripts = [next(a for a in cmd if a.endswith((".py", ".sh"))) for cmd in commands]
-    assert scripts == ["image_embed.py", "embed_mean.py"]  # the world, CLIP and LLM steps run in-process
+    assert scripts == ["embed_mean.py"]  # the world, CLIP, LLM and image_embed.py's main run in-process
     for path in ("world/pretrain.json", "world/instruct.json", "llm/config.json", "embeds/unpaired/image/manifest.json",
                  "align/realign/align_stats.json"):
         assert (out / path).is_file(), path
