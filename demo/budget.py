@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from revision.arguments import cpu_bf16_supported
 
@@ -60,3 +61,14 @@ BUDGETS = {
     "mini": Budget(world="mini", encoder="toy", llm="toy", clip_steps=10, llm_steps=10, batch=8, max_length=96,
                    max_steps=2, caption_tokens=12, answer_tokens=4),
 }
+
+
+# Budget fields a finished stage's outcome does not depend on: threads and printing (1 and 2 threads gave identical
+# demo numbers), and which stages run (captions, stage2): one folder then gives the QA table and, from the same
+# stage-1 checkpoints, the transfer table
+NOT_RECIPE = ("threads", "show", "captions", "stage2")
+
+
+def recipe(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings (a Budget as a dict, with the seed) that a finished stage's outcome depends on."""
+    return {k: v for k, v in settings.items() if k not in NOT_RECIPE}

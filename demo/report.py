@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from demo.runner import recipe
+from demo.budget import recipe
 from demo.world import parse_caption
 from revision.errors import InputError, exit_with
 from revision.records import read_records

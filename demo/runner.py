@@ -14,20 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from demo.budget import Budget
+from demo.budget import Budget, recipe
 from revision.errors import InputError
 
 # what the stages run, relative to the repository root (the pipeline runs a checkout's scripts, as a user does)
 REPO_SCRIPTS = ("script/train/pretrain.sh", "script/train/finetune_full.sh", "image_embed.py", "embed_mean.py")
-# Budget fields a finished stage's outcome does not depend on: threads and printing (1 and 2 threads gave identical
-# demo numbers), and which stages run (captions, stage2): one folder then gives the QA table and, from the same
-# stage-1 checkpoints, the transfer table
-NOT_RECIPE = ("threads", "show", "captions", "stage2")
-
-
-def recipe(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings (a Budget as a dict, with the seed) that a finished stage's outcome depends on."""
-    return {k: v for k, v in settings.items() if k not in NOT_RECIPE}
 
 
 class Runner:
