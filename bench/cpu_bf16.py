@@ -83,7 +83,7 @@ def encoder_steps(repeats: int) -> None:
     def trainer(bf16: bool, source):
         def step() -> None:
             index, pixels = next(source)
-            loss = heads.loss(vision_features(model, pixels, bf16), index)
+            loss = heads.loss(vision_features(model, pixels, bf16)[0], index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

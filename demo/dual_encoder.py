@@ -7,9 +7,11 @@ tower with a small trainable head, and a vision tower trained contrastively agai
 - Vision tower (`--vision conv`, the default): a small CNN (revision/conv_tower.py) from random initialisation, as
   LLM2CLIP starts from a pretrained vision tower: first pretrained on the paired captions' words as labels
   (`pretrain_steps`, cosine schedule: shape, colour, size and position of each object, the objects in reading order,
-  and the object count; read with parse_caption, as tag-supervised backbones are), then trained contrastively with
-  its projection. Under bf16 autocast where the CPU has bf16 units (`bf16`), the pictures drawn in a worker process. `--vision vit`:
-  the earlier small HF CLIP vision transformer, contrastive only.
+  and the object count; read with parse_caption, as tag-supervised backbones are; and, off the tower's last feature
+  map pooled to the 3x3 position grid, what each cell holds: a shape or nothing, its colour and size, as a detector's
+  dense targets: `cell_weight`), then trained contrastively with its projection. Under bf16 autocast where the CPU
+  has bf16 units (`bf16`), the pictures drawn in a worker process. `--vision vit`: the earlier small HF CLIP vision
+  transformer, contrastive only.
 - Every step draws the batch's captions anew (`redraw`): the same caption, another picture (another background,
   jitter, rotation, tint), as web-scale CLIP sees a concept in many photos. With only the 2000 stored pictures a
   tower memorises backgrounds and never needs shape (docs/results.md, the encoder study).
@@ -64,7 +66,7 @@ from demo.clip import (
     shuffled_batches,
     write_report,
 )
-from demo.scenes import BACKGROUNDS, Obj, Scene, reading_order, render
+from demo.scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, reading_order, render
 from demo.world import IMAGE_SIZE, parse_caption
 from revision.arguments import cpu_bf16_supported
 from revision.conv_tower import ConvTowerConfig
@@ -84,6 +86,7 @@ class DualEncoderConfig:
     projection_dim: int = 128    # the shared space: what image_embed.py stores
     pretrain_steps: int = 1200   # conv: steps of caption-word labels before the contrastive steps (shape needs them)
     pretrain_lr: float = 2e-3
+    cell_weight: float = 10.0    # conv: weight of the per-cell heads (what each grid cell holds, off the tower's last map)
     redraw: bool = True          # draw each step's captions anew (False: the stored paired pictures)
     steps: int = 300
     batch_size: int = 64
@@ -166,7 +169,8 @@ def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEnco
     if cfg.vision == "conv" and cfg.pretrain_steps and draw is None:
         raise ValueError("pretraining the conv tower on the captions' words draws its pictures anew: use --redraw true "
                          "(or --pretrain_steps 0)")
-    heads = AttributeHeads(model.config.vision_config.hidden_size, draw) if cfg.vision == "conv" and cfg.pretrain_steps else None
+    heads = (AttributeHeads(model.config.vision_config.hidden_size, draw, cfg.cell_weight, model.config.vision_config.widths[-1])
+             if cfg.vision == "conv" and cfg.pretrain_steps else None)
     pool, threads = drawing_pool(draw), torch.get_num_threads()
     if pool is not None:  # the worker draws on a core of its own (2 cores: 0.109 s a step on 1 thread, 0.127 on 2)
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
@@ -212,19 +216,40 @@ class AttributeHeads(torch.nn.Module):
     position grid runs: a two-object scene's first and second), and the object count. Slots, not one-object scenes
     only: a question about one of two objects needs its attributes bound to it in the embedding. Not saved."""
 
-    def __init__(self, width: int, draw: Redraw):
+    def __init__(self, width: int, draw: Redraw, cell_weight: float = 0.0, grid_channels: int = 0):
         super().__init__()
         self.sizes = [len(v) for v in ATTRIBUTES.values()] * SLOTS + [2]
         self.linear = torch.nn.Linear(width, sum(self.sizes))
         self.slots = torch.tensor([[[ATTRIBUTES[k].index(getattr(o, k)) for k in ATTRIBUTES] if o else [-100] * len(ATTRIBUTES)
                                     for o in slotted(s.objects)] for s in draw.scenes])  # [N, SLOTS, attributes]
         self.count = torch.tensor([len(s.objects) - 1 for s in draw.scenes])
+        self.cell_weight = cell_weight
+        if cell_weight:
+            self.cell_sizes = [len(SHAPES) + 1, len(COLOURS), len(SIZES)]  # shape or empty, colour, size
+            self.cell = torch.nn.Linear(grid_channels, sum(self.cell_sizes))
+            self.cells = torch.tensor([cell_labels(s.objects) for s in draw.scenes])  # [N, 9, 3]
 
-    def loss(self, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, index: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.linear(F.gelu(features)).split(self.sizes, dim=-1)
         labels = self.slots[index].flatten(1)  # [B, SLOTS * attributes], in the order of self.sizes
         loss = sum(F.cross_entropy(out, labels[:, k], ignore_index=-100) for k, out in enumerate(logits[:-1]))
-        return loss + F.cross_entropy(logits[-1], self.count[index])
+        loss = loss + F.cross_entropy(logits[-1], self.count[index])
+        if self.cell_weight and grid is not None:
+            side = math.isqrt(len(POSITIONS))
+            cells = F.adaptive_avg_pool2d(grid.float(), side).flatten(2).transpose(1, 2)  # [B, 9, channels], reading order
+            out = self.cell(cells).split(self.cell_sizes, dim=-1)
+            truth = self.cells[index]
+            loss = loss + self.cell_weight * sum(F.cross_entropy(o.flatten(0, 1), truth[..., k].flatten(), ignore_index=-100)
+                                                 for k, o in enumerate(out))
+        return loss
+
+
+def cell_labels(objects: Sequence[Obj]) -> list[list[int]]:
+    """Per grid cell in reading order: [shape (len(SHAPES) where empty), colour, size] (-100 where empty)."""
+    cells = [[len(SHAPES), -100, -100] for _ in POSITIONS]
+    for o in objects:
+        cells[POSITIONS.index(o.position)] = [SHAPES.index(o.shape), list(COLOURS).index(o.colour), list(SIZES).index(o.size)]
+    return cells
 
 
 def slotted(objects: Sequence[Obj]) -> list[Obj | None]:
@@ -233,13 +258,15 @@ def slotted(objects: Sequence[Obj]) -> list[Obj | None]:
     return ordered + [None] * (SLOTS - len(ordered))
 
 
-def vision_features(model: VisionTextDualEncoderModel, pixels: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """The vision tower's pooled features [B, hidden] in fp32; with bf16, its convolutions run under CPU autocast in
-    channels-last layout (oneDNN's bf16 kernels: 2x faster a step than fp32 where the CPU has AMX; bench/cpu_bf16.py)."""
+def vision_features(model: VisionTextDualEncoderModel, pixels: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's pooled features [B, hidden] in fp32 and its last map; with bf16, its convolutions run under CPU
+    autocast in channels-last layout (oneDNN's bf16 kernels: 2x faster a step than fp32 where the CPU has AMX; bench/cpu_bf16.py)."""
     if not bf16:
-        return model.vision_model(pixel_values=pixels).pooler_output
+        out = model.vision_model(pixel_values=pixels)
+        return out.pooler_output, out.last_hidden_state
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return model.vision_model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).pooler_output.float()
+        out = model.vision_model(pixel_values=pixels.contiguous(memory_format=torch.channels_last))
+        return out.pooler_output.float(), out.last_hidden_state
 
 
 def prefetched(batches: Iterator[torch.Tensor], pixels: torch.Tensor | Redraw,
@@ -288,7 +315,8 @@ def pretrain_vision(model: VisionTextDualEncoderModel, heads: AttributeHeads, dr
     batches, losses, start = shuffled_batches(len(draw), min(cfg.batch_size, len(draw)), cfg.seed + 1), [], time.perf_counter()
     model.vision_model.train()
     for step, (index, pixels) in zip(range(cfg.pretrain_steps), prefetched(batches, draw, pool)):
-        loss = heads.loss(vision_features(model, pixels, cfg.bf16), index)
+        features, grid = vision_features(model, pixels, cfg.bf16)
+        loss = heads.loss(features, index, grid)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -309,13 +337,13 @@ def fit(model: VisionTextDualEncoderModel, pixels: torch.Tensor | Redraw, text_f
     schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup, cfg.steps // 10), cfg.steps)
     batches, losses, start = shuffled_batches(len(pixels), min(cfg.batch_size, len(pixels)), cfg.seed), [], time.perf_counter()
     for step, (index, batch) in zip(range(cfg.steps), prefetched(batches, pixels, pool)):
-        features = vision_features(model, batch, cfg.bf16)
+        features, grid = vision_features(model, batch, cfg.bf16)
         image = F.normalize(model.visual_projection(features), dim=-1)
         text = F.normalize(model.text_projection(text_features[index]), dim=-1)
         logits = model.logit_scale.exp() * image @ text.T
         target = torch.arange(len(index))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        total = loss + heads.loss(features, index) if heads else loss
+        total = loss + heads.loss(features, index, grid) if heads else loss
         params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
         contrastive_step(total, params, optimizer, schedule, model.logit_scale)
         losses.append(loss.item())

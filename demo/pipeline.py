@@ -83,6 +83,7 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
     run(f"{budget.encoder}_clip", partial(clip_main, ["--world", world, "--out", str(paths["clip"]), "--seed", str(seed),
                                                       "--steps", str(budget.clip_steps), "--skip_measure",
                                                       *(["--pretrain_steps", str(budget.clip_pretrain_steps),
+                                                           "--cell_weight", str(budget.clip_cell_weight),
                                                            "--bf16", str(budget.bf16)]
                                                         if budget.encoder == "minilm" else [])]))
     if budget.llm == "smollm2":
