@@ -66,13 +66,14 @@ from demo.clip import (
     shuffled_batches,
     write_report,
 )
-from demo.scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, reading_order, render
+from demo.scenes import BACKGROUNDS, POSITIONS, Obj, Scene, reading_order, render
 from demo.world import IMAGE_SIZE, parse_caption
 from revision.arguments import cpu_bf16_supported
 from revision.conv_tower import ConvTowerConfig
 from revision.encoders import mean_pool
 
 SLOTS = 2  # objects a scene holds at most (demo.scenes)
+CELL_ATTRIBUTES = ("shape", "colour", "size")  # what the cell heads name, in this order (shape: or nothing)
 
 
 @dataclass
@@ -228,7 +229,7 @@ class AttributeHeads(torch.nn.Module):
         self.count = torch.tensor([len(s.objects) - 1 for s in draw.scenes])
         self.cell_weight = cell_weight
         if cell_weight:
-            self.cell_sizes = [len(SHAPES) + 1, len(COLOURS), len(SIZES)]  # shape or empty, colour, size
+            self.cell_sizes = [len(ATTRIBUTES[k]) + (k == "shape") for k in CELL_ATTRIBUTES]  # shape or empty, colour, size
             self.cell = torch.nn.Linear(grid_channels, sum(self.cell_sizes))
             self.cells = torch.tensor([cell_labels(s.objects) for s in draw.scenes])  # [N, 9, 3]
 
@@ -249,9 +250,9 @@ class AttributeHeads(torch.nn.Module):
 
 def cell_labels(objects: Sequence[Obj]) -> list[list[int]]:
     """Per grid cell in reading order: [shape (len(SHAPES) where empty), colour, size] (-100 where empty)."""
-    cells = [[len(SHAPES), -100, -100] for _ in POSITIONS]
+    cells = [[len(ATTRIBUTES["shape"]), -100, -100] for _ in POSITIONS]
     for o in objects:
-        cells[POSITIONS.index(o.position)] = [SHAPES.index(o.shape), list(COLOURS).index(o.colour), list(SIZES).index(o.size)]
+        cells[POSITIONS.index(o.position)] = [ATTRIBUTES[k].index(getattr(o, k)) for k in CELL_ATTRIBUTES]
     return cells
 
 
