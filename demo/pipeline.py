@@ -44,7 +44,7 @@ import torch
 from demo import add_config_arguments, clip, config_from_arguments, dual_encoder, llm, world as toy_world
 from demo.budget import BUDGETS, Budget
 from demo.probes import probe_line, probe_store
-from demo.report import GAP_KEYS, caption_scores, held_out_examples, results_document
+from demo.report import GAP_KEYS, caption_scores, held_out_examples, qa_binding, results_document
 from demo.runner import Runner, repository_root
 from revision import gguf, predict
 from revision.embed import main as image_embed
@@ -213,6 +213,8 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
                       qa_per_category={c: v["accuracy"] for c, v in qa["per_category"].items()},
                       qa_per_category_blind={c: v["accuracy"] for c, v in blind["per_category"].items()},
                       stage2_loss=final_loss(out / "stage2"))
+        binding = qa_binding(out / "qa_answers.jsonl", world)
+        result.update(qa_by_objects=binding["accuracy"], qa_swaps=binding["swaps"])
     if stage1_data and budget.captions:
         # what text-only stage 1 taught about real images, before stage 2: captions of the held-out eval images,
         # and (the row's own held-out source) of their reference captions through the method's text map

@@ -18,10 +18,12 @@ import numpy as np
 
 from demo.budget import recipe
 from demo.world import parse_caption
+from revision.answers import normalize_answer
 from revision.errors import InputError, exit_with
 from revision.records import read_records
 
 OBJECT_COUNTS = {1: "one object", 2: "two objects"}
+BOUND_CATEGORIES = ("colour", "shape", "size", "position")  # questions about one object's attribute (the category names it)
 
 
 def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
@@ -60,6 +62,26 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
             "count_acc": float(np.mean(count_right)), "all_correct": float(np.mean(all_right))}
 
 
+def qa_binding(answers: Path, world: Path) -> dict[str, dict[str, float]]:
+    """The held-out QA answers by category and the scene's number of objects (`accuracy`, keys "colour, two objects"),
+    and `swaps`: on two-object scenes whose objects differ in the attribute asked, the share of answers that name the
+    *other* object's value, per category: the model saw the attribute but not which object holds it (binding), as
+    against naming a value neither object has (not seen)."""
+    scenes = {r["id"]: r["attributes"]["objects"] for r in read_records(world / "scenes.jsonl") if r["split"] == "eval"}
+    questions = {q["question_id"]: q for q in read_records(world / "eval_questions.jsonl")}
+    hits: dict[str, list[bool]] = {}
+    swaps: dict[str, list[bool]] = {}
+    for row in read_records(answers):
+        question = questions[row["question_id"]]
+        category, objects, said = question["category"], scenes[question["image_id"]], normalize_answer(row.get("text") or "")
+        right = said == normalize_answer(question["answer"])
+        hits.setdefault(f"{category}, {OBJECT_COUNTS.get(len(objects), f'{len(objects)} objects')}", []).append(right)
+        values = {normalize_answer(o[category]) for o in objects} if category in BOUND_CATEGORIES else set()
+        if len(objects) == 2 and len(values) == 2:
+            swaps.setdefault(category, []).append(not right and said in values)
+    return {"accuracy": {k: float(np.mean(v)) for k, v in sorted(hits.items())},
+            "swaps": {k: float(np.mean(v)) for k, v in sorted(swaps.items())}}
+
 
 COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_distance_after", "centroid dist. after", 3),
            ("linear_probe_acc_before", "probe acc. before", 3), ("linear_probe_acc_after", "probe acc. after", 3),
@@ -94,7 +116,10 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
                         "(strict attribute accuracy)"),
                        ("source_caption_by_objects", "The same on their own held-out source, by the scene's number of objects"),
                        ("qa_per_category", "QA accuracy per question category"),
-                       ("qa_per_category_blind", "QA accuracy per question category, blind (every image the mean image embedding)")):
+                       ("qa_per_category_blind", "QA accuracy per question category, blind (every image the mean image embedding)"),
+                       ("qa_by_objects", "QA accuracy by category and the scene's number of objects"),
+                       ("qa_swaps", "Two-object scenes whose objects differ in the attribute asked: share of answers naming the "
+                        "other object's value (binding swaps; the rest of the wrong answers name neither object's)")):
         if any(key in r for s in summaries for r in s["rows"].values()):  # no captions asked (--captions false): none
             lines += ["", f"{title}:", "", *_breakdown(summaries, rows, key)]
     return "\n".join(lines), {"rows": {r: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,

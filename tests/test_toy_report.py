@@ -5,7 +5,7 @@ import pytest
 
 from demo import report
 from demo.budget import BUDGETS
-from demo.report import caption_scores, difference_table, merge_results, table
+from demo.report import caption_scores, difference_table, merge_results, qa_binding, table
 from revision.errors import InputError
 
 
@@ -73,6 +73,29 @@ def test_caption_scores_split_by_the_scenes_number_of_objects(tmp_path):
     scores = caption_scores(answers, world)
     assert scores["strict_by_objects"] == {"one object": 1.0, "two objects": pytest.approx(6 / 8)}
     assert scores["strict_attribute_acc"] == pytest.approx(10 / 12)
+
+
+def test_qa_binding_tells_a_swap_from_an_unseen_value(tmp_path):
+    """A wrong answer about one of two objects that names the other object's value is a binding swap; a value neither
+    object has is not; objects alike in the attribute asked cannot swap and are left out of the share."""
+    world = tmp_path / "w"
+    world.mkdir()
+    one = [{"shape": "square", "colour": "green", "size": "small", "position": "middle"}]
+    two = [{"shape": "circle", "colour": "red", "size": "small", "position": "top left"},
+           {"shape": "star", "colour": "blue", "size": "small", "position": "middle"}]
+    (world / "scenes.jsonl").write_text("".join(json.dumps({"id": i, "split": split, "attributes": {"objects": o}}) + "\n"
+                                                for i, split, o in (("e1", "eval", one), ("e2", "eval", two), ("e1", "paired", two))))
+    asked = [("q1", "e1", "colour", "green", "Green."), ("q2", "e2", "colour", "red", "blue"),  # right; swapped
+             ("q3", "e2", "colour", "blue", "blue"), ("q4", "e2", "shape", "star", "a triangle"),  # right; neither object's
+             ("q5", "e2", "size", "small", "large"), ("q6", "e2", "count", "two", "2")]  # alike in size; no binding
+    (world / "eval_questions.jsonl").write_text("".join(
+        json.dumps({"question_id": q, "image_id": i, "category": c, "answer": a}) + "\n" for q, i, c, a, _ in asked))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": q, "text": t}) + "\n" for q, _, _, _, t in asked))
+    scores = qa_binding(answers, world)
+    assert scores["accuracy"] == {"colour, one object": 1.0, "colour, two objects": 0.5, "count, two objects": 1.0,
+                                  "shape, two objects": 0.0, "size, two objects": 0.0}
+    assert scores["swaps"] == {"colour": 0.5, "shape": 0.0}
 
 
 def _run_file(path, rows, gap=0.7, **budget):
