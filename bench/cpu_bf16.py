@@ -8,9 +8,11 @@ stage2: the same with every weight trained, batch 8 x 100 tokens, 10 labelled a 
 stage2_parts: a stage-2 step under bf16 by part: forward + backward at batch 8 x 100 tokens (the first), 8 x 79 (the
   same QA without SmolLM2's 21-token default system message), 16 x 100 (twice the batch), the fused AdamW step and
   gradient clipping of all 135M weights.
+attention: a step under bf16 with SDPA (PyTorch's CPU flash kernel) and with HF's eager attention, at the demo's stage-1
+  and stage-2 shapes and at longer rows (what revision.model.default_attn_implementation chooses from, on CPU).
 bf16 autocast is fast only where the CPU computes bf16 natively (avx512_bf16 or AMX); elsewhere it emulates.
 
-    python bench/cpu_bf16.py [--sections encoder stage1 stage2 stage2_parts] [--steps 5] [--threads N]
+    python bench/cpu_bf16.py [--sections encoder stage1 stage2 stage2_parts attention] [--steps 5] [--threads N]
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from revision import gguf  # noqa: E402
 from revision.arguments import cpu_bf16_supported  # noqa: E402
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionModel  # noqa: E402
 
-SECTIONS = ("encoder", "stage1", "stage2", "stage2_parts")
+SECTIONS = ("encoder", "stage1", "stage2", "stage2_parts", "attention")
 EMBED_DIM, VISUAL = 128, 4
 
 
@@ -100,9 +102,9 @@ def encoder_steps(repeats: int) -> None:
         report("encoder", "label pretraining, batch 64 of 64x64", medians(steps, repeats))
 
 
-def smollm2() -> RevisionModel:
+def smollm2(attn_implementation: str = "sdpa") -> RevisionModel:
     return RevisionModel.from_llm(str(gguf.convert_gguf(gguf.SMOLLM2)), embed_dim=EMBED_DIM, num_visual_tokens=VISUAL,
-                                  dtype=torch.float32).train()
+                                  dtype=torch.float32, attn_implementation=attn_implementation).train()
 
 
 def batch_of(batch: int, length: int, labelled: int) -> dict[str, torch.Tensor]:
@@ -135,6 +137,19 @@ def stage2_parts(repeats: int) -> None:
            medians(steps, repeats))
 
 
+def attention_steps(repeats: int) -> None:
+    models = {name: smollm2(name) for name in ("sdpa", "eager")}
+    frozen = {name: smollm2(name).requires_grad_(False) for name in models}  # stage 1: the LLM frozen, held in bf16
+    for model in frozen.values():
+        model.projector.requires_grad_(True)
+        model.llm.to(torch.bfloat16)
+    for stage, chosen, shapes in (("stage1", frozen, ((8, 40),)), ("stage2", models, ((16, 90), (2, 512), (1, 1024)))):
+        for batch, length in shapes:
+            inputs = batch_of(batch, length, 12)
+            report("attention", f"{stage}, batch {batch} x {length} tokens",
+                   medians({name: partial(forward_backward, model, inputs, True) for name, model in chosen.items()}, repeats))
+
+
 def llm_steps(section: str, repeats: int) -> None:
     batch, length, labelled = (8, 40, 14) if section == "stage1" else (8, 100, 10)
     model = smollm2()
@@ -164,7 +179,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"CPU bf16 units: {cpu_bf16_supported()}; torch threads {torch.get_num_threads()}")
     for section in args.sections:
-        {"encoder": encoder_steps, "stage2_parts": stage2_parts}.get(section, partial(llm_steps, section))(args.steps)
+        {"encoder": encoder_steps, "stage2_parts": stage2_parts, "attention": attention_steps}.get(section, partial(llm_steps, section))(args.steps)
 
 
 if __name__ == "__main__":

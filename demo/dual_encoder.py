@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,20 @@ def text_tower_features(model: VisionTextDualEncoderModel, tokenizer, texts: Seq
     return features
 
 
+def contrastive_text_features(model: VisionTextDualEncoderModel, tokenizer, captions: Sequence[str],
+                              cfg: DualEncoderConfig) -> torch.Tensor:
+    """[N, 384] frozen text-tower features of the captions the contrastive steps draw (the rows of `fit`'s first
+    cfg.steps batches; zeros elsewhere): the demo's 100 steps of 64 read 6400 of 8000 captions, and the tower's
+    forward over all of them was 32 s of the encoder's 225 on 2 cores. Under bf16 autocast with `cfg.bf16` (16 s
+    against 32 s for all 8000; features within 0.5% of fp32's)."""
+    features = torch.zeros(len(captions), model.config.text_config.hidden_size)
+    batches = islice(shuffled_batches(len(captions), min(cfg.batch_size, len(captions)), cfg.seed), cfg.steps)
+    rows = torch.unique(torch.cat(list(batches))).tolist() if cfg.steps else []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        features[rows] = text_tower_features(model, tokenizer, [captions[r] for r in rows], cfg.text_batch).float()
+    return features
+
+
 def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEncoderConfig | None = None,
                        text_folder: str | Path | None = None, log_every: int = 50) -> dict:
     """Train on WORLD/paired.jsonl (vision tower, both heads, temperature), save to out_dir; returns the log."""
@@ -164,7 +179,7 @@ def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEnco
     captions = [p["caption"] for p in pairs]
     draw = Redraw(captions, processor.image_processor, cfg.seed) if cfg.redraw else None
     pixels = None if draw else processor.image_processor(images=open_images(world_dir, pairs), return_tensors="pt")["pixel_values"]
-    text_features = text_tower_features(model, processor.tokenizer, captions, cfg.text_batch)
+    text_features = contrastive_text_features(model, processor.tokenizer, captions, cfg)
     prep_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if cfg.vision == "conv" and cfg.pretrain_steps and draw is None:

@@ -68,11 +68,18 @@ def checkpoint_config(path: str | os.PathLike | None) -> RevisionConfig | None:
     return RevisionConfig.load(path) if path and Path(path, CONFIG_FILE).is_file() else None
 
 
-def default_attn_implementation() -> str:
-    """flash_attention_2 when flash-attn is installed and CUDA is there, else PyTorch SDPA."""
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+# On CPU, PyTorch's SDPA runs its flash kernel, whose backward is slow on short rows: a SmolLM2 training step with
+# HF's eager attention took 0.82-0.88x as long up to 90 tokens, 0.90-0.94x at 256-512, 1.5-1.6x at 1024 (bf16, 2 cores;
+# bench/cpu_bf16.py --sections attention). Inference gained nothing (prefill dominates), so it keeps SDPA.
+CPU_EAGER_MAX_LENGTH = 512
+
+
+def default_attn_implementation(max_length: int | None = None) -> str:
+    """flash_attention_2 when flash-attn is installed and CUDA is there; else PyTorch SDPA, except for training on
+    CPU with rows of at most CPU_EAGER_MAX_LENGTH tokens (`max_length`, the run's model_max_length): eager there."""
+    if torch.cuda.is_available():
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    return "eager" if max_length is not None and max_length <= CPU_EAGER_MAX_LENGTH else "sdpa"
 
 
 def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

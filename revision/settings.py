@@ -26,7 +26,7 @@ from revision.data import check_lengths, embed_noise
 from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE
 from revision.errors import InputError
 from revision.gguf import resolve_llm
-from revision.model import CONFIG_FILE, RevisionConfig, checkpoint_config
+from revision.model import CONFIG_FILE, RevisionConfig, checkpoint_config, default_attn_implementation
 from revision.store import EmbeddingStore
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def resolve(model_args: ModelArguments, data_args: DataArguments, training_args:
         system_prompt=(model_args.system_prompt if model_args.system_prompt is not None
                        else continued_model.system_prompt if continued_model else None),
         standardize_projector_input=model_args.standardize_projector_input,
-        attn_implementation=model_args.attn_implementation, dtype=model_dtype(training_args),
+        attn_implementation=model_args.attn_implementation or default_attn_implementation(training_args.model_max_length),
+        dtype=model_dtype(training_args),
         projector_only=model_args.tune_mm_mlp_adapter,
         data_path=data_args.data_path, store=store, embed_cache_dir=data_args.embed_cache_dir,
         verify=not data_args.no_verify, align_stats=align_stats, noise_std=noise_std, noise_source=noise_source,

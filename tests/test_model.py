@@ -109,15 +109,18 @@ def test_bad_inputs_give_clear_errors(tokenizer):
         model(input_ids=ids)
 
 
-@pytest.mark.parametrize("cuda, flash_attn, expected", [(False, False, "sdpa"), (False, True, "sdpa"), (True, False, "sdpa"),
-                                                      (True, True, "flash_attention_2")])
-def test_attention_is_flash_attention_2_only_with_cuda_and_flash_attn(monkeypatch, cuda, flash_attn, expected):
+@pytest.mark.parametrize("cuda, flash_attn, max_length, expected", [
+    (False, False, None, "sdpa"), (False, True, None, "sdpa"), (True, False, None, "sdpa"), (True, True, None, "flash_attention_2"),
+    # training on CPU: eager for short rows, where SDPA's CPU flash kernel is the slower one
+    (False, False, 136, "eager"), (False, True, 512, "eager"), (False, False, 513, "sdpa"), (True, False, 136, "sdpa"),
+    (True, True, 136, "flash_attention_2")])
+def test_attention_is_flash_attention_2_only_with_cuda_and_flash_attn(monkeypatch, cuda, flash_attn, max_length, expected):
     # each machine's case, whatever machine runs the suite (a CPU box, or CUDA with flash-attn for the packing test)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: (object() if flash_attn else None) if name == "flash_attn" else find_spec(name, *args))
-    assert default_attn_implementation() == expected
+    assert default_attn_implementation(max_length) == expected
 
 
 @pytest.mark.parametrize("stage", ["full", "lora", "base"])
