@@ -179,7 +179,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"CPU bf16 units: {cpu_bf16_supported()}; torch threads {torch.get_num_threads()}")
     for section in args.sections:
-        {"encoder": encoder_steps, "stage2_parts": stage2_parts, "attention": attention_steps}.get(section, partial(llm_steps, section))(args.steps)
+        runners = {"encoder": encoder_steps, "stage2_parts": stage2_parts, "attention": attention_steps}
+        runners.get(section, partial(llm_steps, section))(args.steps)
 
 
 if __name__ == "__main__":

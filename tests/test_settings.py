@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from demo.tiny.lm import make_tiny_training_world
 from revision import defaults
@@ -74,6 +75,15 @@ def test_a_run_with_nothing_to_inherit_takes_the_defaults_and_the_stores_alignme
     assert settings.model_max_length == 600 and settings.store.kind == "text" and settings.store.dim == 16
     assert not settings.continues_model and settings.adapter is None and settings.projector_only is False
     assert (settings.noise_std, settings.noise_source, settings.align_stats) == (0.0, "default: none", None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's choice")
+def test_training_on_cpu_takes_eager_attention_for_short_rows_and_the_flag_over_it(world, tmp_path):
+    tokens = ("--num_visual_tokens", "3")
+    assert settle(*argv(world, tmp_path, "pretrain", "--model_max_length", "512", *tokens)).attn_implementation == "eager"
+    assert settle(*argv(world, tmp_path, "pretrain", "--model_max_length", "600", *tokens)).attn_implementation == "sdpa"
+    given = settle(*argv(world, tmp_path, "pretrain", "--model_max_length", "128", *tokens, "--attn_implementation", "sdpa"))
+    assert given.attn_implementation == "sdpa"
 
 
 def test_stage2_inherits_the_stage1_folder(world, stage1, tmp_path):
