@@ -139,10 +139,9 @@ def stage2_parts(repeats: int) -> None:
 
 def attention_steps(repeats: int) -> None:
     models = {name: smollm2(name) for name in ("sdpa", "eager")}
-    frozen = {name: smollm2(name).requires_grad_(False) for name in models}  # stage 1: the LLM frozen, held in bf16
+    frozen = {name: smollm2(name) for name in models}  # stage 1: the LLM frozen, held in bf16 (as revision.build does)
     for model in frozen.values():
-        model.projector.requires_grad_(True)
-        model.llm.to(torch.bfloat16)
+        model.llm.requires_grad_(False).to(torch.bfloat16)
     for stage, chosen, shapes in (("stage1", frozen, ((8, 40),)), ("stage2", models, ((16, 90), (2, 512), (1, 1024)))):
         for batch, length in shapes:
             inputs = batch_of(batch, length, 12)
