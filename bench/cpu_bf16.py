@@ -8,11 +8,14 @@ stage2: the same with every weight trained, batch 8 x 100 tokens, 10 labelled a 
 stage2_parts: a stage-2 step under bf16 by part: forward + backward at batch 8 x 100 tokens (the first), 8 x 79 (the
   same QA without SmolLM2's 21-token default system message), 16 x 100 (twice the batch), the fused AdamW step and
   gradient clipping of all 135M weights.
+tower: one label-pretraining step of the dual encoder's conv tower under bf16 (pictures drawn once, one thread as in the
+  demo: the drawing worker has the other core) by layout: GELU or ReLU after each convolution, two convolutions at
+  full resolution or one (the activation and the first stage's batch norms run over the largest maps).
 attention: a step under bf16 with SDPA (PyTorch's CPU flash kernel) and with HF's eager attention, at the demo's stage-1
   and stage-2 shapes and at longer rows (what revision.model.default_attn_implementation chooses from, on CPU).
 bf16 autocast is fast only where the CPU computes bf16 natively (avx512_bf16 or AMX); elsewhere it emulates.
 
-    python bench/cpu_bf16.py [--sections encoder stage1 stage2 stage2_parts attention] [--steps 5] [--threads N]
+    python bench/cpu_bf16.py [--sections encoder stage1 stage2 stage2_parts attention tower] [--steps 5] [--threads N]
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from revision import gguf  # noqa: E402
 from revision.arguments import cpu_bf16_supported  # noqa: E402
 from revision.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, RevisionModel  # noqa: E402
 
-SECTIONS = ("encoder", "stage1", "stage2", "stage2_parts", "attention")
+SECTIONS = ("encoder", "stage1", "stage2", "stage2_parts", "attention", "tower")
 EMBED_DIM, VISUAL = 128, 4
 
 
@@ -100,6 +103,43 @@ def encoder_steps(repeats: int) -> None:
         if pool is not None:
             steps["bf16, drawn in the worker"] = trainer(True, prefetched(batches(), draw, pool))
         report("encoder", "label pretraining, batch 64 of 64x64", medians(steps, repeats))
+
+
+def tower_steps(repeats: int) -> None:
+    from demo.captions import caption
+    from demo.clip import image_processor
+    from demo.dual_encoder import AttributeHeads, DualEncoderConfig, Redraw, build_dual_encoder, minilm_folder, vision_features
+    from demo.scenes import sample_scene
+
+    rng = np.random.default_rng(0)
+    draw = Redraw([caption(sample_scene(rng), rng) for _ in range(64)], image_processor(), seed=0)
+    index = torch.arange(64)
+    pixels = draw[index]
+
+    def trainer(activation: str, convs: str) -> Callable[[], None]:
+        cfg = DualEncoderConfig(activation=activation, convs=convs)
+        model, _ = build_dual_encoder(cfg, minilm_folder())
+        vision = model.config.vision_config
+        heads = AttributeHeads(vision.hidden_size, draw, cfg.cell_weight, vision.widths[-1])
+        optimizer = torch.optim.AdamW([*model.vision_model.parameters(), *heads.parameters()], lr=1e-3)
+        model.vision_model.train()
+
+        def step() -> None:
+            features, grid = vision_features(model, pixels, True)
+            loss = heads.loss(features, index, grid)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layouts = (("gelu", "2,2,2,2"), ("relu", "2,2,2,2"), ("gelu", "1,2,2,2"), ("relu", "1,2,2,2"))
+        report("tower", "label pretraining with the cell heads, batch 64 of 64x64, bf16, one thread",
+               medians({f"{act}, convs {convs}": trainer(act, convs) for act, convs in layouts}, repeats))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def smollm2(attn_implementation: str = "sdpa") -> RevisionModel:
@@ -178,7 +218,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"CPU bf16 units: {cpu_bf16_supported()}; torch threads {torch.get_num_threads()}")
     for section in args.sections:
-        runners = {"encoder": encoder_steps, "stage2_parts": stage2_parts, "attention": attention_steps}
+        runners = {"encoder": encoder_steps, "stage2_parts": stage2_parts, "attention": attention_steps, "tower": tower_steps}
         runners.get(section, partial(llm_steps, section))(args.steps)
 
 

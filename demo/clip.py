@@ -37,7 +37,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 
 from demo import add_config_arguments, config_from_arguments
 from demo.tiny.clip import word_bpe_clip_tokenizer
-from demo.world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, vocabulary
+from demo.world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, render_deferred, vocabulary
 from revision.encoders import load_encoder
 from revision.gap import centroid_and_traces, modality_gap
 from revision.records import read_records
@@ -84,6 +84,8 @@ def build_model(cfg: ToyClipConfig, tokenizer) -> CLIPModel:
 
 
 def open_images(world_dir: Path, records: Sequence[dict]) -> list[Image.Image]:
+    """The pictures `records` name (their "image" paths under world_dir), drawing any the world deferred first."""
+    render_deferred(world_dir)
     images = []
     for rec in records:
         with Image.open(world_dir / rec["image"]) as im:

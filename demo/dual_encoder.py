@@ -37,7 +37,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -81,6 +81,8 @@ CELL_ATTRIBUTES = ("shape", "colour", "size")  # what the cell heads name, in th
 class DualEncoderConfig:
     vision: str = "conv"         # conv: revision/conv_tower.py; vit: a small HF CLIP vision transformer
     widths: str = "16,32,64,64"  # conv: channels per stage (each halves the resolution)
+    convs: str = "2,2,2,2"       # conv: 3x3 convolutions per stage
+    activation: str = "gelu"     # conv: after each convolution (transformers' ACT2FN names)
     hidden: int = 64             # vit width; conv: the pooled features are 2 x hidden
     layers: int = 2              # vit
     heads: int = 4               # vit
@@ -118,7 +120,8 @@ def build_dual_encoder(cfg: DualEncoderConfig,
     """A random vision tower + the pretrained text tower (its weights loaded, then frozen) and the processor."""
     text_model = AutoModel.from_pretrained(str(text_folder))
     if cfg.vision == "conv":
-        vision = ConvTowerConfig(widths=[int(w) for w in cfg.widths.split(",")], hidden_size=2 * cfg.hidden, image_size=IMAGE_SIZE)
+        vision = ConvTowerConfig(widths=[int(w) for w in cfg.widths.split(",")], convs=[int(c) for c in cfg.convs.split(",")],
+                                 activation=cfg.activation, hidden_size=2 * cfg.hidden, image_size=IMAGE_SIZE)
     elif cfg.vision == "vit":
         vision = CLIPVisionConfig(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
                                   num_attention_heads=cfg.heads, image_size=IMAGE_SIZE, patch_size=cfg.patch, num_channels=3)
@@ -179,22 +182,27 @@ def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEnco
     captions = [p["caption"] for p in pairs]
     draw = Redraw(captions, processor.image_processor, cfg.seed) if cfg.redraw else None
     pixels = None if draw else processor.image_processor(images=open_images(world_dir, pairs), return_tensors="pt")["pixel_values"]
-    text_features = contrastive_text_features(model, processor.tokenizer, captions, cfg)
-    prep_seconds = time.perf_counter() - start
-    start = time.perf_counter()
     if cfg.vision == "conv" and cfg.pretrain_steps and draw is None:
         raise ValueError("pretraining the conv tower on the captions' words draws its pictures anew: use --redraw true "
                          "(or --pretrain_steps 0)")
     heads = (AttributeHeads(model.config.vision_config.hidden_size, draw, cfg.cell_weight, model.config.vision_config.widths[-1])
              if cfg.vision == "conv" and cfg.pretrain_steps else None)
+    features = None if heads else contrastive_text_features(model, processor.tokenizer, captions, cfg)
     pool, threads = drawing_pool(draw), torch.get_num_threads()
     if pool is not None:  # the worker draws on a core of its own (2 cores: 0.109 s a step on 1 thread, 0.127 on 2)
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
+    # With label pretraining first, the frozen text tower's features (first read by the contrastive steps) are
+    # computed in a thread beside it (its ops release the GIL), on the core time the drawing worker leaves free
+    text_thread = ThreadPoolExecutor(1)
+    pending = text_thread.submit(contrastive_text_features, model, processor.tokenizer, captions, cfg) if heads else None
+    prep_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     try:
         pretrain_losses = pretrain_vision(model, heads, draw, cfg, log_every, pool) if heads else []
-        losses = fit(model, draw or pixels, text_features, cfg, log_every, heads, pool)
+        losses = fit(model, draw or pixels, pending.result() if pending else features, cfg, log_every, heads, pool)
     finally:
         torch.set_num_threads(threads)
+        text_thread.shutdown(cancel_futures=True)
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     train_seconds = time.perf_counter() - start

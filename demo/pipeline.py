@@ -78,12 +78,15 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
         # core for about 15 s, beside the world and the encoder (which leave part of the second core free)
         converted = run.background("smollm2_llm", [py, "-m", "revision.gguf", gguf.SMOLLM2])
         run.overlapped.add("smollm2_llm")
-    run("world", partial(toy_world.main, [world, "--seed", str(seed), "--preset", budget.world]))
+    # the dual encoder draws its own pictures of the paired captions: the world's 8000 are drawn only if a stage reads them
+    defer = ["--defer", "paired"] if budget.encoder == "minilm" else []
+    run("world", partial(toy_world.main, [world, "--seed", str(seed), "--preset", budget.world, *defer]))
     clip_main = {"toy": clip.main, "minilm": dual_encoder.main}[budget.encoder]
     run(f"{budget.encoder}_clip", partial(clip_main, ["--world", world, "--out", str(paths["clip"]), "--seed", str(seed),
                                                       "--steps", str(budget.clip_steps), "--skip_measure",
                                                       *(["--pretrain_steps", str(budget.clip_pretrain_steps),
                                                            "--cell_weight", str(budget.clip_cell_weight),
+                                                           "--convs", budget.clip_convs, "--activation", budget.clip_activation,
                                                            "--bf16", str(budget.bf16)]
                                                         if budget.encoder == "minilm" else [])]))
     if budget.llm == "smollm2":
@@ -100,6 +103,7 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
     embed("embed_unpaired", "--images", f"{world}/unpaired_images.jsonl", "--texts", f"{world}/unpaired_texts.jsonl",
           "--out", str(emb / "unpaired"))
     if paired_store:
+        run("world_paired_pictures", lambda: print("drawn:", toy_world.render_deferred(paths["world"]) or "nothing deferred"))
         embed("embed_paired", "--images", f"{world}/paired.jsonl", "--out", str(emb / "paired"))
     if eval_store:
         embed("embed_eval", "--images", f"{world}/eval_images.jsonl", "--out", str(emb / "eval"))
@@ -256,6 +260,7 @@ def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, s
     method, world = ROWS[name.split("@")[0]][0], paths["world"]
     stage2_extra = " ".join([
         *([f"--mm_projector_lr {budget.stage2_projector_lr}"] if budget.stage2_projector_lr > 0 else []),
+        *([f"--tune_llm_top_layers {budget.stage2_top_layers}"] if budget.stage2_top_layers > 0 else []),
         *([] if stage1_data else [f"--mm_projector_tokens {budget.projector_tokens}"]),  # else inherited from stage 1
         *(["--system_prompt ''"] if budget.empty_system_prompt else [])])
     stage2_env = {"MODEL": str(paths["llm"]), **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr,

@@ -22,7 +22,9 @@ Files written under OUT_DIR (ids are unique across the whole world; image paths 
   eval_questions.jsonl    {"question_id", "image", "image_id", "text", "answer", "category"}
   scenes.jsonl            {"id", "split", "attributes"} for every image and caption id
   vocab.txt               every word any template can produce
-  world.json              seed, sizes, counts; written last, so its presence means the world is complete
+  world.json              seed, sizes, counts; written last, so its presence means the world is complete; with
+                          `--defer SPLIT`, "deferred" names the splits whose pictures are drawn when first read
+                          (render_deferred: the demo's dual encoder draws its own and never opens the 8000 paired ones)
 
 Everything is a function of (seed, sizes); each split draws from its own random stream, so changing one
 split's size leaves the others as they were.
@@ -162,14 +164,56 @@ def _manifest(world: World) -> dict:
 
 def _render_to_file(job: tuple[Scene, int, str, int, str]) -> None:
     scene, seed, split, index, path = job
-    render(scene, _rng(seed, split, 2, index)).save(path, format="PNG", compress_level=1)
+    staged = f"{path}.tmp"  # a killed or concurrent run never leaves a half-written picture under its name
+    render(scene, _rng(seed, split, 2, index)).save(staged, format="PNG", compress_level=1)
+    os.replace(staged, path)
+
+
+def _render(jobs: list[tuple[Scene, int, str, int, str]], workers: int = 0) -> None:
+    """Draw and write the pictures of `jobs` in `workers` processes (0: one per CPU, none for a handful)."""
+    workers = workers or min(os.cpu_count() or 1, len(jobs) // 256 + 1)
+    if workers > 1:  # each image has its own random stream, so the bytes do not depend on the worker count
+        # fork where there is one: a spawned worker imports the caller's main module again (demo.pipeline's torch and
+        # transformers: about 9 s of the pipeline's world stage on 2 cores); the workers only draw with numpy and PIL
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            pool.map(_render_to_file, jobs, chunksize=min(256, len(jobs) // workers + 1))
+    else:
+        for job in jobs:
+            _render_to_file(job)
+
+
+def _jobs(world: World, out: Path, splits: Sequence[str]) -> list[tuple[Scene, int, str, int, str]]:
+    return [(item.scene, world.seed, item.split, int(item.id.rsplit("-", 1)[1]), str(out / item.image))
+            for item in world.image_items() if item.split in splits]
+
+
+def render_deferred(out_dir: str | Path, workers: int = 0) -> list[str]:
+    """Draw the pictures of the splits a world was built without (`--defer`), the same bytes as building would
+    have written, and mark them drawn; returns those splits (none: nothing to do). Readers of a world's pictures
+    call it first."""
+    manifest_path = Path(out_dir) / "world.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{out_dir}: no world.json (build the world first: python -m demo.world {out_dir})")
+    manifest = json.loads(manifest_path.read_text())
+    deferred = manifest.get("deferred", [])
+    if deferred:
+        world = make_world(manifest["seed"], WorldSizes(**manifest["sizes"]))
+        _render(_jobs(world, Path(out_dir), deferred), workers)
+        staged = manifest_path.with_suffix(".json.tmp")
+        staged.write_text(json.dumps({k: v for k, v in manifest.items() if k != "deferred"}, indent=1) + "\n")
+        os.replace(staged, manifest_path)
+    return deferred
 
 
 def build_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | str = "default", force: bool = False,
-                workers: int = 0) -> World:
+                workers: int = 0, defer: Sequence[str] = ()) -> World:
     """Generate the world, render its images (in `workers` processes; 0 = one per CPU) and write every file
-    (module docstring). A folder that already holds a complete world of the same seed and sizes is left as
-    it is unless `force`."""
+    (module docstring); the pictures of the splits in `defer` are drawn later, by render_deferred. A folder that
+    already holds a complete world of the same seed and sizes is left as it is unless `force`."""
+    unknown = [s for s in defer if s not in IMAGE_DIR]
+    if unknown:
+        raise ValueError(f"--defer {unknown}: only the pictures of {', '.join(IMAGE_DIR)} can be deferred")
     if isinstance(sizes, str):
         if sizes not in PRESETS:
             raise ValueError(f"unknown world preset {sizes!r}; choose from {sorted(PRESETS)}")
@@ -180,21 +224,13 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | str = "d
     if not force and manifest_path.is_file():
         existing = json.loads(manifest_path.read_text())
         if {k: existing.get(k) for k in ("version", "seed", "sizes")} == _manifest(world):
+            if set(existing.get("deferred", [])) - set(defer):  # pictures asked for now that an earlier build deferred
+                render_deferred(out, workers)
             return world
     manifest_path.unlink(missing_ok=True)
     for folder in IMAGE_DIR.values():
         (out / "images" / folder).mkdir(parents=True, exist_ok=True)
-    jobs = [(item.scene, seed, item.split, int(item.id.rsplit("-", 1)[1]), str(out / item.image)) for item in world.image_items()]
-    workers = workers or min(os.cpu_count() or 1, len(jobs) // 256 + 1)  # auto: no pool for a handful of images
-    if workers > 1:  # each image has its own random stream, so the bytes do not depend on the worker count
-        # fork where there is one: a spawned worker imports the caller's main module again (demo.pipeline's torch and
-        # transformers: about 9 s of the pipeline's world stage on 2 cores); the workers only draw with numpy and PIL
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
-            pool.map(_render_to_file, jobs, chunksize=min(256, len(jobs) // workers + 1))
-    else:
-        for job in jobs:
-            _render_to_file(job)
+    _render(_jobs(world, out, [s for s in IMAGE_DIR if s not in defer]), workers)
 
     _write_jsonl(out / "paired.jsonl", [{"id": it.id, "image": it.image, "caption": it.caption} for it in world.paired])
     _write_jsonl(out / "unpaired_images.jsonl", [{"id": it.id, "image": it.image} for it in world.unpaired_images])
@@ -212,7 +248,8 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | str = "d
     counts = {"paired": len(world.paired), "unpaired_images": len(world.unpaired_images),
               "unpaired_texts": len(world.unpaired_texts), "instruct": len(world.instruct),
               "eval": len(world.eval), "eval_questions": len(world.eval_questions)}
-    manifest_path.write_text(json.dumps({**_manifest(world), "counts": counts}, indent=1) + "\n")
+    deferred = {"deferred": [s for s in IMAGE_DIR if s in defer]} if defer else {}
+    manifest_path.write_text(json.dumps({**_manifest(world), "counts": counts, **deferred}, indent=1) + "\n")
     return world
 
 
@@ -223,9 +260,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR holds this world already")
     parser.add_argument("--workers", type=int, default=0, help="rendering processes (0: one per CPU)")
+    parser.add_argument("--defer", nargs="*", default=[], choices=list(IMAGE_DIR),
+                        help="splits whose pictures are drawn when first read (demo.world.render_deferred), not now")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    world = build_world(args.out_dir, args.seed, args.preset, args.force, args.workers)
+    world = build_world(args.out_dir, args.seed, args.preset, args.force, args.workers, args.defer)
     print(f"world (seed {args.seed}, {args.preset}): {len(world.image_items())} images, {len(world.unpaired_texts)} unpaired "
           f"captions, {len(world.instruct)} instruction samples, {len(world.eval_questions)} eval questions "
           f"in {args.out_dir} ({time.perf_counter() - start:.1f} s)")

@@ -39,6 +39,9 @@ class ModelArguments:
     standardize_projector_input: bool = field(default=True, metadata={
         "help": "a fresh projector standardises its input with the training embeddings' mean and scalar std (kept in the checkpoint)"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    tune_llm_top_layers: int | None = field(default=None, metadata={
+        "help": "stage 2 without LoRA: train the projector and only the LLM's top N decoder layers and final norm (the "
+                "embeddings and the lower layers frozen: no weight gradients or optimizer state for them); default: all"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
         "help": "stage-1 output folder (projector, its settings and alignment) or a projector weights file"})
     attn_implementation: str | None = field(default=None, metadata={

@@ -69,7 +69,8 @@ def load_stage1_projector(model: RevisionModel, adapter: str, table: EmbeddingTa
 
 
 def set_trainable(model: RevisionModel, settings: Settings) -> None:
-    """Stage 1: the projector only; stage 2: projector + LoRA adapters (--lora_enable), else everything."""
+    """Stage 1: the projector only; stage 2: projector + LoRA adapters (--lora_enable), or + the LLM's top layers
+    (--tune_llm_top_layers), else everything."""
     training = settings.training
     if (settings.projector_only or training.lora_enable) and training.bf16 and not training.deepspeed:
         # a frozen LLM (LoRA: its base; peft keeps the adapters in fp32) under bf16 autocast is held in bf16 once, not
@@ -84,5 +85,20 @@ def set_trainable(model: RevisionModel, settings: Settings) -> None:
                           target_modules="all-linear", task_type="CAUSAL_LM")
         model.llm = get_peft_model(model.llm, lora)
         model.projector.requires_grad_(True)
+    elif settings.tune_llm_top_layers is not None:
+        model.freeze_llm()
+        for module in top_decoder_modules(model.llm, settings.tune_llm_top_layers):
+            module.requires_grad_(True)
     else:
         model.requires_grad_(True)
+
+
+def top_decoder_modules(llm: torch.nn.Module, count: int) -> list[torch.nn.Module]:
+    """The decoder's last `count` layers and its final norm (HF decoders hold them as .layers and .norm)."""
+    decoder = llm.get_decoder()
+    layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    if not isinstance(layers, torch.nn.ModuleList) or norm is None:
+        raise ValueError(f"--tune_llm_top_layers needs a decoder with .layers and .norm; {type(decoder).__name__} has not both")
+    if not 1 <= count <= len(layers):
+        raise ValueError(f"--tune_llm_top_layers {count}: the LLM has {len(layers)} decoder layers")
+    return [*layers[len(layers) - count:], norm]

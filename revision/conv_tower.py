@@ -6,14 +6,16 @@ Registered with AutoConfig/AutoModel under `revision_conv_tower` when this modul
 imports it), so `VisionTextDualEncoderModel.from_pretrained(FOLDER)` loads a dual encoder that holds one, like any
 checkpoint, without remote code.
 
-Layout: per width w, two 3x3 convolutions with batch norm and GELU, then 2x2 max pooling; the last feature map is
-flattened (keeping position) into a linear layer of `hidden_size` features: the pooled output.
+Layout: per width w, `convs` 3x3 convolutions (two by default) with batch norm and an activation (GELU by default;
+`activation` names any of transformers' ACT2FN), then 2x2 max pooling; the last feature map is flattened (keeping
+position) into a linear layer of `hidden_size` features: the pooled output.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
@@ -21,10 +23,17 @@ class ConvTowerConfig(PretrainedConfig):
     model_type = "revision_conv_tower"
 
     def __init__(self, widths: tuple[int, ...] | list[int] = (16, 32, 64, 64), hidden_size: int = 128,
-                 image_size: int = 64, num_channels: int = 3, **kwargs):
+                 image_size: int = 64, num_channels: int = 3, convs: tuple[int, ...] | list[int] | None = None,
+                 activation: str = "gelu", **kwargs):
         super().__init__(**kwargs)
         self.widths, self.hidden_size = list(widths), hidden_size
         self.image_size, self.num_channels = image_size, num_channels
+        self.convs = list(convs) if convs is not None else [2] * len(self.widths)
+        self.activation = activation
+        if len(self.convs) != len(self.widths) or min(self.convs, default=1) < 1:
+            raise ValueError(f"convs {self.convs} must give each of the {len(self.widths)} widths at least one convolution")
+        if activation not in ACT2FN:
+            raise ValueError(f"unknown activation {activation!r}; choose one of transformers' ACT2FN ({', '.join(sorted(ACT2FN))})")
         if image_size % 2 ** len(self.widths):
             raise ValueError(f"image_size {image_size} must be divisible by 2^{len(self.widths)} (one pooling per width)")
 
@@ -36,9 +45,9 @@ class ConvTowerModel(PreTrainedModel):
     def __init__(self, config: ConvTowerConfig):
         super().__init__(config)
         layers, channels = [], config.num_channels
-        for width in config.widths:
-            for _ in range(2):
-                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU()]
+        for width, convs in zip(config.widths, config.convs):
+            for _ in range(convs):
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), ACT2FN[config.activation]]
                 channels = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)

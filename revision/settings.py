@@ -60,6 +60,7 @@ class Settings:
     attn_implementation: str | None
     dtype: torch.dtype
     projector_only: bool  # stage 1 (--tune_mm_mlp_adapter): the LLM stays frozen
+    tune_llm_top_layers: int | None  # stage 2: only the LLM's top N decoder layers train (None: all of it)
     # the data
     data_path: str
     store: Store
@@ -111,7 +112,7 @@ def resolve(model_args: ModelArguments, data_args: DataArguments, training_args:
         standardize_projector_input=model_args.standardize_projector_input,
         attn_implementation=model_args.attn_implementation or default_attn_implementation(training_args.model_max_length),
         dtype=model_dtype(training_args),
-        projector_only=model_args.tune_mm_mlp_adapter,
+        projector_only=model_args.tune_mm_mlp_adapter, tune_llm_top_layers=model_args.tune_llm_top_layers,
         data_path=data_args.data_path, store=store, embed_cache_dir=data_args.embed_cache_dir,
         verify=not data_args.no_verify, align_stats=align_stats, noise_std=noise_std, noise_source=noise_source,
         skip_missing=data_args.skip_missing, skip_bad_embeddings=data_args.skip_bad_embeddings,
@@ -127,6 +128,12 @@ def check_values(model_args: ModelArguments, data_args: DataArguments, training_
                         ("weight_decay", training_args.weight_decay), ("embed_noise_std", data_args.embed_noise_std)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"--{name} {value}: expected a finite number >= 0")
+    if model_args.tune_llm_top_layers is not None:
+        other = "--tune_mm_mlp_adapter" if model_args.tune_mm_mlp_adapter else "--lora_enable" if training_args.lora_enable else None
+        if other:
+            raise InputError(f"--tune_llm_top_layers trains part of the LLM; {other} says what trains otherwise: pass one of them")
+        if model_args.tune_llm_top_layers < 1:
+            raise InputError(f"--tune_llm_top_layers {model_args.tune_llm_top_layers}: expected at least 1 layer")
 
 
 def continued_checkpoint(model_args: ModelArguments) -> str | None:

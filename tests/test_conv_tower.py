@@ -26,6 +26,27 @@ def test_a_trained_tower_loads_back_with_its_batch_norm_statistics(tmp_path):
     assert torch.equal(loaded(pixel_values=x).pooler_output, tower(pixel_values=x).pooler_output)
 
 
+def test_convolutions_per_stage_and_the_activation_are_config_and_load_back(tmp_path):
+    torch.manual_seed(0)
+    tower = ConvTowerModel(ConvTowerConfig(widths=[4, 8], convs=[1, 2], activation="relu", hidden_size=16, image_size=16))
+    convs = [m for m in tower.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 4), (4, 8), (8, 8)]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in tower.features) == 3 and not any(
+        isinstance(m, torch.nn.GELU) for m in tower.features)
+    tower.eval().save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert (loaded.config.convs, loaded.config.activation) == ([1, 2], "relu")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(pixel_values=x).pooler_output, tower(pixel_values=x).pooler_output)
+    assert ConvTowerConfig(widths=[4, 8]).convs == [2, 2]  # a config saved before the field: two a stage, as then
+    with pytest.raises(ValueError, match=r"convs \[2\] must give each of the 2 widths at least one convolution"):
+        ConvTowerConfig(widths=[4, 8], convs=[2])
+    with pytest.raises(ValueError, match="convs"):
+        ConvTowerConfig(widths=[4, 8], convs=[0, 2])
+    with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+        ConvTowerConfig(activation="swishy")
+
+
 def test_position_survives_the_pooling():
     """The same blob in two corners gives two different pooled vectors (a global average pool would not)."""
     torch.manual_seed(0)

@@ -131,6 +131,16 @@ def test_refusals_come_before_anything_is_loaded(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_training_the_llms_top_layers_is_one_choice_of_what_trains(world, tmp_path):
+    tokens = ("--num_visual_tokens", "3")
+    assert settle(*argv(world, tmp_path, "finetune", *tokens, "--tune_llm_top_layers", "2")).tune_llm_top_layers == 2
+    for other in (("--tune_mm_mlp_adapter",), ("--lora_enable", "true")):
+        with pytest.raises(InputError, match=f"^--tune_llm_top_layers trains part of the LLM; {other[0]} says what trains"):
+            settle(*argv(world, tmp_path, "finetune", *tokens, "--tune_llm_top_layers", "2", *other))
+    with pytest.raises(InputError, match="^--tune_llm_top_layers 0: expected at least 1 layer$"):
+        settle(*argv(world, tmp_path, "finetune", *tokens, "--tune_llm_top_layers", "0"))
+
+
 def test_the_default_visual_tokens_are_written_once():
     """576 appears in the library only in revision/defaults.py; launchers and data_utils.py hold no default value."""
     literal = re.compile(r"\b576\b")

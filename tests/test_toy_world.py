@@ -21,6 +21,7 @@ from demo.world import (
     make_world,
     parse_caption,
     render,
+    render_deferred,
     vocabulary,
 )
 from revision.lists import read_images, read_texts
@@ -80,6 +81,28 @@ def test_rebuild_is_skipped_unless_forced_or_changed(world_dir, tmp_path):
     image.write_bytes(b"tampered")
     build_world(out, seed=0, sizes=MINI, workers=1)
     assert image.read_bytes() != b"tampered"
+
+
+def test_deferred_pictures_are_drawn_when_first_read_and_the_same(world_dir, tmp_path):
+    """--defer paired: no paired pictures until a reader asks (render_deferred, open_images), then the same bytes."""
+    from demo.clip import open_images
+
+    out = tmp_path / "w"
+    build_world(out, seed=0, sizes=MINI, workers=1, defer=["paired"])
+    assert not list((out / "images/paired").iterdir()) and list((out / "images/eval").iterdir())
+    assert json.loads((out / "world.json").read_text())["deferred"] == ["paired"]
+    pairs = _jsonl(out / "paired.jsonl")
+    assert len(open_images(out, pairs[:2])) == 2  # the reader draws them first
+    assert _tree_digest(out / "images") == _tree_digest(world_dir / "images")
+    assert "deferred" not in json.loads((out / "world.json").read_text()) and render_deferred(out) == []
+    again = tmp_path / "again"  # a build that defers, then one that does not: the second draws what the first left
+    build_world(again, seed=0, sizes=MINI, workers=1, defer=["paired"])
+    build_world(again, seed=0, sizes=MINI, workers=1)
+    assert _tree_digest(again / "images") == _tree_digest(world_dir / "images")
+    with pytest.raises(ValueError, match="only the pictures of paired, unpaired_images, eval can be deferred"):
+        build_world(tmp_path / "bad", sizes=MINI, defer=["unpaired_texts"])
+    with pytest.raises(FileNotFoundError, match="no world.json"):
+        render_deferred(tmp_path / "nothing")
 
 
 def test_images_are_64px_rgb_and_depict_objects(world_dir):

@@ -16,6 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from demo.tiny.lm import make_tiny_corpus, tiny_embeddings
 from revision.align import make_alignment
+from revision.build import top_decoder_modules
 from revision.checkpoint import check_resumable, weights_only_loads, write_manifest
 from revision.data import InputError, SupervisedDataset
 from revision.model import IMAGE_TOKEN_INDEX, RevisionModel
@@ -65,11 +66,11 @@ def test_stage1_trains_only_the_projector(tiny_world, tmp_path):
     assert loaded.revision_config.llm_weights == "base" and torch.equal(loaded.projector[2].bias, model.projector[2].bias)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "top"])
 def test_stage2_trains_the_right_sets(tiny_world, tmp_path, mode):
     s1 = run(tiny_world, tmp_path / "s1", "pretrain", "--max_steps", "2", "--learning_rate", "1e-2")
     stage1_projector = snapshot(s1.model.projector)
-    extra = ["--lora_enable", "--lora_r", "4"] if mode == "lora" else []
+    extra = {"full": [], "lora": ["--lora_enable", "--lora_r", "4"], "top": ["--tune_llm_top_layers", "1"]}[mode]
     trainer = run(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "3", "--learning_rate", "1e-2",
                   "--pretrain_mm_mlp_adapter", str(tmp_path / "s1" / "projector.safetensors"), *extra)
     model, initial = trainer.model, RevisionModel.from_llm(tiny_world["model"], 16).llm.state_dict()
@@ -80,6 +81,13 @@ def test_stage2_trains_the_right_sets(tiny_world, tmp_path, mode):
     if mode == "full":
         assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"} <= changed
         assert (tmp_path / "s2" / "model.safetensors").exists()
+    elif mode == "top":  # the last decoder layer and the final norm; the embeddings, head (and any lower layer) as they were
+        last = f"model.layers.{len(llm.model.layers) - 1}."
+        assert {f"{last}mlp.up_proj.weight", f"{last}self_attn.q_proj.weight"} <= changed
+        assert {n for n in changed if not n.startswith(last)} <= {"model.norm.weight"}  # not embed_tokens, not lm_head
+        assert (tmp_path / "s2" / "model.safetensors").exists()
+        with pytest.raises(ValueError, match=f"--tune_llm_top_layers 99: the LLM has {len(llm.model.layers)} decoder layers"):
+            top_decoder_modules(llm, 99)
     else:
         assert changed == set(), f"LoRA changed base weights {sorted(changed)[:3]}"
         lora_b = [v for k, v in llm.state_dict().items() if "lora_B" in k]
@@ -90,6 +98,18 @@ def test_stage2_trains_the_right_sets(tiny_world, tmp_path, mode):
     assert batch.pop("sample_index").tolist() == [0, 1, 2]  # the trainer's NaN guard names the batch's ids with it
     with torch.no_grad():
         assert torch.allclose(reloaded.eval()(**batch).logits, model.eval()(**batch).logits, atol=1e-5)
+
+
+def test_the_top_layers_are_the_last_ones_and_the_final_norm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                                       num_attention_heads=2, num_key_value_heads=2))
+    layers = llm.model.layers
+    assert top_decoder_modules(llm, 2) == [layers[1], layers[2], llm.model.norm]
+    assert top_decoder_modules(llm, 3)[:3] == list(layers)
+    with pytest.raises(ValueError, match="--tune_llm_top_layers 0: the LLM has 3 decoder layers"):
+        top_decoder_modules(llm, 0)
 
 
 def test_loss_decreases_on_a_learnable_task(tiny_world, tmp_path):
