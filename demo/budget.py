@@ -20,6 +20,8 @@ class Budget:
     clip_cell_weight: float = 0.0   # ... with heads on what each grid cell holds, at this weight (0: none)
     clip_convs: str = "2,2,2,2"     # the minilm dual encoder's conv tower: 3x3 convolutions per stage
     clip_activation: str = "gelu"   # ... and its activation
+    clip_pool_hidden: int = 0       # ... an MLP of this width from its map to the pooled features (0: linear)
+    clip_linear_slots: bool = False # ... its slot heads read the pooled features linearly
     llm_steps: int = 300
     stage1_epochs: float = 3.0
     stage1_lr: float = 1e-2

@@ -83,6 +83,7 @@ class DualEncoderConfig:
     widths: str = "16,32,64,64"  # conv: channels per stage (each halves the resolution)
     convs: str = "2,2,2,2"       # conv: 3x3 convolutions per stage
     activation: str = "gelu"     # conv: after each convolution (transformers' ACT2FN names)
+    pool_hidden: int = 0         # conv: > 0: the map -> pooled features layer is an MLP of this width (0: linear)
     hidden: int = 64             # vit width; conv: the pooled features are 2 x hidden
     layers: int = 2              # vit
     heads: int = 4               # vit
@@ -91,6 +92,7 @@ class DualEncoderConfig:
     pretrain_steps: int = 1200   # conv: steps of caption-word labels before the contrastive steps (shape needs them)
     pretrain_lr: float = 2e-3
     cell_weight: float = 10.0    # conv: weight of the per-cell heads (what each grid cell holds, off the tower's last map)
+    linear_slots: bool = False   # conv: the slot heads read the pooled features linearly (each object linear in the embedding)
     redraw: bool = True          # draw each step's captions anew (False: the stored paired pictures)
     steps: int = 300
     batch_size: int = 64
@@ -121,7 +123,8 @@ def build_dual_encoder(cfg: DualEncoderConfig,
     text_model = AutoModel.from_pretrained(str(text_folder))
     if cfg.vision == "conv":
         vision = ConvTowerConfig(widths=[int(w) for w in cfg.widths.split(",")], convs=[int(c) for c in cfg.convs.split(",")],
-                                 activation=cfg.activation, hidden_size=2 * cfg.hidden, image_size=IMAGE_SIZE)
+                                 activation=cfg.activation, pool_hidden=cfg.pool_hidden, hidden_size=2 * cfg.hidden,
+                                 image_size=IMAGE_SIZE)
     elif cfg.vision == "vit":
         vision = CLIPVisionConfig(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
                                   num_attention_heads=cfg.heads, image_size=IMAGE_SIZE, patch_size=cfg.patch, num_channels=3)
@@ -185,7 +188,8 @@ def train_dual_encoder(world_dir: str | Path, out_dir: str | Path, cfg: DualEnco
     if cfg.vision == "conv" and cfg.pretrain_steps and draw is None:
         raise ValueError("pretraining the conv tower on the captions' words draws its pictures anew: use --redraw true "
                          "(or --pretrain_steps 0)")
-    heads = (AttributeHeads(model.config.vision_config.hidden_size, draw, cfg.cell_weight, model.config.vision_config.widths[-1])
+    heads = (AttributeHeads(model.config.vision_config.hidden_size, draw, cfg.cell_weight, model.config.vision_config.widths[-1],
+                            cfg.linear_slots)
              if cfg.vision == "conv" and cfg.pretrain_steps else None)
     features = None if heads else contrastive_text_features(model, processor.tokenizer, captions, cfg)
     pool, threads = drawing_pool(draw), torch.get_num_threads()
@@ -241,10 +245,13 @@ class AttributeHeads(torch.nn.Module):
     only: a question about one of two objects needs its attributes bound to it in the embedding. With `cell_weight`,
     also a linear layer on each cell of the tower's last map pooled to the 3x3 position grid: the shape there (or
     nothing), its colour and size (dense targets: nine labelled cells a picture; shape probe 0.996-1.000 over 3 seeds
-    against 0.82-0.94 without, docs/results.md "Heads on every cell"). Not saved."""
+    against 0.82-0.94 without, docs/results.md "Heads on every cell"). The slot heads read the features through a GELU,
+    or with `linear_slots` directly: each object's attributes then have to be linear in the features by reading order
+    (with an MLP pool, a code by object rather than by place: docs/results.md "A code by object"). Not saved."""
 
-    def __init__(self, width: int, draw: Redraw, cell_weight: float = 0.0, grid_channels: int = 0):
+    def __init__(self, width: int, draw: Redraw, cell_weight: float = 0.0, grid_channels: int = 0, linear_slots: bool = False):
         super().__init__()
+        self.linear_slots = linear_slots
         self.sizes = [len(v) for v in ATTRIBUTES.values()] * SLOTS + [2]
         self.linear = torch.nn.Linear(width, sum(self.sizes))
         self.slots = torch.tensor([[[ATTRIBUTES[k].index(getattr(o, k)) for k in ATTRIBUTES] if o else [-100] * len(ATTRIBUTES)
@@ -257,7 +264,7 @@ class AttributeHeads(torch.nn.Module):
             self.cells = torch.tensor([cell_labels(s.objects) for s in draw.scenes])  # [N, 9, 3]
 
     def loss(self, features: torch.Tensor, index: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.linear(F.gelu(features)).split(self.sizes, dim=-1)
+        logits = self.linear(features if self.linear_slots else F.gelu(features)).split(self.sizes, dim=-1)
         labels = self.slots[index].flatten(1)  # [B, SLOTS * attributes], in the order of self.sizes
         loss = sum(F.cross_entropy(out, labels[:, k], ignore_index=-100) for k, out in enumerate(logits[:-1]))
         loss = loss + F.cross_entropy(logits[-1], self.count[index])

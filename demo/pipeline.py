@@ -87,6 +87,8 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
                                                       *(["--pretrain_steps", str(budget.clip_pretrain_steps),
                                                            "--cell_weight", str(budget.clip_cell_weight),
                                                            "--convs", budget.clip_convs, "--activation", budget.clip_activation,
+                                                           "--pool_hidden", str(budget.clip_pool_hidden),
+                                                           "--linear_slots", str(budget.clip_linear_slots),
                                                            "--bf16", str(budget.bf16)]
                                                         if budget.encoder == "minilm" else [])]))
     if budget.llm == "smollm2":

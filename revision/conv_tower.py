@@ -8,7 +8,10 @@ checkpoint, without remote code.
 
 Layout: per width w, `convs` 3x3 convolutions (two by default) with batch norm and an activation (GELU by default;
 `activation` names any of transformers' ACT2FN), then 2x2 max pooling; the last feature map is flattened (keeping
-position) into a linear layer of `hidden_size` features: the pooled output.
+position) into a linear layer of `hidden_size` features: the pooled output. With `pool_hidden` > 0 that layer is an
+MLP (one hidden layer of that width, GELU): a linear pool can only make the pooled output a sum of what each place of
+the map holds (a code by place), an MLP can make it any function of the map, such as each object's attributes in
+the order the objects are read (a code by object, which a reader binds from far fewer examples; docs/results.md).
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ class ConvTowerConfig(PretrainedConfig):
 
     def __init__(self, widths: tuple[int, ...] | list[int] = (16, 32, 64, 64), hidden_size: int = 128,
                  image_size: int = 64, num_channels: int = 3, convs: tuple[int, ...] | list[int] | None = None,
-                 activation: str = "gelu", **kwargs):
+                 activation: str = "gelu", pool_hidden: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.widths, self.hidden_size = list(widths), hidden_size
         self.image_size, self.num_channels = image_size, num_channels
         self.convs = list(convs) if convs is not None else [2] * len(self.widths)
-        self.activation = activation
+        self.activation, self.pool_hidden = activation, pool_hidden
+        if pool_hidden < 0:
+            raise ValueError(f"pool_hidden {pool_hidden} must be 0 (a linear pool) or a hidden width")
         if len(self.convs) != len(self.widths) or min(self.convs, default=1) < 1:
             raise ValueError(f"convs {self.convs} must give each of the {len(self.widths)} widths at least one convolution")
         if activation not in ACT2FN:
@@ -52,7 +57,9 @@ class ConvTowerModel(PreTrainedModel):
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         side = config.image_size // 2 ** len(config.widths)
-        self.pool = nn.Linear(channels * side * side, config.hidden_size)
+        flat = channels * side * side
+        self.pool = (nn.Sequential(nn.Linear(flat, config.pool_hidden), nn.GELU(), nn.Linear(config.pool_hidden, config.hidden_size))
+                     if config.pool_hidden else nn.Linear(flat, config.hidden_size))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:

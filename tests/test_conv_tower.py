@@ -47,6 +47,33 @@ def test_convolutions_per_stage_and_the_activation_are_config_and_load_back(tmp_
         ConvTowerConfig(activation="swishy")
 
 
+def test_an_mlp_pool_loads_back_and_is_not_a_sum_over_places(tmp_path):
+    """A linear pool makes the pooled output a sum of what each place of the map holds (two things at two places
+    pool to the sum of each alone); the MLP pool (pool_hidden) does not, so it can code objects by reading order."""
+    torch.manual_seed(0)
+    linear = ConvTowerModel(ConvTowerConfig(widths=[4, 8], hidden_size=16, image_size=16)).eval()
+    mlp = ConvTowerModel(ConvTowerConfig(widths=[4, 8], hidden_size=16, image_size=16, pool_hidden=32)).eval()
+    assert isinstance(linear.pool, torch.nn.Linear) and [type(m) for m in mlp.pool] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    empty, one, other = torch.zeros(1, 8, 4, 4), torch.zeros(1, 8, 4, 4), torch.zeros(1, 8, 4, 4)
+    one[0, :, 0, 0], other[0, :, 3, 3] = 2.0, -1.5
+
+    def excess(tower: ConvTowerModel) -> float:
+        with torch.no_grad():
+            pooled = {k: tower.pool(m.flatten(1)) for k, m in (("empty", empty), ("one", one), ("other", other), ("both", one + other))}
+        return float((pooled["both"] - pooled["one"] - pooled["other"] + pooled["empty"]).abs().max())
+
+    assert excess(linear) < 1e-5
+    assert excess(mlp) > 1e-2
+    mlp.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.pool_hidden == 32
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(pixel_values=x).pooler_output, mlp(pixel_values=x).pooler_output)
+    assert ConvTowerConfig().pool_hidden == 0  # a config saved before the field: the linear pool, as then
+    with pytest.raises(ValueError, match="pool_hidden -1"):
+        ConvTowerConfig(pool_hidden=-1)
+
+
 def test_position_survives_the_pooling():
     """The same blob in two corners gives two different pooled vectors (a global average pool would not)."""
     torch.manual_seed(0)
@@ -102,6 +129,12 @@ def test_redrawn_captions_and_their_labels(mini_world):
     with pytest.raises(ValueError, match="names no complete object"):
         Redraw(["a picture of nothing at all."], image_processor(), seed=0)
     assert np.isfinite(heads.loss(torch.randn(4, 16), index).item())
+    # linear_slots: the slot heads read the features as they are (the default reads them through a GELU)
+    linear = AttributeHeads(16, draw, linear_slots=True)
+    linear.load_state_dict(heads.state_dict())
+    features = torch.randn(4, 16)
+    assert torch.allclose(linear.loss(torch.nn.functional.gelu(features), index), heads.loss(features, index))
+    assert not torch.allclose(linear.loss(features, index), heads.loss(features, index))
 
 
 def test_cell_heads_read_what_is_in_each_grid_cell(mini_world):

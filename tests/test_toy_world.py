@@ -183,6 +183,43 @@ _CATEGORY_OF = {"count": r"^how many", "yes/no": r"^is there", "size": r"small o
                 "colour": r"colou?r", "shape": r"shape is", "position": r"^where|which part"}
 
 
+def _copied_turns(conversation: list[dict]) -> int:
+    """Turns about a one-object scene's colour, shape, size or position whose answer an earlier turn already said
+    (for one object every attribute word in the context is about it, but those of a question answered "no")."""
+    from demo.captions import CANONICAL, PATTERNS
+
+    copied, context = 0, ""
+    for human, gpt in zip(conversation[::2], conversation[1::2]):
+        q, answer = human["value"].replace("<image>\n", ""), gpt["value"]
+        category = next(c for c, pattern in _CATEGORY_OF.items() if re.search(pattern, q))
+        if category in PATTERNS:
+            said = {CANONICAL[category][w] for w in PATTERNS[category].findall(context)}
+            copied += answer in said
+        context += f" {q} {answer}." if answer != "no" else ""  # "is there a red star? no" says no colour or shape
+    return copied
+
+
+def test_instruction_turns_never_give_away_a_later_answer():
+    """"is the blue star small or large?" then "what colour is the star?": the second is answered by copying from
+    the first, which teaches copying rather than reading. A conversation never asks what it has said; the same
+    questions asked without that rule do (the check can fail); the eval questions, one a prompt, are as before."""
+    from demo.captions import QUESTION_CATEGORIES as CATEGORIES, qa_conversation, questions
+    from demo.scenes import sample_scene
+
+    rng, scenes_rng = np.random.default_rng(0), np.random.default_rng(1)
+    one_object = [scene for scene in (sample_scene(scenes_rng) for _ in range(600)) if len(scene.objects) == 1]
+    conversations = [qa_conversation(scene, rng, max_turns=6) for scene in one_object]
+    assert sum(map(_copied_turns, conversations)) == 0
+    questions_asked = [turn["value"].replace("<image>\n", "") for conversation in conversations for turn in conversation[::2]]
+    asked = Counter(next(c for c, pattern in _CATEGORY_OF.items() if re.search(pattern, q)) for q in questions_asked)
+    assert min(asked[c] for c in ("colour", "shape", "size", "position")) >= 0.5 * len(one_object) / 2  # still asked
+    unguarded = []
+    for scene in one_object:  # the same categories, each question drawn on its own
+        cats = [CATEGORIES[c] for c in rng.choice(len(CATEGORIES), size=6, replace=False)]
+        unguarded.append([turn for _, q, a in questions(scene, cats, rng) for turn in ({"value": q}, {"value": a})])
+    assert sum(map(_copied_turns, unguarded)) > 0.2 * len(one_object)
+
+
 def test_eval_questions_cover_every_category_and_both_yes_no_answers():
     world = make_world(0, WorldSizes(0, 60, 0, 60, 0, 60, 3))
     cats = Counter(q["category"] for q in world.eval_questions)
