@@ -209,7 +209,7 @@ def qa_conversation(scene: Scene, rng: np.random.Generator, max_turns: int) -> l
     """LLaVA turns of 1..max_turns questions of distinct categories about the scene; the image opens the first. No
     turn's answer is in what the turns before it said (the question "what colour is the star?" after "is the blue
     star small or large?" is answered by copying: 55% of the one-object colour and shape turns were, before;
-    docs/results.md "Conversations that do not give the answer away")."""
+    docs/results.md "A code by object")."""
     turns = 1 + int(rng.integers(max_turns))
     cats = [QUESTION_CATEGORIES[c] for c in rng.choice(len(QUESTION_CATEGORIES), size=turns, replace=False)]
     conversation = []

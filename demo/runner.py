@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from demo.budget import Budget, recipe
+from demo.world import WORLD_VERSION
 from revision.errors import InputError
 
 # what the stages run, relative to the repository root (the pipeline runs a checkout's scripts, as a user does)
@@ -32,7 +33,8 @@ class Runner:
         self.overlapped: set[str] = set()  # stages run beside others (background): not added into the wall time
         for sub in ("logs", "done"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        settings, saved = recipe({"seed": seed, **asdict(budget)}), run_dir / "settings.json"
+        # the world's generator version too: a run folder's finished stages were trained on the world it wrote then
+        settings, saved = recipe({"seed": seed, "world_version": WORLD_VERSION, **asdict(budget)}), run_dir / "settings.json"
         if saved.is_file() and recipe(json.loads(saved.read_text())) != settings:
             raise ValueError(f"{run_dir} holds a run with other settings ({saved}); use another --out or delete it")
         saved.write_text(json.dumps(settings, indent=1) + "\n")

@@ -134,6 +134,19 @@ def test_rerun_with_other_settings_is_refused(demo):
         pipeline.main(["--out", str(demo), "--preset", "mini", "--rows", "no_stage1", "--stage2_lr", "0.5", "--repo", str(REPO)])
 
 
+def test_a_run_folder_of_an_older_world_generator_is_refused(tmp_path):
+    """Its finished stages trained on the world that generator wrote (the same seed gives other conversations now)."""
+    from demo.world import WORLD_VERSION
+
+    pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
+    saved = tmp_path / "seed-0" / "settings.json"
+    settings = json.loads(saved.read_text())
+    assert settings["world_version"] == WORLD_VERSION
+    saved.write_text(json.dumps(settings | {"world_version": WORLD_VERSION - 1}))
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
+
+
 def test_background_stage_runs_beside_others_and_fails_like_any_stage(tmp_path, capsys):
     run = pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
     flag = tmp_path / "started"
