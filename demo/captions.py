@@ -208,7 +208,7 @@ def questions(scene: Scene, categories: Sequence[str], rng: np.random.Generator,
 def qa_conversation(scene: Scene, rng: np.random.Generator, max_turns: int) -> list[dict]:
     """LLaVA turns of 1..max_turns questions of distinct categories about the scene; the image opens the first. No
     turn's answer is in what the turns before it said (the question "what colour is the star?" after "is the blue
-    star small or large?" is answered by copying: 55% of the one-object colour and shape turns were, before;
+    star small or large?" is answered by copying: 53-55% of the one-object colour and shape turns were, before;
     docs/results.md "A code by object")."""
     turns = 1 + int(rng.integers(max_turns))
     cats = [QUESTION_CATEGORIES[c] for c in rng.choice(len(QUESTION_CATEGORIES), size=turns, replace=False)]
