@@ -115,8 +115,8 @@ def _reference(scene: Scene, target: Obj, asked: str, rng: np.random.Generator,
     unique = [keys for keys in options if asked not in keys
               and sum(_matches(o, {k: getattr(target, k) for k in keys}) for o in scene.objects) == 1]
     if avoid is not None:
-        unique = ([keys for keys in unique if not set(keys) & set(avoid)] or ([()] if len(scene.objects) == 1 else [])
-                  or unique)
+        free = [keys for keys in unique if not set(keys) & set(avoid)]
+        unique = free or ([()] if len(scene.objects) == 1 else unique)
     if not unique:
         return None
     keys = unique[rng.integers(len(unique))]

@@ -173,14 +173,19 @@ def test_qa_answers_agree_with_their_scenes(world_dir, scenes):
         turns = sample["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2]):
             q = human["value"].replace("<image>\n", "")
-            category = next(c for c, pattern in _CATEGORY_OF.items() if re.search(pattern, q))
-            _check_answer(scenes[sample["id"]]["attributes"]["objects"], category, q, gpt["value"])
+            _check_answer(scenes[sample["id"]]["attributes"]["objects"], _category(q), q, gpt["value"])
             checked += 1
     assert checked >= MINI.instruct
 
 
 _CATEGORY_OF = {"count": r"^how many", "yes/no": r"^is there", "size": r"small or large|how big",
                 "colour": r"colou?r", "shape": r"shape is", "position": r"^where|which part"}
+
+
+def _category(question: str) -> str:
+    """The category of one of the world's questions (a conversation's first turn may open with the image token)."""
+    question = question.replace("<image>\n", "")
+    return next(c for c, pattern in _CATEGORY_OF.items() if re.search(pattern, question))
 
 
 def _copied_turns(conversation: list[dict]) -> int:
@@ -191,7 +196,7 @@ def _copied_turns(conversation: list[dict]) -> int:
     copied, context = 0, ""
     for human, gpt in zip(conversation[::2], conversation[1::2]):
         q, answer = human["value"].replace("<image>\n", ""), gpt["value"]
-        category = next(c for c, pattern in _CATEGORY_OF.items() if re.search(pattern, q))
+        category = _category(q)
         if category in PATTERNS:
             said = {CANONICAL[category][w] for w in PATTERNS[category].findall(context)}
             copied += answer in said
@@ -202,7 +207,7 @@ def _copied_turns(conversation: list[dict]) -> int:
 def test_instruction_turns_never_give_away_a_later_answer():
     """"is the blue star small or large?" then "what colour is the star?": the second is answered by copying from
     the first, which teaches copying rather than reading. A conversation never asks what it has said; the same
-    questions asked without that rule do (the check can fail); the eval questions, one a prompt, are as before."""
+    questions asked without that rule do (the check can fail)."""
     from demo.captions import QUESTION_CATEGORIES as CATEGORIES, qa_conversation, questions
     from demo.scenes import sample_scene
 
@@ -210,8 +215,7 @@ def test_instruction_turns_never_give_away_a_later_answer():
     one_object = [scene for scene in (sample_scene(scenes_rng) for _ in range(600)) if len(scene.objects) == 1]
     conversations = [qa_conversation(scene, rng, max_turns=6) for scene in one_object]
     assert sum(map(_copied_turns, conversations)) == 0
-    questions_asked = [turn["value"].replace("<image>\n", "") for conversation in conversations for turn in conversation[::2]]
-    asked = Counter(next(c for c, pattern in _CATEGORY_OF.items() if re.search(pattern, q)) for q in questions_asked)
+    asked = Counter(_category(turn["value"]) for conversation in conversations for turn in conversation[::2])
     assert min(asked[c] for c in ("colour", "shape", "size", "position")) >= 0.5 * len(one_object) / 2  # still asked
     unguarded = []
     for scene in one_object:  # the same categories, each question drawn on its own
