@@ -153,10 +153,21 @@ def write_probes(world: Path, stores: Path, out: Path) -> None:
 def link_smollm2(link: Path) -> None:
     """RUN/llm -> SmolLM2's converted folder (converting it first if this machine never did: `python -m
     revision.gguf smollm2` does it beside the first stages)."""
-    folder = gguf.convert_gguf(gguf.SMOLLM2)
-    if not link.is_symlink():
-        link.symlink_to(folder.resolve(), target_is_directory=True)
-    print(f"{link} -> {folder}")
+    point_at(link, gguf.convert_gguf(gguf.SMOLLM2))
+
+
+def point_at(link: Path, folder: Path) -> None:
+    """Make `link` a symlink to `folder`, replacing one that points elsewhere (a conversion this machine no longer
+    has: its cache key changes with the converter's version; a run folder copied from another machine)."""
+    target = folder.resolve()
+    if link.is_symlink() and link.resolve() != target:
+        link.unlink()
+    try:
+        link.symlink_to(target, target_is_directory=True)
+    except FileExistsError:  # another run of the same seed linked it first
+        if link.resolve() != target:
+            raise
+    print(f"{link} -> {target}")
 
 
 def train_env(budget: Budget, seed: int, visual_tokens: int, epochs: float, lr: float, extra: str = "",

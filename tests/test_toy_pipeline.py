@@ -167,3 +167,19 @@ def test_background_stage_runs_beside_others_and_fails_like_any_stage(tmp_path, 
     with pytest.raises(RuntimeError, match=r"stage broken failed \(exit 3\)(.|\n)*what went wrong"):
         failing()
     assert not (tmp_path / "seed-0/done/broken.json").exists()
+
+
+def test_the_llm_link_follows_the_conversion_this_machine_has(tmp_path):
+    """RUN/llm pointing at a conversion that is gone (a run folder from another machine, an older converter's cache
+    key) is pointed at the one given; a second call changes nothing; a real folder in its place is not replaced."""
+    old, new, link = tmp_path / "old", tmp_path / "new", tmp_path / "run" / "llm"
+    old.mkdir(), new.mkdir(), link.parent.mkdir()
+    link.symlink_to(old, target_is_directory=True)
+    old.rmdir()  # dangling now
+    pipeline.point_at(link, new)
+    assert link.is_symlink() and link.resolve() == new.resolve()
+    pipeline.point_at(link, new)
+    assert link.resolve() == new.resolve()
+    (tmp_path / "run" / "other").mkdir()
+    with pytest.raises(FileExistsError):
+        pipeline.point_at(tmp_path / "run" / "other", new)
