@@ -254,7 +254,8 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
             captions = caption_scores(out / f"{prefix}caption_answers.jsonl", world)
             (out / f"{prefix}caption_metrics.json").write_text(json.dumps(captions, indent=1) + "\n")
             named = {"acc": "strict_attribute_acc", "count_acc": "count_acc", "lenient_acc": "attribute_acc",
-                     "all_correct": "all_correct", "per_attribute": "strict_per_attribute", "by_objects": "strict_by_objects"}
+                     "all_correct": "all_correct", "per_attribute": "strict_per_attribute", "by_objects": "strict_by_objects",
+                     "by_objects_attribute": "strict_by_objects_attribute"}
             result.update({f"{prefix}caption_{key}": captions[field] for key, field in named.items()})
             result.update({f"{prefix}caption_{k}": v for k, v in captions["strict_per_attribute"].items()})
     if stage1_data == "text":

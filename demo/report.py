@@ -30,17 +30,21 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
     """Attribute accuracy of generated captions: each scene object is matched to the parsed object that
     names most of its attributes (each parsed object used once); shares of (object, attribute) named right.
     `strict`: the same, counting a hit only when the caption names as many objects as the scene has: a model
-    that always describes two objects, one big and one small, would otherwise get size right for free."""
+    that always describes two objects, one big and one small, would otherwise get size right for free. Strict hits
+    are also split by the scene's number of objects, and by that and the attribute (a text row can learn what one-object
+    captions say and not two-object ones: the split shows where its own source is learned well enough to judge it)."""
     refs = {r["id"]: r["attributes"] for r in read_records(world / "eval_captions.jsonl")}
     kinds = ("colour", "shape", "size", "position")
     hits: dict[str, list[bool]] = {k: [] for k in kinds}
     strict: dict[str, list[bool]] = {k: [] for k in kinds}
     all_right, count_right = [], []
     by_objects: dict[str, list[bool]] = {}  # strict hits by the scene's number of objects
+    by_objects_attribute: dict[str, dict[str, list[bool]]] = {}  # ... and the attribute
     for row in read_records(answers):
         said = parse_caption(row.get("text") or "")
         objects = refs[row["question_id"]]["objects"]
-        scene = by_objects.setdefault(OBJECT_COUNTS.get(len(objects), f"{len(objects)} objects"), [])
+        count = OBJECT_COUNTS.get(len(objects), f"{len(objects)} objects")
+        scene, scene_attributes = by_objects.setdefault(count, []), by_objects_attribute.setdefault(count, {k: [] for k in kinds})
         free, right = list(said), True
         for obj in objects:
             best = max(free, key=lambda p: sum(p[k] == obj[k] for k in kinds), default=None)
@@ -51,6 +55,7 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
                 hits[k].append(hit)
                 strict[k].append(hit and len(said) == len(objects))
                 scene.append(strict[k][-1])
+                scene_attributes[k].append(strict[k][-1])
                 right &= hit
         all_right.append(right and not free)
         count_right.append(len(said) == len(objects))
@@ -59,6 +64,8 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
             "strict_attribute_acc": float(np.mean([h for v in strict.values() for h in v])),
             "strict_per_attribute": {k: float(np.mean(v)) for k, v in strict.items()},
             "strict_by_objects": {n: float(np.mean(v)) for n, v in sorted(by_objects.items())},
+            "strict_by_objects_attribute": {n: {k: float(np.mean(v)) for k, v in per.items()}
+                                            for n, per in sorted(by_objects_attribute.items())},
             "count_acc": float(np.mean(count_right)), "all_correct": float(np.mean(all_right))}
 
 
