@@ -64,8 +64,8 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
             "strict_attribute_acc": float(np.mean([h for v in strict.values() for h in v])),
             "strict_per_attribute": {k: float(np.mean(v)) for k, v in strict.items()},
             "strict_by_objects": {n: float(np.mean(v)) for n, v in sorted(by_objects.items())},
-            "strict_by_objects_attribute": {n: {k: float(np.mean(v)) for k, v in per.items()}
-                                            for n, per in sorted(by_objects_attribute.items())},
+            "strict_by_objects_attribute": {f"{k}, {n}": float(np.mean(v)) for n, per in sorted(by_objects_attribute.items())
+                                            for k, v in per.items()},  # keys as qa_binding's: "colour, one object"
             "count_acc": float(np.mean(count_right)), "all_correct": float(np.mean(all_right))}
 
 
@@ -122,6 +122,11 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
                        ("caption_by_objects", "Stage-1 captions of held-out real images by the scene's number of objects "
                         "(strict attribute accuracy)"),
                        ("source_caption_by_objects", "The same on their own held-out source, by the scene's number of objects"),
+                       ("caption_by_objects_attribute", "Stage-1 captions of held-out real images by attribute and the scene's "
+                        "number of objects (strict)"),
+                       ("source_caption_by_objects_attribute", "The same on their own held-out source, by attribute and the "
+                        "scene's number of objects: where a row learned its source (>= 0.8), its real-image figure beside it "
+                        "says what the text-to-image step costs"),
                        ("qa_per_category", "QA accuracy per question category"),
                        ("qa_per_category_blind", "QA accuracy per question category, blind (every image the mean image embedding)"),
                        ("qa_by_objects", "QA accuracy by category and the scene's number of objects"),
