@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from revision.arguments import cpu_bf16_supported
@@ -31,6 +31,7 @@ class Budget:
     stage2_batch: int = 0       # > 0: stage 2's own batch (else batch)
     visual_tokens: int = 1
     projector_tokens: int = 1   # distinct vectors the projector makes of the embedding (they fill the visual tokens)
+    projector: str = "mlp2x_gelu"  # the projector's type (revision.projector), made in stage 1 (or stage 2 without it)
     stage2_projector_lr: float = 0.0  # > 0: the projector's own learning rate in stage 2 (--mm_projector_lr)
     stage2_top_layers: int = 0  # > 0: stage 2 trains only the LLM's top N decoder layers (--tune_llm_top_layers); 0: all
     max_length: int = 128
@@ -82,5 +83,7 @@ NOT_RECIPE = ("threads", "show", "captions", "stage2")
 
 
 def recipe(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings (a Budget as a dict, with the seed) that a finished stage's outcome depends on."""
-    return {k: v for k, v in settings.items() if k not in NOT_RECIPE}
+    """The settings (a Budget as a dict, with the seed) that a finished stage's outcome depends on. A Budget field
+    the settings lack takes its default: a field is added with the default that does what was done before it."""
+    defaults = {f.name: f.default for f in fields(Budget) if f.default is not MISSING}
+    return {k: v for k, v in {**defaults, **settings}.items() if k not in NOT_RECIPE}

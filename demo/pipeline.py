@@ -216,7 +216,7 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
         run(f"{name}.stage1", ["bash", "script/train/pretrain.sh"], {
             **common, **train_env(budget, seed, visual_tokens, budget.stage1_epochs, budget.stage1_lr,
                                   f"--mm_projector_tokens {budget.projector_tokens}"),
-            "DATA": str(data), "EMBED_FOLDER": str(store), "OUTPUT": str(out / "stage1"),
+            "DATA": str(data), "EMBED_FOLDER": str(store), "OUTPUT": str(out / "stage1"), "PROJECTOR": budget.projector,
             # recorded in the stage-1 checkpoint: captioning real images then applies the method's image_map
             **({"ALIGN_STATS": str(align / "align_stats.json")} if stage1_data == "text" else {})})
         names.append(f"{name}.stage1")
@@ -284,7 +284,7 @@ def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, s
     if stage1_data:  # the short form: projector and alignment come from the stage-1 folder
         stage2_env["PRETRAIN_ADAPTER"] = str(out / "stage1")
     else:
-        stage2_env["ALIGN_STATS"] = str(paths["align"] / method / "align_stats.json")
+        stage2_env.update(ALIGN_STATS=str(paths["align"] / method / "align_stats.json"), PROJECTOR=budget.projector)
     run(f"{name}.stage2", ["bash", "script/train/finetune_full.sh"], stage2_env)
     questions = ["--questions", str(world / "eval_questions.jsonl"), "--references", str(world / "eval_questions.jsonl"),
                  "--task", "short", "--max_new_tokens", str(budget.answer_tokens), "--model", str(out / "stage2")]

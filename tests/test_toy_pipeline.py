@@ -147,6 +147,21 @@ def test_a_run_folder_of_an_older_world_generator_is_refused(tmp_path):
         pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
 
 
+def test_a_run_folder_from_before_a_budget_field_resumes_as_its_default(tmp_path):
+    """A field is added with the default that does what was done before it: a folder whose settings lack it resumes;
+    one that saved another value, or lacks the world's version, does not."""
+    pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
+    saved = tmp_path / "seed-0" / "settings.json"
+    settings = json.loads(saved.read_text())
+    assert settings["projector"] == "mlp2x_gelu"
+    saved.write_text(json.dumps({k: v for k, v in settings.items() if k != "projector"}))
+    pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)  # resumes
+    for changed in (settings | {"projector": "linear"}, {k: v for k, v in settings.items() if k != "world_version"}):
+        saved.write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="holds a run with other settings"):
+            pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
+
+
 def test_background_stage_runs_beside_others_and_fails_like_any_stage(tmp_path, capsys):
     run = pipeline.Runner(tmp_path / "seed-0", 0, pipeline.BUDGETS["mini"], REPO)
     flag = tmp_path / "started"
