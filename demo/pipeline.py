@@ -161,7 +161,7 @@ def point_at(link: Path, folder: Path) -> None:
     has: its cache key changes with the converter's version; a run folder copied from another machine)."""
     target = folder.resolve()
     if link.is_symlink() and link.resolve() != target:
-        link.unlink()
+        link.unlink(missing_ok=True)  # another run of the same seed may have replaced it first
     try:
         link.symlink_to(target, target_is_directory=True)
     except FileExistsError:  # another run of the same seed linked it first
