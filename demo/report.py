@@ -38,13 +38,12 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
     hits: dict[str, list[bool]] = {k: [] for k in kinds}
     strict: dict[str, list[bool]] = {k: [] for k in kinds}
     all_right, count_right = [], []
-    by_objects: dict[str, list[bool]] = {}  # strict hits by the scene's number of objects
-    by_objects_attribute: dict[str, dict[str, list[bool]]] = {}  # ... and the attribute
+    by_objects: dict[str, dict[str, list[bool]]] = {}  # strict hits by the scene's number of objects and the attribute
     for row in read_records(answers):
         said = parse_caption(row.get("text") or "")
         objects = refs[row["question_id"]]["objects"]
         count = OBJECT_COUNTS.get(len(objects), f"{len(objects)} objects")
-        scene, scene_attributes = by_objects.setdefault(count, []), by_objects_attribute.setdefault(count, {k: [] for k in kinds})
+        scene = by_objects.setdefault(count, {k: [] for k in kinds})
         free, right = list(said), True
         for obj in objects:
             best = max(free, key=lambda p: sum(p[k] == obj[k] for k in kinds), default=None)
@@ -54,8 +53,7 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
                 hit = best is not None and best[k] == obj[k]
                 hits[k].append(hit)
                 strict[k].append(hit and len(said) == len(objects))
-                scene.append(strict[k][-1])
-                scene_attributes[k].append(strict[k][-1])
+                scene[k].append(strict[k][-1])
                 right &= hit
         all_right.append(right and not free)
         count_right.append(len(said) == len(objects))
@@ -63,8 +61,8 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
             "per_attribute": {k: float(np.mean(v)) for k, v in hits.items()},
             "strict_attribute_acc": float(np.mean([h for v in strict.values() for h in v])),
             "strict_per_attribute": {k: float(np.mean(v)) for k, v in strict.items()},
-            "strict_by_objects": {n: float(np.mean(v)) for n, v in sorted(by_objects.items())},
-            "strict_by_objects_attribute": {f"{k}, {n}": float(np.mean(v)) for n, per in sorted(by_objects_attribute.items())
+            "strict_by_objects": {n: float(np.mean(sum(per.values(), []))) for n, per in sorted(by_objects.items())},
+            "strict_by_objects_attribute": {f"{k}, {n}": float(np.mean(v)) for n, per in sorted(by_objects.items())
                                             for k, v in per.items()},  # keys as qa_binding's: "colour, one object"
             "count_acc": float(np.mean(count_right)), "all_correct": float(np.mean(all_right))}
 
