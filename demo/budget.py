@@ -22,6 +22,7 @@ class Budget:
     clip_activation: str = "gelu"   # ... and its activation
     clip_pool_hidden: int = 0       # ... an MLP of this width from its map to the pooled features (0: linear)
     clip_linear_slots: bool = False # ... its slot heads read the pooled features linearly
+    clip_pool_queries: int = 0      # ... learned queries that attend over its map's places first (0: the flattened map)
     llm_steps: int = 300
     stage1_epochs: float = 3.0
     stage1_lr: float = 1e-2

@@ -84,6 +84,7 @@ class DualEncoderConfig:
     convs: str = "2,2,2,2"       # conv: 3x3 convolutions per stage
     activation: str = "gelu"     # conv: after each convolution (transformers' ACT2FN names)
     pool_hidden: int = 0         # conv: > 0: the map -> pooled features layer is an MLP of this width (0: linear)
+    pool_queries: int = 0        # conv: > 0: that many learned queries attend over the map's places first (0: the flattened map)
     hidden: int = 64             # vit width; conv: the pooled features are 2 x hidden
     layers: int = 2              # vit
     heads: int = 4               # vit
@@ -123,7 +124,8 @@ def build_dual_encoder(cfg: DualEncoderConfig,
     text_model = AutoModel.from_pretrained(str(text_folder))
     if cfg.vision == "conv":
         vision = ConvTowerConfig(widths=[int(w) for w in cfg.widths.split(",")], convs=[int(c) for c in cfg.convs.split(",")],
-                                 activation=cfg.activation, pool_hidden=cfg.pool_hidden, hidden_size=2 * cfg.hidden,
+                                 activation=cfg.activation, pool_hidden=cfg.pool_hidden,
+                                 pool_queries=cfg.pool_queries, hidden_size=2 * cfg.hidden,
                                  image_size=IMAGE_SIZE)
     elif cfg.vision == "vit":
         vision = CLIPVisionConfig(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,

@@ -89,6 +89,7 @@ def prepare(run: Runner, seed: int, budget: Budget, methods: Sequence[str] = ALI
                                                            "--convs", budget.clip_convs, "--activation", budget.clip_activation,
                                                            "--pool_hidden", str(budget.clip_pool_hidden),
                                                            "--linear_slots", str(budget.clip_linear_slots),
+                                                           "--pool_queries", str(budget.clip_pool_queries),
                                                            "--bf16", str(budget.bf16)]
                                                         if budget.encoder == "minilm" else [])]))
     if budget.llm == "smollm2":

@@ -12,6 +12,11 @@ position) into a linear layer of `hidden_size` features: the pooled output. With
 MLP (one hidden layer of that width, GELU): a linear pool can only make the pooled output a sum of what each place of
 the map holds (a code by place), an MLP can make it any function of the map, such as each object's attributes in
 the order the objects are read (a code by object, which a reader binds from far fewer examples; docs/results.md).
+With `pool_queries` > 0 the map is first read by that many learned queries, each attending over the map's places
+(one multi-head attention, `pool_heads`, each place with a learned position embedding), and the pooled output is made
+from what the queries read, concatenated: object-centric pooling as CLIP's ResNet attention pool or DETR's object
+queries do it. A query can take one object whole, so the pooled output can hold each object apart (two-object probes
+0.98 / 0.93 against 0.83 / 0.74 for the linear pool; docs/results.md "Queries that read one object").
 """
 from __future__ import annotations
 
@@ -27,12 +32,16 @@ class ConvTowerConfig(PretrainedConfig):
 
     def __init__(self, widths: tuple[int, ...] | list[int] = (16, 32, 64, 64), hidden_size: int = 128,
                  image_size: int = 64, num_channels: int = 3, convs: tuple[int, ...] | list[int] | None = None,
-                 activation: str = "gelu", pool_hidden: int = 0, **kwargs):
+                 activation: str = "gelu", pool_hidden: int = 0, pool_queries: int = 0, pool_heads: int = 4, **kwargs):
         super().__init__(**kwargs)
         self.widths, self.hidden_size = list(widths), hidden_size
         self.image_size, self.num_channels = image_size, num_channels
         self.convs = list(convs) if convs is not None else [2] * len(self.widths)
         self.activation, self.pool_hidden = activation, pool_hidden
+        self.pool_queries, self.pool_heads = pool_queries, pool_heads
+        if pool_queries < 0 or (pool_queries and self.widths[-1] % pool_heads):
+            raise ValueError(f"pool_queries {pool_queries} must be 0 (the flattened map) or a count of queries, and the last "
+                             f"width {self.widths[-1]} divisible by pool_heads {pool_heads}")
         if pool_hidden < 0:
             raise ValueError(f"pool_hidden {pool_hidden} must be 0 (a linear pool) or a hidden width")
         if len(self.convs) != len(self.widths) or min(self.convs, default=1) < 1:
@@ -58,6 +67,12 @@ class ConvTowerModel(PreTrainedModel):
         self.features = nn.Sequential(*layers)
         side = config.image_size // 2 ** len(config.widths)
         flat = channels * side * side
+        self.queries = None
+        if config.pool_queries:  # learned queries attend over the map's places (each with a learned position embedding)
+            self.place = nn.Parameter(torch.randn(side * side, channels) * 0.02)
+            self.queries = nn.Parameter(torch.randn(config.pool_queries, channels) * 0.02)
+            self.attend = nn.MultiheadAttention(channels, config.pool_heads, batch_first=True)
+            flat = channels * config.pool_queries
         self.pool = (nn.Sequential(nn.Linear(flat, config.pool_hidden), nn.GELU(), nn.Linear(config.pool_hidden, config.hidden_size))
                      if config.pool_hidden else nn.Linear(flat, config.hidden_size))
         self.post_init()
@@ -70,7 +85,12 @@ class ConvTowerModel(PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
         grid = self.features(pixel_values)
-        return BaseModelOutputWithPooling(last_hidden_state=grid, pooler_output=self.pool(grid.flatten(1)))
+        if self.queries is None:
+            return BaseModelOutputWithPooling(last_hidden_state=grid, pooler_output=self.pool(grid.flatten(1)))
+        places = grid.flatten(2).transpose(1, 2) + self.place.to(grid.dtype)  # [B, places, channels]
+        queries = self.queries.to(grid.dtype).expand(len(grid), -1, -1)
+        read, _ = self.attend(queries, places, places, need_weights=False)
+        return BaseModelOutputWithPooling(last_hidden_state=grid, pooler_output=self.pool(read.flatten(1)))
 
 
 AutoConfig.register(ConvTowerConfig.model_type, ConvTowerConfig, exist_ok=True)

@@ -74,6 +74,44 @@ def test_an_mlp_pool_loads_back_and_is_not_a_sum_over_places(tmp_path):
         ConvTowerConfig(pool_hidden=-1)
 
 
+def test_a_query_pool_reads_places_by_their_position_and_loads_back(tmp_path):
+    """pool_queries: learned queries attend over the map's places (object-centric pooling, as CLIP's ResNet attention
+    pool or DETR's object queries): each query reads a weighted mix of places, so it can take one object whole. Which
+    place holds a thing is known only through the place embedding: without it the pool is blind to where things are."""
+    torch.manual_seed(0)
+    tower = ConvTowerModel(ConvTowerConfig(widths=[4, 8], hidden_size=16, image_size=16, pool_queries=2, pool_heads=2)).eval()
+    assert tower.queries.shape == (2, 8) and tower.place.shape == (16, 8) and tower.pool.in_features == 16
+    with torch.no_grad():  # as after training: queries and places far from their small initial values
+        tower.queries.normal_()
+        tower.place.normal_()
+    grid = torch.zeros(1, 8, 4, 4)
+    grid[0, :, 0, 0] = 1.0
+    moved = grid.roll(shifts=(2, 3), dims=(2, 3))  # the same thing at another place
+
+    def pooled(map_: torch.Tensor) -> torch.Tensor:
+        tower.features = torch.nn.Identity()  # feed the map directly
+        with torch.no_grad():
+            return tower(pixel_values=map_).pooler_output
+
+    assert (pooled(grid) - pooled(moved)).abs().max() > 1e-3
+    with torch.no_grad():
+        tower.place.zero_()
+    assert torch.allclose(pooled(grid), pooled(moved), atol=1e-6)  # no place embedding: where is lost
+
+    torch.manual_seed(1)
+    tower = ConvTowerModel(ConvTowerConfig(widths=[4, 8], hidden_size=16, image_size=16, pool_queries=3)).eval()
+    tower.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert (loaded.config.pool_queries, loaded.config.pool_heads) == (3, 4)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(pixel_values=x).pooler_output, tower(pixel_values=x).pooler_output)
+    assert ConvTowerConfig().pool_queries == 0  # a config saved before the field: the flattened map, as then
+    with pytest.raises(ValueError, match="pool_queries -1"):
+        ConvTowerConfig(pool_queries=-1)
+    with pytest.raises(ValueError, match="divisible by pool_heads 3"):
+        ConvTowerConfig(widths=[4, 8], pool_queries=2, pool_heads=3)
+
+
 def test_position_survives_the_pooling():
     """The same blob in two corners gives two different pooled vectors (a global average pool would not)."""
     torch.manual_seed(0)

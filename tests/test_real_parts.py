@@ -165,12 +165,13 @@ SMALL_VISION = ["--hidden", "32", "--layers", "1", "--heads", "2", "--projection
 
 @pytest.fixture(scope="module")
 def dual_encoder(minilm, mini_world, tmp_path_factory):
-    """A dual encoder trained a few steps on the mini world (report and all), as the pipeline makes it."""
+    """A dual encoder trained a few steps on the mini world (report and all), as the pipeline makes it: the conv tower
+    with a query pool and linear slot heads (image_embed.py then loads a tower with attention in it)."""
     from demo.dual_encoder import main
 
     out = tmp_path_factory.mktemp("dual")
     main(["--world", str(mini_world), "--out", str(out), *SMALL_VISION, "--steps", "12", "--pretrain_steps", "6", "--batch_size", "16",
-          "--lr", "3e-3", "--warmup", "1"])
+          "--lr", "3e-3", "--warmup", "1", "--pool_queries", "2", "--linear_slots", "true"])
     return out
 
 
@@ -188,6 +189,7 @@ def test_dual_encoder_trains_the_vision_side_against_the_frozen_minilm(dual_enco
     text_tower = saved.text_model.state_dict()
     assert all(torch.equal(text_tower[k], v) for k, v in original.items() if not k.startswith("pooler."))  # frozen
     assert saved.config.text_pooling == "mean" and saved.config.projection_dim == 32
+    assert saved.config.vision_config.pool_queries == 2 and saved.vision_model.queries.shape == (2, 64)
 
 
 def test_contrastive_text_features_cover_exactly_the_rows_the_steps_draw(minilm):
