@@ -85,12 +85,14 @@ class ConvTowerModel(PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
         grid = self.features(pixel_values)
-        if self.queries is None:
-            return BaseModelOutputWithPooling(last_hidden_state=grid, pooler_output=self.pool(grid.flatten(1)))
+        read = grid if self.queries is None else self.read_places(grid)
+        return BaseModelOutputWithPooling(last_hidden_state=grid, pooler_output=self.pool(read.flatten(1)))
+
+    def read_places(self, grid: torch.Tensor) -> torch.Tensor:
+        """[B, queries, channels]: what each learned query reads off the map's places (with their position embedding)."""
         places = grid.flatten(2).transpose(1, 2) + self.place.to(grid.dtype)  # [B, places, channels]
         queries = self.queries.to(grid.dtype).expand(len(grid), -1, -1)
-        read, _ = self.attend(queries, places, places, need_weights=False)
-        return BaseModelOutputWithPooling(last_hidden_state=grid, pooler_output=self.pool(read.flatten(1)))
+        return self.attend(queries, places, places, need_weights=False)[0]
 
 
 AutoConfig.register(ConvTowerConfig.model_type, ConvTowerConfig, exist_ok=True)

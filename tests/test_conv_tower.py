@@ -87,9 +87,9 @@ def test_a_query_pool_reads_places_by_their_position_and_loads_back(tmp_path):
     grid = torch.zeros(1, 8, 4, 4)
     grid[0, :, 0, 0] = 1.0
     moved = grid.roll(shifts=(2, 3), dims=(2, 3))  # the same thing at another place
+    tower.features = torch.nn.Identity()  # feed the map directly
 
     def pooled(map_: torch.Tensor) -> torch.Tensor:
-        tower.features = torch.nn.Identity()  # feed the map directly
         with torch.no_grad():
             return tower(pixel_values=map_).pooler_output
 

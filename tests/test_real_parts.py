@@ -165,8 +165,9 @@ SMALL_VISION = ["--hidden", "32", "--layers", "1", "--heads", "2", "--projection
 
 @pytest.fixture(scope="module")
 def dual_encoder(minilm, mini_world, tmp_path_factory):
-    """A dual encoder trained a few steps on the mini world (report and all), as the pipeline makes it: the conv tower
-    with a query pool and linear slot heads (image_embed.py then loads a tower with attention in it)."""
+    """A dual encoder trained a few steps on the mini world (report and all), as the pipeline makes it, with the
+    options a default run leaves off switched on: a query pool and linear slot heads (image_embed.py then loads a tower
+    with attention in it)."""
     from demo.dual_encoder import main
 
     out = tmp_path_factory.mktemp("dual")
