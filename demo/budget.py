@@ -35,6 +35,8 @@ class Budget:
     projector: str = "mlp2x_gelu"  # the projector's type (revision.projector), made in stage 1 (or stage 2 without it)
     stage2_projector_lr: float = 0.0  # > 0: the projector's own learning rate in stage 2 (--mm_projector_lr)
     stage2_top_layers: int = 0  # > 0: stage 2 trains only the LLM's top N decoder layers (--tune_llm_top_layers); 0: all
+    stage2_split_turns: bool = False  # stage 2: one sample per question of each conversation (--split_turns)
+    image_placement: str = ""   # stage 2: first / last, the image before or after the question (--image_placement; "": as written)
     max_length: int = 128
     max_steps: int = -1         # > 0: cap every training stage (the mini preset)
     caption_tokens: int = 40

@@ -276,6 +276,8 @@ def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, s
     stage2_extra = " ".join([
         *([f"--mm_projector_lr {budget.stage2_projector_lr}"] if budget.stage2_projector_lr > 0 else []),
         *([f"--tune_llm_top_layers {budget.stage2_top_layers}"] if budget.stage2_top_layers > 0 else []),
+        *(["--split_turns true"] if budget.stage2_split_turns else []),
+        *([f"--image_placement {budget.image_placement}"] if budget.image_placement else []),
         *([] if stage1_data else [f"--mm_projector_tokens {budget.projector_tokens}"]),  # else inherited from stage 1
         *(["--system_prompt ''"] if budget.empty_system_prompt else [])])
     stage2_env = {"MODEL": str(paths["llm"]), **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr,

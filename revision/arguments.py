@@ -28,6 +28,9 @@ class ModelArguments:
     system_prompt: str | None = field(default=None, metadata={
         "help": "system message of conversations that have none, saved with the checkpoint for inference (default: "
                 "inherited, else the chat template's own; '' keeps only its empty frame)"})
+    image_placement: str | None = field(default=None, metadata={
+        "help": "first or last: move each sample's image before or after its first question, saved with the checkpoint "
+                "for inference (default: inherited, else where the data have it; inference then puts it first)"})
     # None: the stage-1 folder's (--pretrain_mm_mlp_adapter) or ReVision checkpoint's, else the default
     mm_projector_type: str | None = field(default=None, metadata={
         "help": f"linear or mlpNx_gelu (default: inherited, else {PROJECTOR_TYPE})"})
@@ -57,6 +60,8 @@ class DataArguments:
     embed_noise_std: float | None = field(default=None, metadata={
         "help": "Gaussian noise on embeddings, then renormalise (C3); default: the --align_stats file's (C3: 0.126) in stage 1, else 0"})
     skip_missing: bool = field(default=False, metadata={"help": "skip samples whose id has no embedding (counted)"})
+    split_turns: bool = field(default=False, metadata={
+        "help": "one sample per question of a multi-turn conversation, each with the image (more steps per epoch)"})
     embed_cache_dir: str | None = field(default=None, metadata={"help": "where the memory-mapped table cache goes"})
     skip_bad_embeddings: bool = field(default=False,
                                       metadata={"help": "skip samples whose embedding holds NaN/Inf or is all zero (counted)"})

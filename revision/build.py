@@ -37,6 +37,7 @@ def build_model(settings: Settings, table: EmbeddingTable,
         if settings.standardize_projector_input and not settings.adapter:
             standardize_input(model, table, image_map)
     model.revision_config.system_prompt = settings.system_prompt
+    model.revision_config.image_placement = settings.image_placement
     if settings.adapter:
         load_stage1_projector(model, settings.adapter, table, settings.projector_type)
     set_trainable(model, settings)

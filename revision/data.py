@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from revision.conversation import count_images, normalise_turns, render, resolve_template
+from revision.conversation import count_images, normalise_turns, place_image, render, resolve_template, split_turns
 from revision.embedding_rows import normalize_rows
 from revision.embedding_table import EmbeddingTable
 from revision.errors import InputError, exit_with  # noqa: F401  (exit_with: callers import it from here too)
@@ -108,13 +108,15 @@ class SupervisedDataset(Dataset):
     A sample has an image when its text holds `<image>` ({"id", "caption"} records always do). Its key is
     the sample's "image" field (an id of the store, else one of its image paths), else its "id".
     model_max_length must hold the visual block: callers check it once with check_lengths before loading anything
-    (revision/settings.py, data_utils.py).
+    (revision/settings.py, data_utils.py). `split` makes one sample of each exchange of a conversation (each with the
+    image); `image_placement` ("first" / "last") moves the image before or after the first question (None: as written).
     """
 
     def __init__(self, data_path: str | os.PathLike, tokenizer, table: EmbeddingTable | None, template: str,
                  num_visual_tokens: int, model_max_length: int, image_map: Callable | None = None,
                  embed_noise_std: float = 0.0, skip_missing: bool = False, noise_seed: int = 0,
-                 skip_bad_embeddings: bool = False, system_prompt: str | None = None):
+                 skip_bad_embeddings: bool = False, system_prompt: str | None = None, split: bool = False,
+                 image_placement: str | None = None):
         # resolved once here, not per sample (it may log a fallback warning)
         self.data_path, self.tokenizer, self.table = Path(data_path), tokenizer, table
         self.template, self.system_prompt = resolve_template(template, tokenizer), system_prompt
@@ -124,12 +126,27 @@ class SupervisedDataset(Dataset):
         self.skip_missing, self.skip_bad_embeddings, self.noise_seed, self.epoch = skip_missing, skip_bad_embeddings, noise_seed, 0
         raw = load_records(data_path)
         self.records, self.rows = self._resolve(raw, [self._conversations(rec, row) for row, rec in enumerate(raw)])
+        if split or image_placement:
+            self._reshape(split, image_placement)
         self.lengths = [estimate_length(turns, num_visual_tokens if row >= 0 else 0)
                         for turns, row in zip(self.records, self.rows)]
         # One flag per sample in shared memory: __getitem__ runs in DataLoader workers, whose own counters the
         # trainer never sees; flags also count a sample once however many epochs cut it.
         self._cut = multiprocessing.RawArray("b", len(self.records))
         self._warned = False
+
+    def _reshape(self, split: bool, image_placement: str | None) -> None:
+        """Each conversation as one sample per exchange (`split`), the image where `image_placement` says."""
+        records, rows, ids = [], [], []
+        for turns, row, sample_id in zip(self.records, self.rows, self.ids):
+            for piece in split_turns(turns) if split else [turns]:
+                records.append(place_image(piece, image_placement) if image_placement else piece)
+                rows.append(row)
+                ids.append(sample_id)
+        if split:
+            logger.info("%s: %d conversations split into %d samples of one exchange each", self.data_path,
+                        len(self.records), len(records))
+        self.records, self.rows, self.ids = records, np.array(rows, np.int64), ids
 
     @property
     def truncated(self) -> int:

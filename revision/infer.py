@@ -11,7 +11,8 @@ loaded only when a raw image comes. A visual is a PIL image, an image path, a pr
 ([D], raw from the encoder as image_embed.py stores it: image_map is applied here), or None (text only).
 
 The question is formatted as training formatted it: with the checkpoint's template (`chat` / `vicuna`:
-one user turn "<image>\\n{question}", then the assistant cue; `plain`, a stage-1 checkpoint: the image
+one user turn "<image>\\n{question}", or "{question}\\n<image>" for a checkpoint trained with the image last
+(its image_placement), then the assistant cue; `plain`, a stage-1 checkpoint: the image
 alone, so the answer is a caption and the question is ignored). A prompt may also be a whole conversation
 (LLaVA turns ending with the new question, as revision.serve asks it): the image goes into its first user turn.
 """
@@ -28,7 +29,7 @@ from PIL import Image
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from revision.checkpoint import check_loadable
-from revision.conversation import Segment, count_images, normalise_turns, render_prompt, resolve_template
+from revision.conversation import Segment, count_images, insert_image, normalise_turns, render_prompt, resolve_template
 from revision.data import tokenize
 from revision.decode import DEFAULT_MAX_PIXELS, check_size, load_image, upright
 from revision.encoders import Encoder, load_encoder, resolve_device, resolve_dtype, to_rgb
@@ -143,9 +144,8 @@ class Predictor:
             raise ValueError("a conversation to answer must end with a user turn (the question)")
         if count_images(turns) and not has_image:
             raise ValueError(f"the prompt holds {IMAGE_TOKEN} but no image was given")
-        if has_image and not count_images(turns):
-            first = next(i for i, turn in enumerate(turns) if turn["role"] == "user")
-            turns[first] = {**turns[first], "content": f"{IMAGE_TOKEN}\n{turns[first]['content']}"}
+        if has_image and not count_images(turns):  # where training put it; a prompt holding it keeps its own place
+            turns = insert_image(turns, self.config.image_placement or "first")
         if self.template == "plain" and not has_image:
             raise ValueError(f"{self.folder} is a captioning (plain template) checkpoint: it needs an image")
         return render_prompt(turns, self.template, self.tokenizer, self.config.system_prompt)

@@ -46,6 +46,9 @@ class RevisionConfig:
     num_visual_tokens: int = NUM_VISUAL_TOKENS
     template: str = TEMPLATE
     system_prompt: str | None = None  # for conversations without one (None: the chat template's own default)
+    # where training put the image in the first question, so inference puts it there ("first" / "last"; None: where
+    # the data had it; inference puts it first, LLaVA's "<image>\n{question}")
+    image_placement: str | None = None
     encoder: str | None = None
     base_model: str | None = None  # the LLM the folder's weights start from (needed when they are not all here)
     llm_weights: str = "full"  # full: HF weights in the folder; lora: an adapter; base: only base_model

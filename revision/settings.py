@@ -22,6 +22,7 @@ import torch
 
 from revision import checkpoint
 from revision.arguments import DataArguments, ModelArguments, TrainingArguments
+from revision.conversation import IMAGE_PLACEMENTS
 from revision.data import check_lengths, embed_noise
 from revision.defaults import NUM_VISUAL_TOKENS, PROJECTOR_TOKENS, PROJECTOR_TYPE
 from revision.errors import InputError
@@ -56,6 +57,7 @@ class Settings:
     num_visual_tokens: int
     template: str
     system_prompt: str | None  # for conversations without one; None: the chat template's own default
+    image_placement: str | None  # first / last in the first question; None: where the data have it
     standardize_projector_input: bool
     attn_implementation: str | None
     dtype: torch.dtype
@@ -71,6 +73,7 @@ class Settings:
     noise_source: str  # where noise_std comes from (for the log)
     skip_missing: bool
     skip_bad_embeddings: bool
+    split_turns: bool  # one sample per exchange of a conversation
     model_max_length: int
     seed: int
     # HF's arguments as parsed, for the Trainer (LoRA, learning rates, saving ...); never changed
@@ -109,13 +112,14 @@ def resolve(model_args: ModelArguments, data_args: DataArguments, training_args:
         num_visual_tokens=visual, template=model_args.version,
         system_prompt=(model_args.system_prompt if model_args.system_prompt is not None
                        else continued_model.system_prompt if continued_model else None),
+        image_placement=model_args.image_placement or (continued_model.image_placement if continued_model else None),
         standardize_projector_input=model_args.standardize_projector_input,
         attn_implementation=model_args.attn_implementation or default_attn_implementation(training_args.model_max_length),
         dtype=model_dtype(training_args),
         projector_only=model_args.tune_mm_mlp_adapter, tune_llm_top_layers=model_args.tune_llm_top_layers,
         data_path=data_args.data_path, store=store, embed_cache_dir=data_args.embed_cache_dir,
         verify=not data_args.no_verify, align_stats=align_stats, noise_std=noise_std, noise_source=noise_source,
-        skip_missing=data_args.skip_missing, skip_bad_embeddings=data_args.skip_bad_embeddings,
+        skip_missing=data_args.skip_missing, skip_bad_embeddings=data_args.skip_bad_embeddings, split_turns=data_args.split_turns,
         model_max_length=training_args.model_max_length, seed=training_args.seed, training=training_args)
 
 
@@ -128,6 +132,8 @@ def check_values(model_args: ModelArguments, data_args: DataArguments, training_
                         ("weight_decay", training_args.weight_decay), ("embed_noise_std", data_args.embed_noise_std)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"--{name} {value}: expected a finite number >= 0")
+    if model_args.image_placement is not None and model_args.image_placement not in IMAGE_PLACEMENTS:
+        raise InputError(f"--image_placement {model_args.image_placement!r}: choose from {', '.join(IMAGE_PLACEMENTS)}")
     if model_args.tune_llm_top_layers is not None:
         other = "--tune_mm_mlp_adapter" if model_args.tune_mm_mlp_adapter else "--lora_enable" if training_args.lora_enable else None
         if other:

@@ -54,7 +54,8 @@ def run(settings: Settings) -> RevisionTrainer:
     logger.info("embedding noise std %g (from %s)", settings.noise_std, settings.noise_source)
     dataset = SupervisedDataset(settings.data_path, tokenizer, table, settings.template, settings.num_visual_tokens,
                                 settings.model_max_length, image_map, settings.noise_std, settings.skip_missing,
-                                settings.seed, settings.skip_bad_embeddings, settings.system_prompt)
+                                settings.seed, settings.skip_bad_embeddings, settings.system_prompt, settings.split_turns,
+                                settings.image_placement)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d samples (%d skipped: %d no embedding, %d unusable embedding, %d no assistant turn); "
                 "%d trainable parameters of %d", len(dataset), dataset.skipped + dataset.skipped_bad + dataset.skipped_empty,

@@ -2,7 +2,7 @@
 import pytest
 
 from demo.tiny.lm import build_tokenizer
-from revision.conversation import render, render_prompt, resolve_template
+from revision.conversation import normalise_turns, place_image, render, render_prompt, resolve_template, split_turns
 
 TWO_TURNS = [
     {"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red"},
@@ -82,3 +82,32 @@ def test_system_prompt_replaces_the_templates_default_in_training_and_prompts(ch
     assert render(own, "chat", tokenizer, system_prompt="")[0].text.startswith("<s><|system|> look <|end|>")
     assert render(TWO_TURNS, "vicuna", bare_tokenizer, system_prompt="Be brief.")[0].text == "<s>Be brief."
     assert render_prompt(question, "plain", tokenizer, system_prompt="") == "<s><image>"
+
+
+def test_the_image_moves_before_or_after_the_first_question():
+    turns = normalise_turns(TWO_TURNS)
+    last = place_image(turns, "last")
+    assert [t["content"] for t in last] == ["what colour is it ?\n<image>", "red", "what shape is it ?", "circle"]
+    assert place_image(last, "first") == turns
+    later = [turns[0] | {"content": "hello"}, turns[1], turns[2] | {"content": "<image> what shape ?"}, turns[3]]
+    assert [t["content"] for t in place_image(later, "first")][:3] == ["<image>\nhello", "red", "what shape ?"]
+    image_free = normalise_turns([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}])
+    assert place_image(image_free, "last") == image_free
+    with pytest.raises(ValueError, match="unknown image placement 'middle'; choose from first, last"):
+        place_image(turns, "middle")
+
+
+def test_a_conversation_splits_into_one_sample_per_question_each_with_the_image():
+    system = [{"role": "system", "content": "be brief"}]
+    turns = system + normalise_turns(TWO_TURNS + [{"from": "human", "value": "and its size ?"}])
+    pieces = split_turns(turns)  # the trailing question has no answer: nothing to train on, dropped
+    assert [[t["content"] for t in piece] for piece in pieces] == [
+        ["be brief", "<image>\nwhat colour is it ?", "red"], ["be brief", "<image>\nwhat shape is it ?", "circle"]]
+    # the image goes where the conversation had it
+    pieces = split_turns(place_image(normalise_turns(TWO_TURNS), "last"))
+    assert [piece[0]["content"] for piece in pieces] == ["what colour is it ?\n<image>", "what shape is it ?\n<image>"]
+    one = normalise_turns(TWO_TURNS[:2])
+    assert split_turns(one) == [one]
+    chat = normalise_turns([{"from": "human", "value": "a ?"}, {"from": "gpt", "value": "b"},
+                            {"from": "human", "value": "c ?"}, {"from": "gpt", "value": "d"}])
+    assert split_turns(chat) == [chat[:2], chat[2:]]

@@ -331,3 +331,25 @@ def test_a_data_file_holding_an_object_says_it_expects_a_list(tmp_path, text_cor
     with pytest.raises(InputError, match=r"d.json: a JSON object \(keys 'data'\), expected a list of records \(a JSON array, "
                                          r"or JSONL: one record a line\); are the records under 'data'\?"):
         dataset(tmp_path / "d.json", tokenizer, store)
+
+
+def test_one_sample_per_question_and_the_image_after_it(image_corpus, tokenizer):
+    """--split_turns: each question of a conversation is its own sample with the same image row and one answer;
+    --image_placement last: the visual block comes after the question's tokens."""
+    store, data = image_corpus
+    whole = dataset(data, tokenizer, store, "chat")
+    split = dataset(data, tokenizer, store, "chat", split=True, image_placement="last")
+    assert len(whole) == 32 + 4 and len(split) == 2 * 32 + 4
+    assert list(split.rows[:4]) == [whole.rows[0], whole.rows[0], whole.rows[1], whole.rows[1]]
+    assert split.ids[:2] == [whole.ids[0]] * 2 and (split.rows[-4:] == -1).all()
+    first, second = split[0], split[1]
+    colour, shape = (turn["value"] for turn in json.loads(data.read_text())[0]["conversations"][1::2])
+    assert tokenizer.decode(first["labels"][first["labels"] >= 0]) == f"{colour} <|end|>"
+    assert tokenizer.decode(second["labels"][second["labels"] >= 0]) == f"{shape} <|end|>"
+    assert torch.equal(first["image_embeds"], second["image_embeds"])
+    for item in (first, second):
+        visual = torch.nonzero(item["input_ids"] == IMAGE_TOKEN_INDEX).flatten()
+        question = tokenizer.decode(item["input_ids"][: int(visual[0])])
+        assert len(visual) == VISUAL and "?" in question  # the question is read before the image
+    before = whole[0]["input_ids"]
+    assert "?" not in tokenizer.decode(before[: int(torch.nonzero(before == IMAGE_TOKEN_INDEX)[0])])

@@ -152,6 +152,17 @@ def test_prompt_is_formatted_as_in_training(world, predictor, tmp_path):
     trained_prefix = tokenize(render(turns, "chat", tokenizer, "red or blue")[:-1], tokenizer, VISUAL, 64)[0]
     assert torch.equal(Predictor(briefed, device="cpu").prompt_ids(QUESTION, has_image=True), trained_prefix)
     assert len(trained_prefix) > len(predictor.prompt_ids(QUESTION, has_image=True))
+    # A checkpoint trained with the image after the question (--image_placement last) is asked the same way; a
+    # prompt that holds the image keeps it where it is.
+    after = shutil.copytree(world["ckpt"], tmp_path / "after")
+    config = json.loads((after / CONFIG_FILE).read_text())
+    (after / CONFIG_FILE).write_text(json.dumps({**config, "image_placement": "last"}))
+    reader = Predictor(after, device="cpu")
+    last = [{"from": "human", "value": f"{QUESTION}\n<image>"}, {"from": "gpt", "value": "red"}]
+    assert torch.equal(reader.prompt_ids(QUESTION, has_image=True),
+                       tokenize(render(last, "chat", tokenizer)[:-1], tokenizer, VISUAL, 64)[0])
+    assert reader.format_prompt(f"<image>\n{QUESTION}", True) == predictor.format_prompt(QUESTION, True)
+    assert reader.format_prompt(QUESTION, True) != predictor.format_prompt(QUESTION, True)
     # A stage-1 checkpoint captions: the prompt is the image alone, whatever was asked.
     plain = shutil.copytree(world["ckpt"], tmp_path / "plain")
     config = json.loads((plain / CONFIG_FILE).read_text())

@@ -143,6 +143,27 @@ def test_system_prompt_is_trained_saved_and_inherited(tiny_world, tmp_path):
     assert int((plain.train_dataset[0]["input_ids"] == system).sum()) == 0 and plain.model.revision_config.system_prompt is None
 
 
+def test_split_turns_and_image_placement_train_and_are_saved_for_inference(tiny_world, tmp_path):
+    """--split_turns: one sample per question (the tiny world's conversations ask two); --image_placement is saved in
+    the checkpoint, so Predictor asks as training did, and a run continuing it places the image the same way."""
+    whole = run(tiny_world, tmp_path / "s2a", "finetune", "--max_steps", "1")
+    split = run(tiny_world, tmp_path / "s2", "finetune", "--max_steps", "1", "--split_turns", "true",
+                "--image_placement", "last")
+    images = int((whole.train_dataset.rows >= 0).sum())
+    assert len(split.train_dataset) == len(whole.train_dataset) + images
+    assert RevisionModel.from_pretrained(tmp_path / "s2").revision_config.image_placement == "last"
+    assert whole.model.revision_config.image_placement is None
+    flags_again = flags(tiny_world, tmp_path / "s2b", "finetune", "--max_steps", "1")
+    flags_again[flags_again.index("--model_name_or_path") + 1] = str(tmp_path / "s2")
+    continued = train(*parse_args(flags_again))
+    assert continued.model.revision_config.image_placement == "last"
+    assert len(continued.train_dataset) == len(whole.train_dataset)  # splitting is this run's data option only
+    ids = continued.train_dataset[0]["input_ids"]
+    assert "?" in continued.train_dataset.tokenizer.decode(ids[: int(torch.nonzero(ids == IMAGE_TOKEN_INDEX)[0])])
+    with pytest.raises(InputError, match="--image_placement 'middle': choose from first, last"):
+        run(tiny_world, tmp_path / "s2c", "finetune", "--max_steps", "1", "--image_placement", "middle")
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_resume_gives_the_same_losses(tiny_world, tmp_path, stage):
     common = ["--max_steps", "12", "--learning_rate", "1e-2", "--embed_noise_std", "0.05"]
