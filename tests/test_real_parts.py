@@ -116,6 +116,27 @@ def test_training_and_prediction_give_identical_prompt_ids(chat_checkpoint, toke
     assert tokenizer.decode(prompt[prompt >= 0][-4:]) == "<|im_start|>assistant\n"  # ass+istant
 
 
+def test_a_checkpoint_trained_with_the_image_last_is_asked_as_its_samples_were(chat_checkpoint, tokenizer, tmp_path):
+    """--split_turns --image_placement last on SmolLM2's chat template: the second question's training sample and
+    the prompt Predictor makes for it are the same ids up to the answer, the visual block after the question."""
+    import shutil
+
+    from revision.conversation import place_image, split_turns
+    from revision.infer import Predictor
+
+    folder = shutil.copytree(chat_checkpoint, tmp_path / "last")
+    config = json.loads((folder / "revision_config.json").read_text())
+    (folder / "revision_config.json").write_text(json.dumps({**config, "image_placement": "last"}))
+    sample = [place_image(piece, "last") for piece in split_turns(normalise_turns(CONVERSATION))][1]
+    input_ids, labels, _ = tokenize(render(sample, "chat", tokenizer), tokenizer, 3, 10_000)
+    target = int((labels != IGNORE_INDEX).nonzero()[0])
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == "top left<|im_end|>\n"
+    prompt = Predictor(folder, device="cpu").prompt_ids("Where is it?", has_image=True)
+    assert torch.equal(prompt, input_ids[:target])
+    visual = int((prompt == -200).nonzero()[0])
+    assert tokenizer.decode(prompt[:visual]).endswith("Where is it?\n") and int((prompt == -200).sum()) == 3
+
+
 def test_generation_stops_at_the_end_of_turn_token(chat_checkpoint, tokenizer):
     from revision.infer import Predictor
 
