@@ -68,7 +68,8 @@ def caption_scores(answers: Path, world: Path) -> dict[str, Any]:
 
 
 def qa_binding(answers: Path, world: Path) -> dict[str, dict[str, float]]:
-    """The held-out QA answers by category and the scene's number of objects (`accuracy`, keys "colour, two objects"),
+    """The held-out QA answers by category and the scene's number of objects (`accuracy`, keys "colour, two objects";
+    `n`, the questions of each),
     and `swaps`: on two-object scenes whose objects differ in the attribute asked, the share of answers that name the
     *other* object's value, per category: the model saw the attribute but not which object holds it (binding), as
     against naming a value neither object has (not seen)."""
@@ -85,7 +86,8 @@ def qa_binding(answers: Path, world: Path) -> dict[str, dict[str, float]]:
         if len(objects) == 2 and len(values) == 2:
             swaps.setdefault(category, []).append(not right and said in values)
     return {"accuracy": {k: float(np.mean(v)) for k, v in sorted(hits.items())},
-            "swaps": {k: float(np.mean(v)) for k, v in sorted(swaps.items())}}
+            "swaps": {k: float(np.mean(v)) for k, v in sorted(swaps.items())},
+            "n": {k: len(v) for k, v in sorted(hits.items())}}
 
 
 COLUMNS = (("centroid_distance_before", "centroid dist. before", 3), ("centroid_distance_after", "centroid dist. after", 3),

@@ -37,7 +37,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +252,34 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | str = "d
     deferred = {"deferred": [s for s in IMAGE_DIR if s in defer]} if defer else {}
     manifest_path.write_text(json.dumps({**_manifest(world), "counts": counts, **deferred}, indent=1) + "\n")
     return world
+
+
+def write_more_eval(world_dir: str | Path, images: int, out_dir: str | Path) -> int:
+    """`images` more held-out images of a built world, with their questions: its eval streams drawn further (the
+    world's own eval images and questions are their first), written to out_dir as a world's eval files (images/eval/,
+    eval_images.jsonl, eval_questions.jsonl, scenes.jsonl; world.json last). Returns the number of questions. A
+    world its generator no longer draws the same way (another version, edited files) is refused."""
+    world_dir, out = Path(world_dir), Path(out_dir)
+    manifest = json.loads((world_dir / "world.json").read_text())
+    sizes = WorldSizes(**manifest["sizes"])
+    if manifest.get("version") != WORLD_VERSION:
+        raise ValueError(f"{world_dir} was written by world generator {manifest.get('version')}, this is {WORLD_VERSION}")
+    world = make_world(manifest["seed"], replace(sizes, eval=sizes.eval + images))
+    own = [json.loads(line) for line in (world_dir / "eval_questions.jsonl").read_text().splitlines()]
+    if world.eval_questions[: len(own)] != own:
+        raise ValueError(f"{world_dir}/eval_questions.jsonl is not what its seed and sizes draw: not this world's streams")
+    more = world.eval[sizes.eval:]
+    ids = {item.id for item in more}
+    (out / "images" / IMAGE_DIR["eval"]).mkdir(parents=True, exist_ok=True)
+    (out / "world.json").unlink(missing_ok=True)
+    _render([job for job in _jobs(world, out, ["eval"]) if Path(job[4]).stem in ids])
+    questions = [q for q in world.eval_questions if q["image_id"] in ids]
+    _write_jsonl(out / "eval_images.jsonl", [{"id": it.id, "image": it.image} for it in more])
+    _write_jsonl(out / "eval_questions.jsonl", questions)
+    _write_jsonl(out / "scenes.jsonl", [{"id": it.id, "split": it.split, "attributes": it.scene.attributes()} for it in more])
+    (out / "world.json").write_text(json.dumps({**_manifest(world), "more_eval_of": str(world_dir.resolve()),
+                                                "counts": {"eval": len(more), "eval_questions": len(questions)}}, indent=1) + "\n")
+    return len(questions)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
