@@ -268,20 +268,24 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
     return result
 
 
+def stage2_flags(budget: Budget, after_stage1: bool) -> str:
+    """train.py flags of stage 2 the budget sets, beyond train_env's (the row's stage-1 folder gives the rest)."""
+    return " ".join([
+        *([f"--mm_projector_lr {budget.stage2_projector_lr}"] if budget.stage2_projector_lr > 0 else []),
+        *([f"--tune_llm_top_layers {budget.stage2_top_layers}"] if budget.stage2_top_layers > 0 else []),
+        *(["--split_turns true"] if budget.stage2_split_turns else []),
+        *([f"--image_placement {budget.image_placement}"] if budget.image_placement else []),
+        *([] if after_stage1 else [f"--mm_projector_tokens {budget.projector_tokens}"]),  # else inherited from stage 1
+        *(["--system_prompt ''"] if budget.empty_system_prompt else [])])
+
+
 def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed: int, visual_tokens: int,
                stage1_data: str | None, out: Path, predict_args: list[str]) -> list[str]:
     """Stage 2 on the instruction data and the real image store, then the held-out questions, seeing and blind;
     the names of the stages run."""
     method, world = ROWS[name.split("@")[0]][0], paths["world"]
-    stage2_extra = " ".join([
-        *([f"--mm_projector_lr {budget.stage2_projector_lr}"] if budget.stage2_projector_lr > 0 else []),
-        *([f"--tune_llm_top_layers {budget.stage2_top_layers}"] if budget.stage2_top_layers > 0 else []),
-        *(["--split_turns true"] if budget.stage2_split_turns else []),
-        *([f"--image_placement {budget.image_placement}"] if budget.image_placement else []),
-        *([] if stage1_data else [f"--mm_projector_tokens {budget.projector_tokens}"]),  # else inherited from stage 1
-        *(["--system_prompt ''"] if budget.empty_system_prompt else [])])
     stage2_env = {"MODEL": str(paths["llm"]), **train_env(budget, seed, visual_tokens, budget.stage2_epochs, budget.stage2_lr,
-                                                            stage2_extra, budget.stage2_batch),
+                                                            stage2_flags(budget, bool(stage1_data)), budget.stage2_batch),
                   "DATA": str(world / "instruct.json"), "EMBED_FOLDER": str(paths["embeds"] / "unpaired" / "image"),
                   "OUTPUT": str(out / "stage2")}
     if stage1_data:  # the short form: projector and alignment come from the stage-1 folder

@@ -3,6 +3,7 @@ scripts, and the table and every artifact it promises exist and load."""
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,14 @@ def test_the_llm_link_follows_the_conversion_this_machine_has(tmp_path):
     (tmp_path / "run" / "other").mkdir()
     with pytest.raises(FileExistsError):
         pipeline.point_at(tmp_path / "run" / "other", new)
+
+
+def test_the_budgets_stage2_options_become_train_py_flags():
+    from demo.budget import BUDGETS
+
+    default = pipeline.stage2_flags(BUDGETS["default"], after_stage1=True)
+    assert "--tune_llm_top_layers 15" in default and "--mm_projector_lr 0.002" in default and "--system_prompt ''" in default
+    assert "--split_turns" not in default and "--image_placement" not in default and "--mm_projector_tokens" not in default
+    split = pipeline.stage2_flags(replace(BUDGETS["default"], stage2_split_turns=True, image_placement="last"), True)
+    assert "--split_turns true" in split and "--image_placement last" in split
+    assert "--mm_projector_tokens 8" in pipeline.stage2_flags(BUDGETS["default"], after_stage1=False)
