@@ -232,6 +232,7 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
         blind = json.loads((out / "qa_answers_blind.metrics.json").read_text())
         result.update(qa_acc=qa["accuracy"], qa_acc_blind=blind["accuracy"],
                       qa_per_category={c: v["accuracy"] for c, v in qa["per_category"].items()},
+                      qa_per_category_n={c: v["n"] for c, v in qa["per_category"].items()},
                       qa_per_category_blind={c: v["accuracy"] for c, v in blind["per_category"].items()},
                       stage2_loss=final_loss(out / "stage2"))
         binding = qa_binding(out / "qa_answers.jsonl", world)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -134,8 +135,24 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
                         "other object's value (binding swaps; the rest of the wrong answers name neither object's)")):
         if any(key in r for s in summaries for r in s["rows"].values()):  # no captions asked (--captions false): none
             lines += ["", f"{title}:", "", *_breakdown(summaries, rows, key)]
+            if key == "qa_per_category" and (note := standard_error_note(summaries, rows)):
+                lines += ["", note]
     return "\n".join(lines), {"rows": {r: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                                                  "values": v} for k, v in numbers[r].items() if v} for r in rows}}
+
+
+def standard_error_note(summaries: list[dict], rows: list[str]) -> str:
+    """How far one seed's per-category QA figure may be from the model's own accuracy: the binomial SE at its n (the
+    first row that has the counts, its first seed); empty for runs recorded before the counts were."""
+    row = next((r for r in rows if "qa_per_category_n" in summaries[0]["rows"][r]), None)
+    if row is None:
+        return ""
+    counts, accuracy = summaries[0]["rows"][row]["qa_per_category_n"], summaries[0]["rows"][row]["qa_per_category"]
+    errors = [math.sqrt(accuracy[c] * (1 - accuracy[c]) / n) for c, n in counts.items() if n]
+    low, high = min(counts.values()), max(counts.values())
+    return (f"Each figure of one seed is a share of {low if low == high else f'{low}-{high}'} questions a category: its "
+            f"binomial SE is {min(errors):.3f}-{max(errors):.3f} ({row}, seed {summaries[0]['seed']}); "
+            "`python -m demo.heldout` scores a run's checkpoints on 2000 more.")
 
 
 def _breakdown(summaries: list[dict], rows: list[str], key: str) -> list[str]:

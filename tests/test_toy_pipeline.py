@@ -49,6 +49,12 @@ def test_table_and_artifacts(demo):
     assert aligned.kind == "text" and len(aligned.load_all().ids) == 12
     table = (demo / "results.md").read_text()
     assert "| realign |" in table and "| no_stage1 |" in table and "Regenerate:" in table
+    # the per-category figures come with how far one seed's can be from the model's own accuracy
+    counts = json.loads((run / "results.json").read_text())["rows"]["realign"]["qa_per_category_n"]
+    assert sum(counts.values()) == 24
+    accuracy = json.loads((run / "results.json").read_text())["rows"]["realign"]["qa_per_category"]
+    largest = max((a * (1 - a) / counts[c]) ** 0.5 for c, a in accuracy.items())
+    assert "questions a category: its binomial SE is " in table and f"-{largest:.3f} (realign, seed 0)" in table
     # the CLIP's gap before alignment beside the paper's LLM2CLIP, from the method's gap report
     assert f"| this world | {before['centroid_distance']:.4f} | {before['linear_probe_acc']:.4f} |" in table
     assert "| LLM2CLIP (paper) | 0.39 | — | 0.0032 |" in table
