@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from demo.report import qa_binding
+from demo.pipeline import qa_arguments
+from demo.report import binomial_se, qa_binding
 from demo.world import write_more_eval
 from revision import predict
 from revision.embed import main as image_embed
@@ -43,7 +43,7 @@ def prepare(run_dir: Path, images: int) -> Path:
 
 
 def with_se(accuracy: float, n: int) -> dict[str, float]:
-    return {"accuracy": accuracy, "n": n, "se": math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")}
+    return {"accuracy": accuracy, "n": n, "se": binomial_se(accuracy, n)}
 
 
 def score(folder: Path, answers: Path) -> dict[str, Any]:
@@ -56,10 +56,10 @@ def score(folder: Path, answers: Path) -> dict[str, Any]:
 
 
 def answer(folder: Path, name: str, checkpoint: Path, batch_size: int, max_new_tokens: int) -> Path:
-    questions, answers = str(folder / "eval_questions.jsonl"), folder / f"answers_{name}.jsonl"
+    answers = folder / f"answers_{name}.jsonl"
     code = predict.main(["--image_root", str(folder), "--embed_folder", str(folder / "emb" / "image"), "--batch_size",
-                         str(batch_size), "--questions", questions, "--references", questions, "--task", "short",
-                         "--max_new_tokens", str(max_new_tokens), "--model", str(checkpoint), "--answers", str(answers)])
+                         str(batch_size), *qa_arguments(folder / "eval_questions.jsonl", checkpoint, max_new_tokens),
+                         "--answers", str(answers)])
     if code:
         raise InputError(f"answering with {checkpoint} failed (exit {code})")
     return answers

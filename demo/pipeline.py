@@ -269,6 +269,12 @@ def run_row(run: Runner, name: str, paths: dict[str, Path], budget: Budget, seed
     return result
 
 
+def qa_arguments(questions: Path, checkpoint: Path, max_new_tokens: int) -> list[str]:
+    """predict.py's flags for short answers to a world's questions file, scored against its own answers."""
+    return ["--questions", str(questions), "--references", str(questions), "--task", "short",
+            "--max_new_tokens", str(max_new_tokens), "--model", str(checkpoint)]
+
+
 def stage2_flags(budget: Budget, after_stage1: bool) -> str:
     """train.py flags of stage 2 the budget sets, beyond train_env's (the row's stage-1 folder gives the rest)."""
     return " ".join([
@@ -294,8 +300,7 @@ def run_stage2(run: Runner, name: str, paths: dict[str, Path], budget: Budget, s
     else:
         stage2_env.update(ALIGN_STATS=str(paths["align"] / method / "align_stats.json"), PROJECTOR=budget.projector)
     run(f"{name}.stage2", ["bash", "script/train/finetune_full.sh"], stage2_env)
-    questions = ["--questions", str(world / "eval_questions.jsonl"), "--references", str(world / "eval_questions.jsonl"),
-                 "--task", "short", "--max_new_tokens", str(budget.answer_tokens), "--model", str(out / "stage2")]
+    questions = qa_arguments(world / "eval_questions.jsonl", out / "stage2", budget.answer_tokens)
     run(f"{name}.predict_qa", partial(predict.main, [*predict_args, *questions, "--answers", str(out / "qa_answers.jsonl")]))
     # the same checkpoint with every image replaced by the mean image embedding: what it answers without seeing;
     # image_root without images: an image missing from the blind store is an error row, never seen

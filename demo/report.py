@@ -141,6 +141,11 @@ def table(summaries: list[dict]) -> tuple[str, dict]:
                                                  "values": v} for k, v in numbers[r].items() if v} for r in rows}}
 
 
+def binomial_se(accuracy: float, n: int) -> float:
+    """The standard error of an accuracy measured on n questions (nan for none)."""
+    return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
+
+
 def standard_error_note(summaries: list[dict], rows: list[str]) -> str:
     """How far one seed's per-category QA figure may be from the model's own accuracy: the binomial SE at its n (the
     first row that has the counts, its first seed); empty for runs recorded before the counts were."""
@@ -148,7 +153,7 @@ def standard_error_note(summaries: list[dict], rows: list[str]) -> str:
     if row is None:
         return ""
     counts, accuracy = summaries[0]["rows"][row]["qa_per_category_n"], summaries[0]["rows"][row]["qa_per_category"]
-    errors = [math.sqrt(accuracy[c] * (1 - accuracy[c]) / n) for c, n in counts.items() if n]
+    errors = [binomial_se(accuracy[c], n) for c, n in counts.items() if n]
     low, high = min(counts.values()), max(counts.values())
     return (f"Each figure of one seed is a share of {low if low == high else f'{low}-{high}'} questions a category: its "
             f"binomial SE is {min(errors):.3f}-{max(errors):.3f} ({row}, seed {summaries[0]['seed']}); "
