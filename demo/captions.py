@@ -105,24 +105,48 @@ def _matches(obj: Obj, attrs: dict[str, str]) -> bool:
 Revealed = set[tuple[int, str]]
 
 
+# The attribute sets a question may name its object by: phrases "the star", "the red star", ..., "the object on the left"
+REFERENCE_KEYS = (("shape",), ("colour", "shape"), ("size", "shape"), ("size", "colour", "shape"), ("colour",),
+                  ("size", "colour"), ("position",))
+
+
+def _unique_references(scene: Scene, target: Obj, asked: str) -> list[tuple[str, ...]]:
+    """The REFERENCE_KEYS that name `target` alone in the scene without the asked attribute."""
+    return [keys for keys in REFERENCE_KEYS if asked not in keys
+            and sum(_matches(o, {k: getattr(target, k) for k in keys}) for o in scene.objects) == 1]
+
+
+def _phrase(target: Obj, keys: tuple[str, ...], rng: np.random.Generator) -> str:
+    words = [getattr(target, k) for k in ("size", "colour") if k in keys] + [target.shape if "shape" in keys else "object"]
+    phrase = "the " + " ".join(words)
+    return phrase + " " + _pick(rng, POSITION_PHRASES[target.position]) if "position" in keys else phrase
+
+
 def _reference(scene: Scene, target: Obj, asked: str, rng: np.random.Generator,
                avoid: Sequence[str] | None = None) -> tuple[str, tuple[str, ...]] | None:
     """(a noun phrase naming `target` uniquely in the scene without using the asked attribute, the attributes it
     names), or None. With `avoid` (attributes a later turn asks): a phrase naming none of them where one exists, a
     lone object being "the object" if need be."""
-    options = [("shape",), ("colour", "shape"), ("size", "shape"), ("size", "colour", "shape"), ("colour",),
-               ("size", "colour"), ("position",)]
-    unique = [keys for keys in options if asked not in keys
-              and sum(_matches(o, {k: getattr(target, k) for k in keys}) for o in scene.objects) == 1]
+    unique = _unique_references(scene, target, asked)
     if avoid is not None:
         free = [keys for keys in unique if not set(keys) & set(avoid)]
         unique = free or ([()] if len(scene.objects) == 1 else unique)
     if not unique:
         return None
     keys = unique[rng.integers(len(unique))]
-    words = [getattr(target, k) for k in ("size", "colour") if k in keys] + [target.shape if "shape" in keys else "object"]
-    phrase = "the " + " ".join(words)
-    return (phrase + " " + _pick(rng, POSITION_PHRASES[target.position]) if "position" in keys else phrase), keys
+    return _phrase(target, keys, rng), keys
+
+
+def binding_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(category, question, answer) of every conditional colour or shape question the templates can ask about an
+    object of a two-object scene: per object, per asked attribute, per reference that names the object alone (about
+    11 a scene; none for one object). Binding is learned from every question of an image, and late: docs/results.md,
+    "Binding is slow to learn"."""
+    if len(scene.objects) != 2:
+        return []
+    return [(asked, _pick(rng, QUESTION_TEMPLATES[asked]).format(ref=_phrase(target, keys, rng)), getattr(target, asked))
+            for target in scene.objects for asked in ("colour", "shape")
+            for keys in _unique_references(scene, target, asked)]
 
 
 def _yes_no(scene: Scene, rng: np.random.Generator, revealed: Revealed | None = None) -> tuple[str, str] | None:

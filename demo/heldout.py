@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,27 @@ CATEGORIES = ("colour", "shape", "size", "position", "count", "yes/no")
 
 def prepare(run_dir: Path, images: int) -> Path:
     """RUN/heldout-N with the extra world files and their image store (made once; a killed run is completed)."""
-    out = run_dir / f"heldout-{images}"
+    return drawn_further(run_dir, f"heldout-{images}", lambda world, out: write_more_eval(world, images, out),
+                         "eval_images.jsonl")
+
+
+def check_run(run_dir: Path) -> None:
+    if not (run_dir / "world" / "world.json").is_file() or not (run_dir / "clip").is_dir():
+        raise InputError(f"{run_dir}: not a seed folder of demo.pipeline (no world/world.json or clip/)")
+
+
+def drawn_further(run_dir: Path, folder: str, write: Callable[[Path, Path], object], images: str) -> Path:
+    """RUN/FOLDER: written once by write(RUN/world, RUN/FOLDER) (its world.json last), then the image list `images`
+    in it embedded into RUN/FOLDER/emb with the run's encoder, as the run embedded its own. image_embed.py resumes a
+    store: a finished one is kept, a killed one completed."""
+    check_run(run_dir)
+    out = run_dir / folder
     if not (out / "world.json").is_file():
-        write_more_eval(run_dir / "world", images, out)
-    # image_embed.py resumes a store: a finished one is kept, a killed one completed
+        write(run_dir / "world", out)
     code = image_embed(["--encoder", str(run_dir / "clip"), "--store_dtype", "float32", "--num_workers", "0",
-                        "--images", str(out / "eval_images.jsonl"), "--out", str(out / "emb")])
+                        "--images", str(out / images), "--out", str(out / "emb")])
     if code:
-        raise InputError(f"embedding {out / 'eval_images.jsonl'} with {run_dir / 'clip'} failed (exit {code})")
+        raise InputError(f"embedding {out / images} with {run_dir / 'clip'} failed (exit {code})")
     return out
 
 
@@ -88,8 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.images < 1:
             raise InputError(f"--images {args.images}: expected at least 1")
-        if not (run_dir / "world" / "world.json").is_file() or not (run_dir / "clip").is_dir():
-            raise InputError(f"{run_dir}: not a seed folder of demo.pipeline (no world/world.json or clip/)")
+        check_run(run_dir)
         bad = [c for c in args.checkpoint if "=" not in c]
         if bad:
             raise InputError(f"--checkpoint {bad[0]!r}: expected NAME=FOLDER")

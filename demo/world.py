@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 # the world's parts, importable from here as before
-from demo.captions import COUNT_WORDS, caption, parse_caption, qa_conversation, questions, text_only_turn, vocabulary  # noqa: F401
+from demo.captions import COUNT_WORDS, binding_questions, caption, parse_caption, qa_conversation, questions, text_only_turn, vocabulary  # noqa: F401
 from demo.scenes import COLOURS, IMAGE_SIZE, POSITIONS, QUESTION_CATEGORIES, SHAPES, SIZES, Scene, render, sample_scene  # noqa: F401
 
 WORLD_VERSION = 3  # 2: pretrain_paired.json holds as many samples as pretrain.json; 3: conversations never ask what they said
@@ -254,17 +254,24 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | str = "d
     return world
 
 
+def _drawn_further(world_dir: Path, **more: int) -> tuple[WorldSizes, World]:
+    """(the built world's sizes, the world of its seed with `more` items in the named splits): its streams drawn
+    further. A world of another generator version is refused; each caller checks that its split's prefix is the
+    world's own."""
+    manifest = json.loads((world_dir / "world.json").read_text())
+    sizes = WorldSizes(**manifest["sizes"])
+    if manifest.get("version") != WORLD_VERSION:
+        raise ValueError(f"{world_dir} was written by world generator {manifest.get('version')}, this is {WORLD_VERSION}")
+    return sizes, make_world(manifest["seed"], replace(sizes, **{k: getattr(sizes, k) + v for k, v in more.items()}))
+
+
 def write_more_eval(world_dir: str | Path, images: int, out_dir: str | Path) -> int:
     """`images` more held-out images of a built world, with their questions: its eval streams drawn further (the
     world's own eval images and questions are their first), written to out_dir as a world's eval files (images/eval/,
     eval_images.jsonl, eval_questions.jsonl, scenes.jsonl; world.json last). Returns the number of questions. A
     world its generator no longer draws the same way (another version, edited files) is refused."""
     world_dir, out = Path(world_dir), Path(out_dir)
-    manifest = json.loads((world_dir / "world.json").read_text())
-    sizes = WorldSizes(**manifest["sizes"])
-    if manifest.get("version") != WORLD_VERSION:
-        raise ValueError(f"{world_dir} was written by world generator {manifest.get('version')}, this is {WORLD_VERSION}")
-    world = make_world(manifest["seed"], replace(sizes, eval=sizes.eval + images))
+    sizes, world = _drawn_further(world_dir, eval=images)
     own = [json.loads(line) for line in (world_dir / "eval_questions.jsonl").read_text().splitlines()]
     if world.eval_questions[: len(own)] != own:
         raise ValueError(f"{world_dir}/eval_questions.jsonl is not what its seed and sizes draw: not this world's streams")
@@ -281,6 +288,39 @@ def write_more_eval(world_dir: str | Path, images: int, out_dir: str | Path) -> 
                                                 "counts": {"eval": len(more), "eval_questions": len(questions)}}, indent=1) + "\n")
     return len(questions)
 
+
+
+def write_binding(world_dir: str | Path, images: int, out_dir: str | Path) -> int:
+    """The built world's unpaired images drawn on to `images` in all (its own are the first, checked against its
+    scenes.jsonl) and written to out_dir (images/unpaired/, unpaired_images.jsonl; scenes.jsonl, with the world's
+    eval scenes), with binding.json: every conditional colour or shape question (demo.captions.binding_questions)
+    about each two-object scene among them, one a LLaVA conversation, shuffled: stage-2 data for binding, which the
+    world's own conversations ask about 600 times where a learner needs thousands (docs/results.md, "Binding is
+    slow to learn"). world.json last. Returns the number of questions."""
+    world_dir, out = Path(world_dir), Path(out_dir)
+    sizes, world = _drawn_further(world_dir)
+    if images < sizes.unpaired_images:
+        raise ValueError(f"{images} images: the world has {sizes.unpaired_images} unpaired images of its own; ask for more")
+    _, world = _drawn_further(world_dir, unpaired_images=images - sizes.unpaired_images)
+    scenes = [json.loads(line) for line in (world_dir / "scenes.jsonl").read_text().splitlines()]
+    own = {r["id"]: r["attributes"] for r in scenes if r["split"] == "unpaired_images"}
+    if [own.get(it.id) for it in world.unpaired_images[: len(own)]] != [it.scene.attributes() for it in world.unpaired_images[: len(own)]]:
+        raise ValueError(f"{world_dir}/scenes.jsonl is not what its seed and sizes draw: not this world's streams")
+    (out / "images" / IMAGE_DIR["unpaired_images"]).mkdir(parents=True, exist_ok=True)
+    (out / "world.json").unlink(missing_ok=True)
+    _render(_jobs(world, out, ["unpaired_images"]))
+    rng = _rng(world.seed, "unpaired_images", 4)
+    samples = [{"id": it.id, "image": it.image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                                                  {"from": "gpt", "value": a}]}
+               for it in world.unpaired_images for _, q, a in binding_questions(it.scene, rng)]
+    samples = [samples[i] for i in rng.permutation(len(samples))]
+    _write_jsonl(out / "unpaired_images.jsonl", [{"id": it.id, "image": it.image} for it in world.unpaired_images])
+    _write_jsonl(out / "scenes.jsonl", [{"id": it.id, "split": it.split, "attributes": it.scene.attributes()}
+                                        for it in world.unpaired_images] + [r for r in scenes if r["split"] == "eval"])
+    (out / "binding.json").write_text(json.dumps(samples))
+    (out / "world.json").write_text(json.dumps({**_manifest(world), "binding_of": str(world_dir.resolve()), "counts": {
+        "unpaired_images": images, "binding_questions": len(samples)}}, indent=1) + "\n")
+    return len(samples)
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
