@@ -254,15 +254,13 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | str = "d
     return world
 
 
-def _drawn_further(world_dir: Path, **more: int) -> tuple[WorldSizes, World]:
-    """(the built world's sizes, the world of its seed with `more` items in the named splits): its streams drawn
-    further. A world of another generator version is refused; each caller checks that its split's prefix is the
-    world's own."""
+def _built(world_dir: Path) -> tuple[int, WorldSizes]:
+    """(seed, sizes) of a built world, whose streams a caller draws further with make_world. A world of another
+    generator version is refused; each caller checks that its split's prefix is the world's own."""
     manifest = json.loads((world_dir / "world.json").read_text())
-    sizes = WorldSizes(**manifest["sizes"])
     if manifest.get("version") != WORLD_VERSION:
         raise ValueError(f"{world_dir} was written by world generator {manifest.get('version')}, this is {WORLD_VERSION}")
-    return sizes, make_world(manifest["seed"], replace(sizes, **{k: getattr(sizes, k) + v for k, v in more.items()}))
+    return manifest["seed"], WorldSizes(**manifest["sizes"])
 
 
 def write_more_eval(world_dir: str | Path, images: int, out_dir: str | Path) -> int:
@@ -271,7 +269,8 @@ def write_more_eval(world_dir: str | Path, images: int, out_dir: str | Path) -> 
     eval_images.jsonl, eval_questions.jsonl, scenes.jsonl; world.json last). Returns the number of questions. A
     world its generator no longer draws the same way (another version, edited files) is refused."""
     world_dir, out = Path(world_dir), Path(out_dir)
-    sizes, world = _drawn_further(world_dir, eval=images)
+    seed, sizes = _built(world_dir)
+    world = make_world(seed, replace(sizes, eval=sizes.eval + images))
     own = [json.loads(line) for line in (world_dir / "eval_questions.jsonl").read_text().splitlines()]
     if world.eval_questions[: len(own)] != own:
         raise ValueError(f"{world_dir}/eval_questions.jsonl is not what its seed and sizes draw: not this world's streams")
@@ -289,7 +288,6 @@ def write_more_eval(world_dir: str | Path, images: int, out_dir: str | Path) -> 
     return len(questions)
 
 
-
 def write_binding(world_dir: str | Path, images: int, out_dir: str | Path) -> int:
     """The built world's unpaired images drawn on to `images` in all (its own are the first, checked against its
     scenes.jsonl) and written to out_dir (images/unpaired/, unpaired_images.jsonl; scenes.jsonl, with the world's
@@ -298,10 +296,10 @@ def write_binding(world_dir: str | Path, images: int, out_dir: str | Path) -> in
     world's own conversations ask about 600 times where a learner needs thousands (docs/results.md, "Binding is
     slow to learn"). world.json last. Returns the number of questions."""
     world_dir, out = Path(world_dir), Path(out_dir)
-    sizes, world = _drawn_further(world_dir)
+    seed, sizes = _built(world_dir)
     if images < sizes.unpaired_images:
         raise ValueError(f"{images} images: the world has {sizes.unpaired_images} unpaired images of its own; ask for more")
-    _, world = _drawn_further(world_dir, unpaired_images=images - sizes.unpaired_images)
+    world = make_world(seed, replace(sizes, unpaired_images=images))
     scenes = [json.loads(line) for line in (world_dir / "scenes.jsonl").read_text().splitlines()]
     own = {r["id"]: r["attributes"] for r in scenes if r["split"] == "unpaired_images"}
     if [own.get(it.id) for it in world.unpaired_images[: len(own)]] != [it.scene.attributes() for it in world.unpaired_images[: len(own)]]:
@@ -321,6 +319,7 @@ def write_binding(world_dir: str | Path, images: int, out_dir: str | Path) -> in
     (out / "world.json").write_text(json.dumps({**_manifest(world), "binding_of": str(world_dir.resolve()), "counts": {
         "unpaired_images": images, "binding_questions": len(samples)}}, indent=1) + "\n")
     return len(samples)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
