@@ -1,7 +1,7 @@
 """How much supervision reading a two-object scene takes: a stand-in for the model's conditional reading.
 
     python -m demo.reader --world WORLD_DIR --train EMBEDS/unpaired/image --eval EMBEDS/eval/image
-                          [--images N] [--per_image K] [--epochs 60]
+                          [--images N] [--per_image K] [--epochs 60 | --epochs 1,3,10,60] [--code objects|places|pairs]
 
 The held-out questions the demo misses are conditional ("what colour is the star?", "which shape is the object on the
 left?"): on a two-object scene the answer is the asked attribute of the object that the question's other attribute
@@ -12,6 +12,11 @@ every such question of the first N images' two-object scenes (or K of them per i
 scored on every such question of the eval store's scenes. It is cheaper than the LLM by orders of magnitude and reads
 about as well as stage 2's model does from the same 1000 images (docs/results.md, "Binding: what the reader needs"), so
 it measures an encoder, or a number of instruction images, in seconds.
+
+`--code` replaces the stores' embeddings by a noise-free code of the same scenes (IDEAL_CODES: each object's
+attributes in reading-order slots, what each grid cell holds, or which attribute pairs occur), rotated into the
+embeddings' width: what the reader makes of a perfect code of each layout, after as many passes (`--epochs 1,3,10`
+trains once per count), calibrates the real one (docs/results.md, "Any code is read late").
 """
 from __future__ import annotations
 
@@ -26,11 +31,60 @@ import torch.nn.functional as F
 
 from demo.clip import ATTRIBUTES
 from demo.probes import store_scenes
+from demo.scenes import POSITIONS, Obj, reading_order
 from revision.projector import input_statistics
 
 ASKED = ("colour", "shape")  # the categories the demo's bar names
 QUERY_WIDTH = sum(len(v) for v in ATTRIBUTES.values()) + len(ASKED)
 ANSWERS = [*(("colour", v) for v in ATTRIBUTES["colour"]), *(("shape", v) for v in ATTRIBUTES["shape"])]
+
+
+def _one_hot(kind: str, value: str) -> np.ndarray:
+    return np.eye(len(ATTRIBUTES[kind]), dtype=np.float32)[ATTRIBUTES[kind].index(value)]
+
+
+def object_code(scene: dict) -> np.ndarray:
+    """Each object's attributes one-hot in its reading-order slot (zeros for a missing second object), and the count:
+    every attribute bound to its object, the code a reader binds from most easily (docs/results.md, "A code by
+    object")."""
+    slots = [np.concatenate([_one_hot(k, getattr(o, k)) for k in ATTRIBUTES])
+             for o in reading_order([Obj(**o) for o in scene["objects"]])]
+    width = sum(len(v) for v in ATTRIBUTES.values())
+    return np.concatenate([*slots, *[np.zeros(width, np.float32)] * (2 - len(slots)), [scene["count"] == 2]]).astype(np.float32)
+
+
+def place_code(scene: dict) -> np.ndarray:
+    """Per grid cell: the shape, colour and size one-hot of the object there (zeros where empty): the layout of the
+    conv tower's pooled map, binding by place."""
+    cells = np.zeros((len(POSITIONS), sum(len(ATTRIBUTES[k]) for k in ("shape", "colour", "size"))), np.float32)
+    for o in scene["objects"]:
+        cells[POSITIONS.index(o["position"])] = np.concatenate([_one_hot(k, o[k]) for k in ("shape", "colour", "size")])
+    return cells.ravel()
+
+
+def pair_code(scene: dict) -> np.ndarray:
+    """Which pair of values occurs together in one object, for every pair of attributes (colour x shape, ...), and
+    the count: a bag of conjunctions, where "what colour is the star" is read from one direction per colour."""
+    kinds, parts = list(ATTRIBUTES), []
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            pairs = np.zeros((len(ATTRIBUTES[a]), len(ATTRIBUTES[b])), np.float32)
+            for o in scene["objects"]:
+                pairs[ATTRIBUTES[a].index(o[a]), ATTRIBUTES[b].index(o[b])] = 1
+            parts.append(pairs.ravel())
+    return np.concatenate([*parts, [scene["count"] == 2]]).astype(np.float32)
+
+
+IDEAL_CODES = {"objects": object_code, "places": place_code, "pairs": pair_code}
+
+
+def ideal_embeddings(scenes: Sequence[dict], code: str, width: int = 128, seed: int = 0) -> np.ndarray:
+    """[N, width]: IDEAL_CODES[code] of each scene through one fixed random orthonormal map (no noise); a code wider
+    than `width` is projected, as a tower's linear projection would."""
+    codes = np.stack([IDEAL_CODES[code](s) for s in scenes])
+    side = max(width, codes.shape[1])
+    rotation, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((side, side)))
+    return (codes @ rotation[:codes.shape[1], :width]).astype(np.float32)
 
 
 def binding_questions(embeds: np.ndarray, scenes: Sequence[dict], per_image: int | None = None,
@@ -101,17 +155,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval", required=True, help="an image embedding store of other scenes: the reader is scored here")
     parser.add_argument("--images", type=int, help="train on the first N images of --train (default: all)")
     parser.add_argument("--per_image", type=int, help="at most K questions per image (default: every one)")
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", default="60", help="passes over the questions; a comma list trains once per count")
+    parser.add_argument("--code", choices=tuple(IDEAL_CODES), help="read a noise-free code of the same scenes instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
+    try:
+        epochs = [int(e) for e in args.epochs.split(",")]
+    except ValueError:
+        parser.error(f"--epochs: whole numbers, comma-separated (got {args.epochs!r})")
     train, train_scenes = store_scenes(args.train, args.world, args.images)
     held_out, eval_scenes = store_scenes(args.eval, args.world)
-    result = reader_accuracy(train, train_scenes, held_out, eval_scenes, args.per_image, args.epochs, seed=args.seed)
-    print(f"binding reader ({len(train)} images, {result['train_rows']} questions; scored on {result['eval_rows']}): "
-          f"colour {result['colour']:.3f}, shape {result['shape']:.3f} (own questions {result['train']:.3f})")
+    if args.code:
+        both = ideal_embeddings([*train_scenes, *eval_scenes], args.code, train.shape[1], args.seed)
+        train, held_out = both[:len(train)], both[len(train):]
+    results = []
+    for count in epochs:
+        result = reader_accuracy(train, train_scenes, held_out, eval_scenes, args.per_image, count, seed=args.seed)
+        results.append({"epochs": count, **result})
+        print(f"binding reader ({len(train)} images, {result['train_rows']} questions, {count} epochs"
+              f"{f', {args.code} code' if args.code else ''}; scored on {result['eval_rows']}): "
+              f"colour {result['colour']:.3f}, shape {result['shape']:.3f} (own questions {result['train']:.3f})")
     if args.out:
-        Path(args.out).write_text(json.dumps({**vars(args), **result}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({**vars(args), "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

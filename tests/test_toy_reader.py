@@ -1,11 +1,12 @@
 """demo.reader: the conditional reader answers two-object questions from embeddings that bind each attribute to its
 object, and cannot from embeddings that only list what is there, or carry nothing."""
+import json
+
 import numpy as np
 import pytest
 
 from demo.clip import ATTRIBUTES
-from demo.reader import ANSWERS, binding_questions, main, reader_accuracy
-from demo.scenes import Obj, reading_order
+from demo.reader import ANSWERS, IDEAL_CODES, binding_questions, ideal_embeddings, main, object_code, reader_accuracy
 from demo.world import WorldSizes, build_world, make_world
 from revision.store_writer import write_store
 
@@ -22,12 +23,6 @@ def one_hot(kind, value):
 
 
 CODED = tuple(ATTRIBUTES)  # colour, shape, size, position: 8 + 6 + 2 + 9 = 25 values
-
-
-def slot_code(scene):
-    """Colour, shape and position of each object in reading order: every attribute bound to its object."""
-    slots = [np.concatenate([one_hot(k, getattr(o, k)) for k in CODED]) for o in reading_order([Obj(**o) for o in scene["objects"]])]
-    return np.concatenate(slots + [np.zeros(25)] * (2 - len(slots)))
 
 
 def bag_code(scene):
@@ -61,11 +56,11 @@ def test_reader_answers_from_bound_embeddings_only(worlds):
 
     def score(code):
         def embed(scenes):
-            return np.array([code(s) for s in scenes]) + 0.05 * rng.standard_normal((len(scenes), 50))
+            return np.array([code(s) for s in scenes]) + 0.05 * rng.standard_normal((len(scenes), 51))
 
         return reader_accuracy(embed(train), train, embed(held_out), held_out, epochs=30)
 
-    bound, bag = score(slot_code), score(lambda s: np.pad(bag_code(s), (0, 25)))
+    bound, bag = score(object_code), score(lambda s: np.pad(bag_code(s), (0, 26)))
     assert bound["colour"] > 0.75 and bound["shape"] > 0.75, bound  # 500 two-object scenes: more would read more
     # a bag of attributes: the reader names one of the two objects' colours, right about half the time
     assert bag["colour"] < 0.65 and bag["shape"] < 0.6, bag
@@ -79,10 +74,45 @@ def test_cli_reads_stores_and_names_foreign_ids(tmp_path, capsys):
     scenes = {it.id: it.scene.attributes() for it in world.unpaired_images + world.eval}
     for split, items in (("train", world.unpaired_images), ("eval", world.eval)):
         ids = [it.id for it in items]
-        write_store(tmp_path / split, "image", ids, np.array([slot_code(scenes[i]) for i in ids], np.float32), dtype="float32")
+        write_store(tmp_path / split, "image", ids, np.array([object_code(scenes[i]) for i in ids], np.float32), dtype="float32")
     main(["--world", str(tmp_path / "world"), "--train", str(tmp_path / "train"), "--eval", str(tmp_path / "eval"),
           "--epochs", "2", "--out", str(tmp_path / "reader.json")])
     assert "binding reader (60 images" in capsys.readouterr().out and (tmp_path / "reader.json").is_file()
+    main(["--world", str(tmp_path / "world"), "--train", str(tmp_path / "train"), "--eval", str(tmp_path / "eval"),
+          "--epochs", "1,2", "--code", "pairs", "--out", str(tmp_path / "pairs.json")])
+    printed = capsys.readouterr().out
+    assert "1 epochs, pairs code" in printed and "2 epochs, pairs code" in printed
+    assert [r["epochs"] for r in json.loads((tmp_path / "pairs.json").read_text())["results"]] == [1, 2]
+    with pytest.raises(SystemExit):
+        main(["--world", str(tmp_path / "world"), "--train", str(tmp_path / "train"), "--eval", str(tmp_path / "eval"),
+              "--epochs", "1,ten"])
+    assert "--epochs: whole numbers" in capsys.readouterr().err
     write_store(tmp_path / "foreign", "image", ["nobody"], np.ones((1, 50), np.float32), dtype="float32")
     with pytest.raises(ValueError, match="1 ids are not scenes of"):
         main(["--world", str(tmp_path / "world"), "--train", str(tmp_path / "foreign"), "--eval", str(tmp_path / "eval")])
+
+
+SCENE = {"count": 2, "objects": [{"shape": "square", "colour": "red", "size": "large", "position": "middle"},
+                                 {"shape": "star", "colour": "blue", "size": "small", "position": "top left"}]}
+
+
+def test_ideal_codes_say_which_attribute_goes_with_which_object():
+    objects = object_code(SCENE)
+    first = np.concatenate([one_hot(k, SCENE["objects"][1][k]) for k in CODED])  # the star comes first in reading order
+    assert objects.shape == (51,) and (objects[:25] == first).all() and objects[-1] == 1
+    assert (object_code({"count": 1, "objects": SCENE["objects"][:1]})[25:] == 0).all()  # no second object, count 1
+    places = IDEAL_CODES["places"](SCENE).reshape(9, -1)
+    assert places[4].sum() == 3 and places[0].sum() == 3 and places[[1, 2, 3, 5, 6, 7, 8]].sum() == 0
+    pairs = IDEAL_CODES["pairs"](SCENE)
+    colour_shape = pairs[:48].reshape(8, 6)  # the first pair of attributes: colour x shape
+    assert colour_shape.sum() == 2 and colour_shape[ATTRIBUTES["colour"].index("red"), ATTRIBUTES["shape"].index("square")] == 1
+    assert colour_shape[ATTRIBUTES["colour"].index("red"), ATTRIBUTES["shape"].index("star")] == 0  # not swapped
+
+
+def test_ideal_embeddings_rotate_without_losing_the_code():
+    scenes = [SCENE, {"count": 1, "objects": SCENE["objects"][1:]}]
+    codes = np.stack([object_code(s) for s in scenes])
+    rotated = ideal_embeddings(scenes, "objects", width=64)
+    assert rotated.shape == (2, 64) and np.allclose(rotated @ rotated.T, codes @ codes.T, atol=1e-5)  # orthonormal
+    assert np.allclose(ideal_embeddings(scenes, "objects", width=64), rotated)  # one fixed map per seed
+    assert ideal_embeddings(scenes, "pairs", width=32).shape == (2, 32)  # wider codes are projected
