@@ -16,7 +16,7 @@ it measures an encoder, or a number of instruction images, in seconds.
 `--code` replaces the stores' embeddings by a noise-free code of the same scenes (IDEAL_CODES: each object's
 attributes in reading-order slots, what each grid cell holds, or which attribute pairs occur), rotated into the
 embeddings' width: what the reader makes of a perfect code of each layout, after as many passes (`--epochs 1,3,10`
-trains once per count), calibrates the real one (docs/results.md, "Any code is read late").
+scores one training at each count), calibrates the real one (docs/results.md, "Any code is read late").
 """
 from __future__ import annotations
 
@@ -119,11 +119,12 @@ def binding_questions(embeds: np.ndarray, scenes: Sequence[dict], per_image: int
     return embeds[list(index)], np.stack(queries), np.array(answers), np.array(asked)
 
 
-def reader_accuracy(train_embeds: np.ndarray, train_scenes: Sequence[dict], eval_embeds: np.ndarray,
-                    eval_scenes: Sequence[dict], per_image: int | None = None, epochs: int = 60, hidden: int = 512,
-                    seed: int = 0) -> dict[str, float]:
-    """{"colour", "shape": held-out accuracy, "train": accuracy on its own rows, "train_rows", "eval_rows"} of a reader
-    trained on train_embeds' conditional questions (AdamW 1e-3, batch 64)."""
+def reader_curve(train_embeds: np.ndarray, train_scenes: Sequence[dict], eval_embeds: np.ndarray,
+                 eval_scenes: Sequence[dict], per_image: int | None = None, epochs: Sequence[int] = (60,),
+                 hidden: int = 512, seed: int = 0) -> list[dict[str, float]]:
+    """Per count in `epochs`: {"colour", "shape": held-out accuracy, "train": accuracy on its own rows, "train_rows",
+    "eval_rows"} of a reader trained for that many passes over train_embeds' conditional questions (AdamW 1e-3, batch
+    64). One training to the largest count, scored as it passes each: the same reader a run of that length ends with."""
     x, q, y, _ = binding_questions(train_embeds, train_scenes, per_image, seed)
     xe, qe, ye, asked = binding_questions(eval_embeds, eval_scenes)
     mean, scale = input_statistics(train_embeds)  # as the projector standardises its input
@@ -136,16 +137,30 @@ def reader_accuracy(train_embeds: np.ndarray, train_scenes: Sequence[dict], eval
     reader = torch.nn.Sequential(torch.nn.Linear(train_x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
                                  torch.nn.GELU(), torch.nn.Linear(hidden, len(ANSWERS)))
     optimizer = torch.optim.AdamW(reader.parameters(), lr=1e-3, weight_decay=0.01)
-    for _ in range(epochs):
+
+    def score() -> dict[str, float]:
+        with torch.no_grad():
+            right = reader(eval_x).argmax(1).numpy() == ye
+            train = float((reader(train_x).argmax(1) == train_y).float().mean())
+        return {**{k: float(right[asked == k].mean()) for k in ASKED}, "train": train, "train_rows": len(y), "eval_rows": len(ye)}
+
+    scores = {0: score()} if 0 in epochs else {}
+    for epoch in range(1, max(epochs, default=0) + 1):
         for batch in torch.randperm(len(train_x)).split(64):
             loss = F.cross_entropy(reader(train_x[batch]), train_y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    with torch.no_grad():
-        right = reader(eval_x).argmax(1).numpy() == ye
-        train = float((reader(train_x).argmax(1) == train_y).float().mean())
-    return {**{k: float(right[asked == k].mean()) for k in ASKED}, "train": train, "train_rows": len(y), "eval_rows": len(ye)}
+        if epoch in epochs:
+            scores[epoch] = score()
+    return [scores[count] for count in epochs]
+
+
+def reader_accuracy(train_embeds: np.ndarray, train_scenes: Sequence[dict], eval_embeds: np.ndarray,
+                    eval_scenes: Sequence[dict], per_image: int | None = None, epochs: int = 60, hidden: int = 512,
+                    seed: int = 0) -> dict[str, float]:
+    """reader_curve at one count of epochs."""
+    return reader_curve(train_embeds, train_scenes, eval_embeds, eval_scenes, per_image, [epochs], hidden, seed)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -155,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval", required=True, help="an image embedding store of other scenes: the reader is scored here")
     parser.add_argument("--images", type=int, help="train on the first N images of --train (default: all)")
     parser.add_argument("--per_image", type=int, help="at most K questions per image (default: every one)")
-    parser.add_argument("--epochs", default="60", help="passes over the questions; a comma list trains once per count")
+    parser.add_argument("--epochs", default="60", help="passes over the questions; a comma list scores one training at each count")
     parser.add_argument("--code", choices=tuple(IDEAL_CODES), help="read a noise-free code of the same scenes instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the result as JSON here")
@@ -169,10 +184,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.code:
         both = ideal_embeddings([*train_scenes, *eval_scenes], args.code, train.shape[1], args.seed)
         train, held_out = both[:len(train)], both[len(train):]
-    results = []
-    for count in epochs:
-        result = reader_accuracy(train, train_scenes, held_out, eval_scenes, args.per_image, count, seed=args.seed)
-        results.append({"epochs": count, **result})
+    results = [{"epochs": count, **result} for count, result in
+               zip(epochs, reader_curve(train, train_scenes, held_out, eval_scenes, args.per_image, epochs, seed=args.seed))]
+    for result in results:
+        count = result["epochs"]
         print(f"binding reader ({len(train)} images, {result['train_rows']} questions, {count} epochs"
               f"{f', {args.code} code' if args.code else ''}; scored on {result['eval_rows']}): "
               f"colour {result['colour']:.3f}, shape {result['shape']:.3f} (own questions {result['train']:.3f})")
