@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from demo.clip import ATTRIBUTES
+from demo.dual_encoder import CELL_ATTRIBUTES
 from demo.probes import store_scenes
 from demo.scenes import POSITIONS, Obj, reading_order
 from revision.projector import input_statistics
@@ -39,16 +40,16 @@ QUERY_WIDTH = sum(len(v) for v in ATTRIBUTES.values()) + len(ASKED)
 ANSWERS = [*(("colour", v) for v in ATTRIBUTES["colour"]), *(("shape", v) for v in ATTRIBUTES["shape"])]
 
 
-def _one_hot(kind: str, value: str) -> np.ndarray:
-    return np.eye(len(ATTRIBUTES[kind]), dtype=np.float32)[ATTRIBUTES[kind].index(value)]
+def _one_hots(obj: dict, kinds: Sequence[str]) -> np.ndarray:
+    """The object's value of each kind, one-hot, concatenated in the order of `kinds`."""
+    return np.concatenate([np.eye(len(ATTRIBUTES[k]), dtype=np.float32)[ATTRIBUTES[k].index(obj[k])] for k in kinds])
 
 
 def object_code(scene: dict) -> np.ndarray:
     """Each object's attributes one-hot in its reading-order slot (zeros for a missing second object), and the count:
     every attribute bound to its object, the code a reader binds from most easily (docs/results.md, "A code by
     object")."""
-    slots = [np.concatenate([_one_hot(k, getattr(o, k)) for k in ATTRIBUTES])
-             for o in reading_order([Obj(**o) for o in scene["objects"]])]
+    slots = [_one_hots(vars(o), ATTRIBUTES) for o in reading_order([Obj(**o) for o in scene["objects"]])]
     width = sum(len(v) for v in ATTRIBUTES.values())
     return np.concatenate([*slots, *[np.zeros(width, np.float32)] * (2 - len(slots)), [scene["count"] == 2]]).astype(np.float32)
 
@@ -56,9 +57,9 @@ def object_code(scene: dict) -> np.ndarray:
 def place_code(scene: dict) -> np.ndarray:
     """Per grid cell: the shape, colour and size one-hot of the object there (zeros where empty): the layout of the
     conv tower's pooled map, binding by place."""
-    cells = np.zeros((len(POSITIONS), sum(len(ATTRIBUTES[k]) for k in ("shape", "colour", "size"))), np.float32)
+    cells = np.zeros((len(POSITIONS), sum(len(ATTRIBUTES[k]) for k in CELL_ATTRIBUTES)), np.float32)
     for o in scene["objects"]:
-        cells[POSITIONS.index(o["position"])] = np.concatenate([_one_hot(k, o[k]) for k in ("shape", "colour", "size")])
+        cells[POSITIONS.index(o["position"])] = _one_hots(o, CELL_ATTRIBUTES)
     return cells.ravel()
 
 
